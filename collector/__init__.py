@@ -1,0 +1,1 @@
+"""certmon collector: verify, store, evaluate, alert, scan, serve. Imports certmon only."""
