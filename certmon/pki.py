@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
 import re
 import stat
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -70,7 +72,7 @@ class FindingCode(enum.StrEnum):
     WEAK_SIGNATURE = "WEAK_SIGNATURE"
     DUPLICATE_CERT = "DUPLICATE_CERT"
     FILE_UNREADABLE = "FILE_UNREADABLE"
-    FILE_EMPTY = "FILE_EMPTY"
+    NO_CERTIFICATE = "NO_CERTIFICATE"
     UNPARSEABLE_BLOCK = "UNPARSEABLE_BLOCK"
     NOT_A_CA = "NOT_A_CA"
     HOSTNAME_MISMATCH = "HOSTNAME_MISMATCH"
@@ -192,3 +194,718 @@ class ChainResult:
     error: str | None = None
     failing_cert_sha256: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- loading
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL
+)
+# Labels that carry a certificate. "X509 CERTIFICATE" is the pre-RFC 7468 header some
+# old tools still write; "TRUSTED CERTIFICATE" is OpenSSL's cert + trust-settings form.
+_CERT_LABELS = {b"CERTIFICATE", b"X509 CERTIFICATE", b"TRUSTED CERTIFICATE"}
+
+
+def parse_bundle(data: bytes, source: str) -> Bundle:
+    """Every certificate in `data` (PEM with text around it, or DER), never raising.
+
+    A block that looks like a certificate but does not parse becomes an
+    UNPARSEABLE_BLOCK finding naming the source and block index; private keys, DH
+    parameters and other non-certificate blocks are ignored (a CA file that carries
+    a key is common on gateways and not this rule's business).
+    """
+    certs: list[LoadedCert] = []
+    findings: list[Finding] = []
+    if b"-----BEGIN" in data:
+        blocks = [(m.group(1), m.group(2)) for m in _PEM_BLOCK.finditer(data)]
+        for index, (label, body) in enumerate(b for b in blocks if b[0] in _CERT_LABELS):
+            der = _pem_body_to_der(body)
+            cert = _load_der(der) if der is not None else None
+            if cert is None and der is not None and label == b"TRUSTED CERTIFICATE":
+                cert = _load_der(_first_der_element(der))
+            if cert is None:
+                findings.append(_unparseable(source, index, label.decode()))
+                continue
+            certs.append(LoadedCert(cert, facts_from_cert(cert, source=source, index=index)))
+    elif data[:1] == b"\x30":
+        # DER: one certificate, or several concatenated (some vendors ship that).
+        offset, index = 0, 0
+        while offset < len(data):
+            element = _first_der_element(data[offset:])
+            cert = _load_der(element) if element else None
+            if cert is None:
+                findings.append(_unparseable(source, index, "DER"))
+                break
+            certs.append(LoadedCert(cert, facts_from_cert(cert, source=source, index=index)))
+            offset += len(element)
+            index += 1
+    if not certs and not findings:
+        findings.append(
+            Finding(
+                FindingCode.NO_CERTIFICATE,
+                Severity.CRITICAL,
+                f"{source}: no certificate found (neither a PEM certificate block nor DER)",
+                source=source,
+            )
+        )
+    return Bundle(source=source, certs=tuple(certs), findings=tuple(findings))
+
+
+def _unparseable(source: str, index: int, label: str) -> Finding:
+    return Finding(
+        FindingCode.UNPARSEABLE_BLOCK,
+        Severity.WARNING,
+        f"{source}: certificate block #{index} ({label}) does not parse",
+        source=source,
+    )
+
+
+def _pem_body_to_der(body: bytes) -> bytes | None:
+    # RFC 1421-style headers ("Proc-Type: …") may precede the base64 text.
+    lines = [ln.strip() for ln in body.splitlines() if ln.strip() and b":" not in ln]
+    try:
+        return base64.b64decode(b"".join(lines), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _first_der_element(data: bytes) -> bytes:
+    """The first DER TLV in `data` (by its length header), or b"" if it is malformed."""
+    if len(data) < 2 or data[0] != 0x30:
+        return b""
+    first = data[1]
+    if first < 0x80:
+        end = 2 + first
+    else:
+        n = first & 0x7F
+        if n == 0 or n > 4 or len(data) < 2 + n:
+            return b""
+        end = 2 + n + int.from_bytes(data[2 : 2 + n], "big")
+    return data[:end] if end <= len(data) else b""
+
+
+def _load_der(der: bytes) -> x509.Certificate | None:
+    try:
+        with _quiet_if_nonconforming(der):
+            cert = x509.load_der_x509_certificate(der)
+            # Touch the fields every later step needs so that a lazily-failing
+            # certificate is caught here, at one place, and not in the middle of a rule.
+            _ = cert.not_valid_after_utc, cert.not_valid_before_utc
+            _ = cert.fingerprint(hashes.SHA256())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return cert
+
+
+def raw_serial(der: bytes) -> bytes | None:
+    """The serialNumber INTEGER's content octets, read straight from the DER.
+
+    cryptography turns the serial into an int (losing leading zero octets) and warns
+    on every access when it is zero or negative, which real CA bundles still contain
+    (e.g. an old root in Debian's ca-certificates). Certificate → tbsCertificate →
+    optional [0] version → INTEGER serial.
+    """
+    try:
+        _, body = _der_tlv(der, 0)  # Certificate
+        _, tbs = _der_tlv(der, body)  # tbsCertificate
+        tag_at = tbs
+        if der[tag_at] == 0xA0:  # explicit [0] version
+            end, _ = _der_tlv(der, tag_at)
+            tag_at = end
+        if der[tag_at] != 0x02:
+            return None
+        end, start = _der_tlv(der, tag_at)
+        return der[start:end]
+    except IndexError:
+        return None
+
+
+def _der_tlv(der: bytes, at: int) -> tuple[int, int]:
+    """(end offset, content offset) of the TLV at `at`."""
+    first = der[at + 1]
+    if first < 0x80:
+        return at + 2 + first, at + 2
+    n = first & 0x7F
+    length = int.from_bytes(der[at + 2 : at + 2 + n], "big")
+    return at + 2 + n + length, at + 2 + n
+
+
+def _serial_is_nonconforming(der: bytes) -> bool:
+    serial = raw_serial(der)
+    return serial is None or not serial or serial[0] & 0x80 != 0 or not any(serial)
+
+
+@contextlib.contextmanager
+def _quiet_if_nonconforming(der: bytes) -> Iterator[None]:
+    # Only for the rare certificate with a non-positive serial: cryptography warns on
+    # every access to it, and a monitoring tool must read such certificates, not fail
+    # on them; serial_hex still shows the octets as encoded.
+    if not _serial_is_nonconforming(der):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def facts_from_cert(cert: x509.Certificate, *, source: str = "", index: int = 0) -> CertFacts:
+    """What the certificate says, with every field that can fail degraded to a marker."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    with _quiet_if_nonconforming(der):
+        return _facts(cert, der, source, index)
+
+
+def _facts(cert: x509.Certificate, der: bytes, source: str, index: int) -> CertFacts:
+    key_type, key_bits = _key_facts(cert)
+    sig_name, sig_hash = _signature_facts(cert)
+    return CertFacts(
+        subject=_name(lambda: cert.subject),
+        issuer=_name(lambda: cert.issuer),
+        serial_hex=_serial_hex(der),
+        sha256=cert.fingerprint(hashes.SHA256()).hex(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        key_type=key_type,
+        key_bits=key_bits,
+        signature_algorithm=sig_name,
+        signature_hash=sig_hash,
+        is_ca=_is_ca(cert),
+        is_self_issued=_raw_names_equal(cert),
+        ski=_ski(cert),
+        aki=_aki(cert),
+        sans=_sans(cert),
+        common_name=_common_name(cert),
+        source=source,
+        index=index,
+    )
+
+
+def _name(get: object) -> str:
+    try:
+        return str(get().rfc4514_string())  # type: ignore[operator]
+    except (ValueError, TypeError):
+        return "<unparseable name>"
+
+
+def _raw_names_equal(cert: x509.Certificate) -> bool:
+    try:
+        return cert.subject.public_bytes() == cert.issuer.public_bytes()
+    except ValueError:
+        return False
+
+
+def _serial_hex(der: bytes) -> str:
+    # Upper-case hex of the serial as encoded, as `openssl x509 -serial` prints it: a
+    # serial whose first octet is 0x0A stays "0A…" instead of becoming "A…". The one
+    # 0x00 octet DER adds before a high bit is dropped, as openssl does.
+    serial = raw_serial(der)
+    if serial is None:
+        return "?"
+    if len(serial) > 1 and serial[0] == 0 and serial[1] & 0x80:
+        serial = serial[1:]
+    return serial.hex().upper()
+
+
+def _key_facts(cert: x509.Certificate) -> tuple[str, int]:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return "unknown", 0
+    return _describe_public_key(key)
+
+
+def _describe_public_key(key: object) -> tuple[str, int]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA", key.key_size
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "EC", key.curve.key_size
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519", 256
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448", 456
+    if isinstance(key, dsa.DSAPublicKey):
+        return "DSA", key.key_size
+    return "unknown", 0
+
+
+def _signature_facts(cert: x509.Certificate) -> tuple[str, str | None]:
+    oid = cert.signature_algorithm_oid
+    name = getattr(oid, "_name", None) or oid.dotted_string
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        # cryptography does not know the hash (MD2, MD4 …): read it off the OID name.
+        lowered = name.lower()
+        guess = next((h for h in ("md2", "md4", "md5", "sha1") if lowered.startswith(h)), None)
+        return name, guess or "unknown"
+    return name, algorithm.name if algorithm is not None else None
+
+
+def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    bc = _ext(cert, x509.BasicConstraints)
+    return isinstance(bc, x509.BasicConstraints) and bc.ca
+
+
+def _ski(cert: x509.Certificate) -> str | None:
+    ski = _ext(cert, x509.SubjectKeyIdentifier)
+    return ski.digest.hex() if isinstance(ski, x509.SubjectKeyIdentifier) else None
+
+
+def _aki(cert: x509.Certificate) -> str | None:
+    aki = _ext(cert, x509.AuthorityKeyIdentifier)
+    if isinstance(aki, x509.AuthorityKeyIdentifier) and aki.key_identifier is not None:
+        return aki.key_identifier.hex()
+    return None
+
+
+def _sans(cert: x509.Certificate) -> tuple[str, ...]:
+    san = _ext(cert, x509.SubjectAlternativeName)
+    if not isinstance(san, x509.SubjectAlternativeName):
+        return ()
+    out: list[str] = []
+    for name in san:
+        if isinstance(name, x509.DNSName):
+            out.append(f"DNS:{name.value}")
+        elif isinstance(name, x509.IPAddress):
+            out.append(f"IP:{name.value}")
+        elif isinstance(name, x509.UniformResourceIdentifier):
+            out.append(f"URI:{name.value}")
+        elif isinstance(name, x509.RFC822Name):
+            out.append(f"email:{name.value}")
+    return tuple(out)
+
+
+def _common_name(cert: x509.Certificate) -> str | None:
+    try:
+        attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    return str(attrs[0].value) if attrs else None
+
+
+def identity_of(facts: CertFacts) -> str | None:
+    """The device identity a certificate carries: a `urn:certmon:device:ID` or
+    `certmon://device/ID` SAN URI when present (stable across CN conventions), else
+    the subject CN."""
+    for san in facts.sans:
+        for prefix in ("URI:urn:certmon:device:", "URI:certmon://device/"):
+            if san.startswith(prefix):
+                return san[len(prefix) :]
+    return facts.common_name
+
+
+def spki_sha256(key: object) -> str:
+    """SHA-256 of a public key's SubjectPublicKeyInfo: the key's identity."""
+    der = key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def cert_spki_sha256(cert: x509.Certificate) -> str | None:
+    try:
+        return spki_sha256(cert.public_key())
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _about(
+    code: FindingCode, severity: Severity, message: str, facts: CertFacts,
+    cert_sha256: str | None = None,
+) -> Finding:
+    """A finding about one certificate (`cert_sha256` overrides which one, e.g. the
+    intermediate that broke a chain rather than the leaf it was reached from)."""
+    return Finding(code, severity, message, cert_sha256=cert_sha256 or facts.sha256,
+                   subject=facts.subject, source=facts.source, not_after=facts.not_after)
+
+
+def _days(delta: timedelta) -> float:
+    return delta.total_seconds() / 86400.0
+
+
+def _fmt_days(days: float) -> str:
+    if abs(days) < 1:
+        return f"{days * 24:.1f} hours"
+    return f"{days:.1f} days"
+
+
+def expiry_findings(facts: CertFacts, now: datetime, policy: Policy, role: str) -> list[Finding]:
+    """The expiry rule, in one place.
+
+    `role` is "client", "server", "broker", "intermediate" or "ca" (trust store) and
+    only chooses the finding code: an intermediate that expires is a different
+    operational problem (every leaf under it breaks) from a leaf that expires.
+    """
+    label = _ROLE_LABEL.get(role, "certificate")
+    if now < facts.not_before:
+        return [_about(FindingCode.CERT_NOT_YET_VALID, Severity.CRITICAL,
+                        f"{label} {facts.subject} is not valid before "
+                        f"{_iso(facts.not_before)} ({_fmt_days(_days(facts.not_before - now))} "
+                        "from now)", facts)]
+    left = _days(facts.not_after - now)
+    expired_code, expiring_code = _ROLE_CODES.get(role, _ROLE_CODES["client"])
+    if left <= 0:
+        return [_about(expired_code, Severity.CRITICAL,
+                        f"{label} {facts.subject} expired {_iso(facts.not_after)} "
+                        f"({_fmt_days(-left)} ago)", facts)]
+    lifetime_s = facts.lifetime_s
+    fraction = (facts.not_after - now).total_seconds() / lifetime_s if lifetime_s > 0 else 0.0
+    severity = Severity.OK
+    if left <= policy.crit_days or fraction <= policy.crit_fraction:
+        severity = Severity.CRITICAL
+    elif left <= policy.warn_days or fraction <= policy.warn_fraction:
+        severity = Severity.WARNING
+    if role == "ca" and severity == Severity.OK and left <= policy.ca_horizon_days:
+        severity = Severity.WARNING
+    if severity == Severity.OK:
+        return []
+    return [_about(expiring_code, severity,
+                    f"{label} {facts.subject} expires {_iso(facts.not_after)} "
+                    f"(in {_fmt_days(left)}, {fraction:.0%} of its lifetime left)",
+                    facts)]
+
+
+_ROLE_LABEL = {"client": "client certificate", "server": "server certificate",
+               "broker": "broker certificate", "intermediate": "intermediate CA",
+               "ca": "trusted CA"}
+_ROLE_CODES = {
+    "client": (FindingCode.CERT_EXPIRED, FindingCode.CERT_EXPIRING),
+    "server": (FindingCode.CERT_EXPIRED, FindingCode.CERT_EXPIRING),
+    "broker": (FindingCode.BROKER_CERT_EXPIRED, FindingCode.BROKER_CERT_EXPIRING),
+    "intermediate": (FindingCode.CERT_EXPIRED, FindingCode.INTERMEDIATE_EXPIRING),
+    "ca": (FindingCode.CA_EXPIRED, FindingCode.CA_EXPIRING),
+}
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def strength_findings(facts: CertFacts, policy: Policy) -> list[Finding]:
+    """Weak keys and weak signatures. A self-signed root's own signature is never
+    checked by anyone (the anchor is trusted by fingerprint), so it is exempt."""
+    out: list[Finding] = []
+    weak_key = (
+        (facts.key_type == "RSA" and facts.key_bits < policy.min_rsa_bits)
+        or (facts.key_type == "EC" and facts.key_bits < policy.min_ec_bits)
+        or facts.key_type == "DSA"
+    )
+    if weak_key:
+        out.append(_about(FindingCode.WEAK_KEY, Severity.CRITICAL,
+                           f"{facts.subject} has a weak key ({facts.key_type}-{facts.key_bits}); "
+                           "OpenSSL 3 at security level 2 refuses it", facts))
+    if not facts.is_self_issued and facts.signature_hash in {"md2", "md4", "md5", "sha1"}:
+        out.append(_about(FindingCode.WEAK_SIGNATURE, Severity.CRITICAL,
+                           f"{facts.subject} is signed with {facts.signature_algorithm}; "
+                           "current TLS stacks reject it", facts))
+    return out
+
+
+def trust_store_findings(bundle: Bundle, now: datetime, policy: Policy) -> list[Finding]:
+    """Findings about a CA bundle as a whole: unparseable blocks, duplicates, CAs that
+    expired or expire within the horizon, non-CA certificates sitting in it."""
+    out = list(bundle.findings)
+    seen: dict[str, CertFacts] = {}
+    for facts in bundle.facts:
+        if facts.sha256 in seen:
+            out.append(Finding(FindingCode.DUPLICATE_CERT, Severity.WARNING,
+                               f"{facts.source}: certificate #{facts.index} ({facts.subject}) "
+                               f"duplicates #{seen[facts.sha256].index}",
+                               cert_sha256=facts.sha256, subject=facts.subject,
+                               source=facts.source, not_after=facts.not_after))
+            continue
+        seen[facts.sha256] = facts
+        out.extend(expiry_findings(facts, now, policy, "ca"))
+        out.extend(strength_findings(facts, policy))
+    return out
+
+
+def key_findings(key: KeyFacts, cert: CertFacts | None, cert_spki: str | None) -> list[Finding]:
+    """Whether the private key belongs to the certificate and is kept private."""
+    out: list[Finding] = []
+    if cert is not None and cert_spki is not None and cert_spki != key.public_sha256:
+        out.append(Finding(FindingCode.KEY_MISMATCH, Severity.CRITICAL,
+                           f"private key {key.source} does not belong to certificate "
+                           f"{cert.subject} ({cert.source}): TLS handshakes will fail",
+                           cert_sha256=cert.sha256, subject=cert.subject, source=key.source,
+                           not_after=cert.not_after))
+    if key.mode is not None and key.mode & 0o077:
+        # World access is a leak waiting to happen; group access is sometimes a
+        # deliberate `ssl-cert` group setup, so it only warns.
+        severity = Severity.CRITICAL if key.mode & 0o007 else Severity.WARNING
+        out.append(Finding(FindingCode.KEY_PERMISSIONS, severity,
+                           f"private key {key.source} has mode {key.mode:04o}; "
+                           "it should be 0600 (or 0640 with a dedicated group)",
+                           source=key.source))
+    return out
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def _eku_validator(purpose: str) -> object:
+    wanted = {
+        "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+        "server": ExtendedKeyUsageOID.SERVER_AUTH,
+    }.get(purpose)
+
+    def check(_policy: object, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+        # Private IoT PKIs often issue leaves with no EKU at all: that is accepted.
+        if eku is None or wanted is None:
+            return
+        if wanted not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+            raise ValueError(f"extended key usage does not allow {purpose} authentication")
+
+    return check
+
+
+def _policies(purpose: str) -> tuple[xv.ExtensionPolicy, xv.ExtensionPolicy]:
+    # webpki's defaults require SANs and keyUsage bits that private fleet PKIs (and
+    # Mosquitto's own test PKI) do not have; we keep the chain-building and signature
+    # rules and relax only the extension requirements.
+    ee = xv.ExtensionPolicy.permit_all().may_be_present(
+        x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, _eku_validator(purpose)  # type: ignore[arg-type]
+    )
+    ca = xv.ExtensionPolicy.permit_all().require_present(
+        x509.BasicConstraints, xv.Criticality.AGNOSTIC, None
+    )
+    return ca, ee
+
+
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    at: datetime,
+    *,
+    purpose: str = "any",
+) -> ChainResult:
+    """Validate `leaf` up to one of `anchors` at instant `at`.
+
+    cryptography's verifier first; it refuses RSA < 2048, SHA-1 and Ed25519-signed
+    chains by design, so when such a certificate is involved the verdict comes from
+    OpenSSL's X509Store through pyOpenSSL instead, and `method` says so.
+    """
+    if not anchors:
+        return ChainResult(False, at, "none", error="trust store is empty")
+    ca_policy, ee_policy = _policies(purpose)
+    try:
+        verifier = (
+            xv.PolicyBuilder()
+            .store(xv.Store(list(anchors)))
+            .time(at)
+            .max_chain_depth(8)
+            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+            .build_client_verifier()
+        )
+        verified = verifier.verify(leaf, list(intermediates))
+        path = tuple(facts_from_cert(c) for c in verified.chain)
+        return ChainResult(True, at, "cryptography", path=path)
+    except (xv.VerificationError, ValueError) as exc:
+        crypto_error = str(exc)
+    openssl = _verify_with_openssl(leaf, intermediates, anchors, at)
+    if openssl.is_valid and _needs_openssl(leaf, intermediates, anchors):
+        return openssl
+    return ChainResult(
+        False,
+        at,
+        "cryptography",
+        error=openssl.error or crypto_error,
+        failing_cert_sha256=openssl.failing_cert_sha256,
+        extra={"cryptography": crypto_error},
+    )
+
+
+def _needs_openssl(
+    leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+) -> bool:
+    for cert in (leaf, *intermediates, *anchors):
+        facts = facts_from_cert(cert)
+        if facts.key_type in {"Ed25519", "Ed448", "DSA"}:
+            return True
+        if facts.key_type == "RSA" and facts.key_bits < 2048:
+            return True
+        if facts.signature_hash in {"md5", "sha1"} or facts.signature_hash is None:
+            return True
+    return False
+
+
+def _verify_with_openssl(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    at: datetime,
+) -> ChainResult:
+    from OpenSSL import crypto  # imported lazily: only the fallback path pays for it
+
+    store = crypto.X509Store()
+    for anchor in anchors:
+        store.add_cert(crypto.X509.from_cryptography(anchor))
+    # A store holding an intermediate (not a root) is a valid anchor for cryptography;
+    # PARTIAL_CHAIN makes OpenSSL agree.
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    store.set_time(at.astimezone(UTC).replace(tzinfo=None))
+    ctx = crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(leaf),
+        [crypto.X509.from_cryptography(c) for c in intermediates],
+    )
+    try:
+        chain = ctx.get_verified_chain()
+    except crypto.X509StoreContextError as exc:
+        failing = exc.certificate.to_cryptography() if exc.certificate is not None else None
+        depth = exc.errors[1] if len(exc.errors) > 1 else "?"
+        subject = facts_from_cert(failing).subject if failing is not None else "?"
+        return ChainResult(
+            False,
+            at,
+            "pyopenssl",
+            error=f"{exc.errors[2] if len(exc.errors) > 2 else exc} (depth {depth}: {subject})",
+            failing_cert_sha256=failing.fingerprint(hashes.SHA256()).hex() if failing else None,
+        )
+    path = tuple(facts_from_cert(c.to_cryptography()) for c in chain)
+    return ChainResult(True, at, "pyopenssl", path=path)
+
+
+def chain_findings(
+    leaf: CertFacts,
+    now_result: ChainResult,
+    later_result: ChainResult,
+    now: datetime,
+    policy: Policy,
+    *,
+    role: str = "client",
+) -> list[Finding]:
+    """Findings about a validated (or not) chain: invalid now, invalid at the end of
+    the warning window, and CAs on the path that expire before the leaf does."""
+    out: list[Finding] = []
+    broker = role == "broker"
+    if not now_result.is_valid:
+        code = FindingCode.BROKER_CHAIN_INVALID if broker else FindingCode.CHAIN_INVALID
+        failing = now_result.failing_cert_sha256
+        out.append(_about(code, Severity.CRITICAL,
+                           f"chain of {leaf.subject} does not validate: {now_result.error}",
+                           leaf, cert_sha256=failing))
+        return out
+    path = now_result.path
+    for ca in path[1:]:
+        if ca.not_after < leaf.not_after:
+            days_before = _days(leaf.not_after - ca.not_after)
+            out.append(Finding(
+                FindingCode.INTERMEDIATE_EXPIRES_BEFORE_LEAF,
+                Severity.WARNING,
+                f"{'root' if ca.is_self_issued else 'intermediate'} CA {ca.subject} expires "
+                f"{_iso(ca.not_after)}, {_fmt_days(days_before)} before {leaf.subject}: "
+                "the leaf stops validating then",
+                cert_sha256=ca.sha256, subject=ca.subject, source=ca.source,
+                not_after=ca.not_after))
+            out.extend(expiry_findings(ca, now, policy, "intermediate"))
+    if not later_result.is_valid and not any(f.severity == Severity.CRITICAL for f in out):
+        earliest = min(path, key=lambda f: f.not_after)
+        out.append(Finding(FindingCode.CHAIN_EXPIRES_SOON, Severity.WARNING,
+                           f"chain of {leaf.subject} stops validating within "
+                           f"{policy.warn_days:g} days: {earliest.subject} expires "
+                           f"{_iso(earliest.not_after)}",
+                           cert_sha256=earliest.sha256, subject=earliest.subject,
+                           source=earliest.source, not_after=earliest.not_after))
+    return out
+
+
+def earliest_expiry(path: Sequence[CertFacts]) -> CertFacts | None:
+    """The certificate on a validated path that expires first (the one that matters)."""
+    return min(path, key=lambda f: f.not_after) if path else None
+
+
+def worst(findings: Iterable[Finding]) -> Severity:
+    return max((f.severity for f in findings), default=Severity.OK)
+
+
+# --------------------------------------------------------------------------- I/O shells
+
+
+def read_bundle(path: str | Path) -> Bundle:
+    """Read a certificate file; an unreadable file is a finding, never an exception."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Bundle(source, findings=(Finding(
+            FindingCode.FILE_UNREADABLE, Severity.CRITICAL,
+            f"{source}: cannot read: {exc.strerror or exc}", source=source),))
+    return parse_bundle(data, source)
+
+
+def read_private_key(
+    path: str | Path, password: bytes | None = None
+) -> tuple[KeyFacts | None, list[Finding], object | None]:
+    """Load a private key: (facts, findings, key object). The key object stays in
+    memory for signing and is never logged or serialised by certmon."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+        mode = stat.S_IMODE(Path(path).stat().st_mode)
+    except OSError as exc:
+        return None, [Finding(FindingCode.KEY_UNREADABLE, Severity.CRITICAL,
+                              f"{source}: cannot read private key: {exc.strerror or exc}",
+                              source=source)], None
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password=password)
+        else:
+            key = serialization.load_der_private_key(data, password=password)
+    except TypeError:
+        return None, [Finding(FindingCode.KEY_UNREADABLE, Severity.CRITICAL,
+                              f"{source}: private key is encrypted and no passphrase was given",
+                              source=source)], None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        # The exception text from cryptography never contains key material.
+        return None, [Finding(FindingCode.KEY_UNREADABLE, Severity.CRITICAL,
+                              f"{source}: not a usable private key ({type(exc).__name__})",
+                              source=source)], None
+    key_type, key_bits = _describe_public_key(key.public_key())
+    facts = KeyFacts(source, key_type, key_bits, spki_sha256(key.public_key()), mode)
+    return facts, [], key
+
+
+def verify_signature_with(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer`'s key signed `cert` (used for diagnosis, not for validation)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+_ = padding  # re-exported for callers that sign with RSA-PSS
+
+
+def as_json(value: object) -> object:
+    """Facts and findings as JSON-safe values: instants as RFC 3339 UTC strings with
+    'Z', enums by name, dataclasses as dicts (the `--json` output of every command)."""
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, Severity):
+        return value.name
+    if isinstance(value, enum.Enum):
+        return value.value
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: as_json(getattr(value, name)) for name in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {str(k): as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_json(v) for v in value]
+    return value

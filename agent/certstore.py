@@ -1,0 +1,41 @@
+"""Reading the device's certificate material from disk: the thin I/O shell.
+
+Owns: turning the configured paths (CA bundle, client certificate, private key) into
+`DeviceMaterial`. A missing or unreadable file becomes a finding inside the material,
+never an exception. Must not judge anything (that is `agent.report`) and never logs
+or serialises the private key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from certmon import pki
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMaterial:
+    trust_store: pki.Bundle
+    client: pki.Bundle | None
+    key: pki.KeyFacts | None
+    key_findings: tuple[pki.Finding, ...]
+    # The key object itself, for signing; excluded from repr so it never reaches a log.
+    private_key: object | None = None
+
+    def __repr__(self) -> str:
+        return (f"DeviceMaterial(trust_store={self.trust_store.source!r}, "
+                f"client={self.client.source if self.client else None!r}, key=<hidden>)")
+
+
+def read_material(
+    ca_bundle: str | Path, cert: str | Path | None = None, key: str | Path | None = None
+) -> DeviceMaterial:
+    trust_store = pki.read_bundle(ca_bundle)
+    client = pki.read_bundle(cert) if cert is not None else None
+    key_facts: pki.KeyFacts | None = None
+    key_findings: list[pki.Finding] = []
+    private_key: object | None = None
+    if key is not None:
+        key_facts, key_findings, private_key = pki.read_private_key(key)
+    return DeviceMaterial(trust_store, client, key_facts, tuple(key_findings), private_key)

@@ -1,0 +1,102 @@
+"""What the device's certificate material means: pure, `now` and `Policy` in, facts
+and findings out.
+
+Owns the composition of certmon.pki's rules for one device (trust store, client
+certificate and key, the chain between them). Must not read files, clocks or the
+network: the caller passes `DeviceMaterial` and `now`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from certmon import pki
+
+from .certstore import DeviceMaterial
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCheck:
+    """Everything a one-shot check or a status message needs about the device's PKI."""
+
+    now: datetime
+    trust_store: tuple[pki.CertFacts, ...]
+    client: pki.CertFacts | None
+    client_extra: tuple[pki.CertFacts, ...]  # intermediates shipped in the cert file
+    key: pki.KeyFacts | None
+    chain_now: pki.ChainResult | None
+    chain_at_warn: pki.ChainResult | None
+    findings: tuple[pki.Finding, ...]
+
+    @property
+    def severity(self) -> pki.Severity:
+        return pki.worst(self.findings)
+
+
+def split_trust_store(
+    bundle: pki.Bundle,
+) -> tuple[list[pki.LoadedCert], list[pki.LoadedCert]]:
+    """(anchors, intermediates) as OpenSSL would use a CA file: the chain must end at a
+    self-issued root; CA certificates that are not self-issued only help build the path.
+    A bundle with no self-issued certificate at all is taken as a partial-chain store
+    (every certificate an anchor), which is how certmon still reports something useful
+    for a device that pins an intermediate."""
+    anchors = [c for c in bundle.certs if c.facts.is_self_issued]
+    if not anchors:
+        return list(bundle.certs), []
+    return anchors, [c for c in bundle.certs if not c.facts.is_self_issued]
+
+
+def check_device(material: DeviceMaterial, now: datetime, policy: pki.Policy) -> DeviceCheck:
+    findings: list[pki.Finding] = pki.trust_store_findings(material.trust_store, now, policy)
+    client_facts: pki.CertFacts | None = None
+    extra: tuple[pki.CertFacts, ...] = ()
+    chain_now = chain_later = None
+    if material.client is not None:
+        findings.extend(material.client.findings)
+        if material.client.certs:
+            leaf, *shipped = material.client.certs
+            client_facts, extra = leaf.facts, tuple(c.facts for c in shipped)
+            findings.extend(pki.expiry_findings(leaf.facts, now, policy, "client"))
+            findings.extend(pki.strength_findings(leaf.facts, policy))
+            for cert in shipped:
+                findings.extend(pki.strength_findings(cert.facts, policy))
+            anchors, store_intermediates = split_trust_store(material.trust_store)
+            intermediates = [c.cert for c in shipped] + [c.cert for c in store_intermediates]
+            roots = [c.cert for c in anchors]
+            if roots:
+                chain_now = pki.verify_chain(leaf.cert, intermediates, roots, now,
+                                             purpose="client")
+                chain_later = pki.verify_chain(leaf.cert, intermediates, roots,
+                                               now + policy.warn_window, purpose="client")
+                findings.extend(pki.chain_findings(leaf.facts, chain_now, chain_later, now,
+                                                   policy, role="client"))
+            if material.key is not None:
+                findings.extend(pki.key_findings(material.key, leaf.facts,
+                                                 pki.cert_spki_sha256(leaf.cert)))
+    findings.extend(material.key_findings)
+    if material.key is not None and material.client is None:
+        findings.extend(pki.key_findings(material.key, None, None))
+    return DeviceCheck(
+        now=now,
+        trust_store=material.trust_store.facts,
+        client=client_facts,
+        client_extra=extra,
+        key=material.key,
+        chain_now=chain_now,
+        chain_at_warn=chain_later,
+        findings=tuple(_dedupe(findings)),
+    )
+
+
+def _dedupe(findings: list[pki.Finding]) -> list[pki.Finding]:
+    # The same CA can be reached as a trust-store entry and as a path element; say it once.
+    seen: set[tuple[str, str | None]] = set()
+    out = []
+    for f in findings:
+        key = (f.code.value, f.cert_sha256)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
