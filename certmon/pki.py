@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509 import verification as xv
@@ -60,7 +61,6 @@ class FindingCode(enum.StrEnum):
     CERT_EXPIRED = "CERT_EXPIRED"
     CERT_NOT_YET_VALID = "CERT_NOT_YET_VALID"
     CHAIN_INVALID = "CHAIN_INVALID"
-    CHAIN_EXPIRES_SOON = "CHAIN_EXPIRES_SOON"
     INTERMEDIATE_EXPIRING = "INTERMEDIATE_EXPIRING"
     INTERMEDIATE_EXPIRES_BEFORE_LEAF = "INTERMEDIATE_EXPIRES_BEFORE_LEAF"
     CA_EXPIRING = "CA_EXPIRING"
@@ -223,20 +223,22 @@ def parse_bundle(data: bytes, source: str) -> Bundle:
             cert = _load_der(der) if der is not None else None
             if cert is None and der is not None and label == b"TRUSTED CERTIFICATE":
                 cert = _load_der(_first_der_element(der))
-            if cert is None:
+            loaded = _loaded(cert, source, index) if cert is not None else None
+            if loaded is None:
                 findings.append(_unparseable(source, index, label.decode()))
                 continue
-            certs.append(LoadedCert(cert, facts_from_cert(cert, source=source, index=index)))
+            certs.append(loaded)
     elif data[:1] == b"\x30":
         # DER: one certificate, or several concatenated (some vendors ship that).
         offset, index = 0, 0
         while offset < len(data):
             element = _first_der_element(data[offset:])
             cert = _load_der(element) if element else None
-            if cert is None:
+            loaded = _loaded(cert, source, index) if cert is not None else None
+            if loaded is None:
                 findings.append(_unparseable(source, index, "DER"))
                 break
-            certs.append(LoadedCert(cert, facts_from_cert(cert, source=source, index=index)))
+            certs.append(loaded)
             offset += len(element)
             index += 1
     if not certs and not findings:
@@ -249,6 +251,15 @@ def parse_bundle(data: bytes, source: str) -> Bundle:
             )
         )
     return Bundle(source=source, certs=tuple(certs), findings=tuple(findings))
+
+
+def _loaded(cert: x509.Certificate, source: str, index: int) -> LoadedCert | None:
+    # Last line of defence: the field readers degrade one by one, but a certificate
+    # odd enough to break them anyway is reported as unparseable, never raised.
+    try:
+        return LoadedCert(cert, facts_from_cert(cert, source=source, index=index))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _unparseable(source: str, index: int, label: str) -> Finding:
@@ -286,13 +297,16 @@ def _first_der_element(data: bytes) -> bytes:
 
 def _load_der(der: bytes) -> x509.Certificate | None:
     try:
-        with _quiet_if_nonconforming(der):
+        with _tolerant():
             cert = x509.load_der_x509_certificate(der)
             # Touch the fields every later step needs so that a lazily-failing
             # certificate is caught here, at one place, and not in the middle of a rule.
             _ = cert.not_valid_after_utc, cert.not_valid_before_utc
             _ = cert.fingerprint(hashes.SHA256())
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    # Untrusted bytes meet a parser: cryptography raises ValueError, InvalidVersion,
+    # UnsupportedAlgorithm … depending on the defect. Any of them means "does not
+    # parse", which the caller turns into a finding naming the block.
+    except Exception:  # noqa: BLE001
         return None
     return cert
 
@@ -330,21 +344,15 @@ def _der_tlv(der: bytes, at: int) -> tuple[int, int]:
     return at + 2 + n + length, at + 2 + n
 
 
-def _serial_is_nonconforming(der: bytes) -> bool:
-    serial = raw_serial(der)
-    return serial is None or not serial or serial[0] & 0x80 != 0 or not any(serial)
-
-
 @contextlib.contextmanager
-def _quiet_if_nonconforming(der: bytes) -> Iterator[None]:
-    # Only for the rare certificate with a non-positive serial: cryptography warns on
-    # every access to it, and a monitoring tool must read such certificates, not fail
-    # on them; serial_hex still shows the octets as encoded.
-    if not _serial_is_nonconforming(der):
-        yield
-        return
+def _tolerant() -> Iterator[None]:
+    # cryptography warns (and will later refuse) on non-conforming certificates that
+    # real bundles still contain: a zero or negative serial in an old root, UTF-8 in a
+    # VisibleString policy notice, a two-letter country field that is eight letters long
+    # (a plain UserWarning). A monitoring tool must read them, not fail on them.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
         yield
 
 
@@ -354,7 +362,7 @@ def _quiet_if_nonconforming(der: bytes) -> Iterator[None]:
 def facts_from_cert(cert: x509.Certificate, *, source: str = "", index: int = 0) -> CertFacts:
     """What the certificate says, with every field that can fail degraded to a marker."""
     der = cert.public_bytes(serialization.Encoding.DER)
-    with _quiet_if_nonconforming(der):
+    with _tolerant():
         return _facts(cert, der, source, index)
 
 
@@ -436,6 +444,8 @@ def _signature_facts(cert: x509.Certificate) -> tuple[str, str | None]:
     name = getattr(oid, "_name", None) or oid.dotted_string
     try:
         algorithm = cert.signature_hash_algorithm
+    except ValueError:  # e.g. "Invalid RSA PSS parameters"
+        return name, "unknown"
     except UnsupportedAlgorithm:
         # cryptography does not know the hash (MD2, MD4 …): read it off the OID name.
         lowered = name.lower()
@@ -447,7 +457,9 @@ def _signature_facts(cert: x509.Certificate) -> tuple[str, str | None]:
 def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
     try:
         return cert.extensions.get_extension_for_class(kind).value
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
+        return None
+    except Exception:  # noqa: BLE001 - a malformed extension is "absent" for facts
         return None
 
 
@@ -790,8 +802,10 @@ def chain_findings(
     *,
     role: str = "client",
 ) -> list[Finding]:
-    """Findings about a validated (or not) chain: invalid now, invalid at the end of
-    the warning window, and CAs on the path that expire before the leaf does."""
+    """Findings about a validated (or not) chain: invalid now, and CAs on the path
+    that expire before the leaf does. `later_result` (validity at the end of the
+    warning window) stays a reported fact: whatever makes it fail is a certificate
+    on the path expiring, which the expiry rules already name precisely."""
     out: list[Finding] = []
     broker = role == "broker"
     if not now_result.is_valid:
@@ -814,14 +828,6 @@ def chain_findings(
                 cert_sha256=ca.sha256, subject=ca.subject, source=ca.source,
                 not_after=ca.not_after))
             out.extend(expiry_findings(ca, now, policy, "intermediate"))
-    if not later_result.is_valid and not any(f.severity == Severity.CRITICAL for f in out):
-        earliest = min(path, key=lambda f: f.not_after)
-        out.append(Finding(FindingCode.CHAIN_EXPIRES_SOON, Severity.WARNING,
-                           f"chain of {leaf.subject} stops validating within "
-                           f"{policy.warn_days:g} days: {earliest.subject} expires "
-                           f"{_iso(earliest.not_after)}",
-                           cert_sha256=earliest.sha256, subject=earliest.subject,
-                           source=earliest.source, not_after=earliest.not_after))
     return out
 
 
