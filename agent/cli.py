@@ -8,6 +8,7 @@ of outcomes to exit codes: Nagios codes for checks (0 OK, 1 WARNING, 2 CRITICAL,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -59,7 +60,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         ca_bundle = ca_bundle or str(config.tls.ca_bundle)
         cert = cert or (str(config.tls.cert) if config.tls.cert else None)
         key = key or (str(config.tls.key) if config.tls.key else None)
-        policy = config.policy.to_policy()
+        policy = pki.Policy(**dataclasses.asdict(config.policy))
     if ca_bundle is None:
         raise ConfigError("check: --ca-bundle (or --config with tls.ca_bundle) is required")
     if args.warn_days is not None or args.crit_days is not None:

@@ -6,7 +6,7 @@ and this package imports neither of them.
 
 __version__ = "0.1.0"
 
-# The date this version was released. The clock plausibility rule uses it: a device
+# A date no later than this version's release. The clock plausibility rule uses it: a device
 # wall clock earlier than this means the clock is certainly wrong (no RTC,
 # fake-hwclock restored an old date), whatever else it says.
-RELEASE_DATE = "2026-11-26"
+RELEASE_DATE = "2026-11-01"

@@ -275,7 +275,7 @@ def test_weak_key_and_weak_signature(factory: PKIFactory) -> None:
 
 def test_key_mismatch_and_permissions(factory: PKIFactory, tmp_path: Path) -> None:
     sc = scenario(factory, "wrong_key")
-    cert_path, key_path = sc.leaf.write(tmp_path)
+    _, key_path = sc.leaf.write(tmp_path)
     key_facts, problems, key = pki.read_private_key(key_path)
     assert problems == [] and key is not None and key_facts is not None
     spki = pki.cert_spki_sha256(sc.leaf.cert)
