@@ -8,12 +8,13 @@ network: the caller passes `DeviceMaterial` and `now`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 from certmon import pki
 
 from .certstore import DeviceMaterial
+from .clocksync import ClockVerdict, explains_not_yet_valid
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,53 @@ def split_trust_store(
     return anchors, [c for c in bundle.certs if not c.facts.is_self_issued]
 
 
-def check_device(material: DeviceMaterial, now: datetime, policy: pki.Policy) -> DeviceCheck:
+def newest_not_before(material: DeviceMaterial) -> datetime | None:
+    """The latest not_before among the certificates the device holds: its wall clock
+    cannot honestly be earlier than that (the clock plausibility rule's input)."""
+    certs = [*material.trust_store.certs, *(material.client.certs if material.client else ())]
+    return max((c.facts.not_before for c in certs), default=None)
+
+
+def check_device(
+    material: DeviceMaterial, now: datetime, policy: pki.Policy,
+    clock: ClockVerdict | None = None,
+) -> DeviceCheck:
+    """Judge the device's material at `now` (the device's own wall clock).
+
+    With a clock verdict, a certificate that is "not yet valid" only because that
+    clock is behind is not reported as a certificate problem: the clock findings say
+    it (CLOCK_IMPLAUSIBLE / CLOCK_BEHIND), and the chain is judged at the best
+    estimate of the true time instead (now + measured offset, or else the newest
+    not_before the device holds, since the true time cannot be earlier).
+    """
+    checked = _check(material, now, policy, now)
+    if clock is None:
+        return checked
+    explained = {
+        f.sha256 for f in _all_facts(checked)
+        if explains_not_yet_valid(clock, f.not_before, now)
+    }
+    if not explained:
+        return checked
+    if clock.offset_s is not None:
+        true_now = now + timedelta(seconds=clock.offset_s)
+    else:
+        true_now = max(now, newest_not_before(material) or now) + timedelta(seconds=1)
+    rejudged = _check(material, now, policy, true_now)
+    findings = tuple(
+        f for f in rejudged.findings
+        if not (f.code == pki.FindingCode.CERT_NOT_YET_VALID and f.cert_sha256 in explained)
+    )
+    return replace(rejudged, findings=findings)
+
+
+def _all_facts(check: DeviceCheck) -> list[pki.CertFacts]:
+    return [*check.trust_store, *([check.client] if check.client else []), *check.client_extra]
+
+
+def _check(
+    material: DeviceMaterial, now: datetime, policy: pki.Policy, chain_at: datetime
+) -> DeviceCheck:
     findings: list[pki.Finding] = pki.trust_store_findings(material.trust_store, now, policy)
     client_facts: pki.CertFacts | None = None
     extra: tuple[pki.CertFacts, ...] = ()
@@ -66,10 +113,10 @@ def check_device(material: DeviceMaterial, now: datetime, policy: pki.Policy) ->
             intermediates = [c.cert for c in shipped] + [c.cert for c in store_intermediates]
             roots = [c.cert for c in anchors]
             if roots:
-                chain_now = pki.verify_chain(leaf.cert, intermediates, roots, now,
+                chain_now = pki.verify_chain(leaf.cert, intermediates, roots, chain_at,
                                              purpose="client")
                 chain_later = pki.verify_chain(leaf.cert, intermediates, roots,
-                                               now + policy.warn_window, purpose="client")
+                                               chain_at + policy.warn_window, purpose="client")
                 findings.extend(pki.chain_findings(leaf.facts, chain_now, chain_later, now,
                                                    policy, role="client"))
             if material.key is not None:

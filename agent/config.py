@@ -1,0 +1,114 @@
+"""The agent's configuration schema (/etc/certmon/agent.toml) and its loader.
+
+Owns which keys the agent accepts, their defaults and docs. Parsing, validation and
+messages belong to `certmon.config`; this module only declares. Must not read
+certificates or decide anything at load time beyond "is this value acceptable"
+(e.g. the device id's default comes from the client certificate's CN at start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Literal
+
+from certmon.config import (
+    PolicyConfig,
+    broker_endpoint,
+    check_mqtt_url,
+    load,
+    schema,
+    section,
+    setting,
+    validate_device_id,
+    validate_topic_prefix,
+)
+
+DEFAULT_PATH = Path("/etc/certmon/agent.toml")
+
+
+@schema
+class MqttConfig:
+    broker: str = setting(schemes=("mqtt", "mqtts"), check=check_mqtt_url,
+                          doc="Broker URL, mqtts://host[:port] (port 8883 by default) or "
+                          "mqtt://host[:port] (1883).")
+    client_id: str | None = setting(default=None, doc="MQTT client id; unset means "
+                                    "\"certmon-<device_id>\".")
+    servername: str | None = setting(default=None, doc="TLS SNI and the name checked in the "
+                                     "broker certificate; unset means the URL's host.")
+    alpn: tuple[str, ...] = setting(default=(), doc="ALPN protocols to offer, e.g. "
+                                    "[\"x-amzn-mqtt-ca\"] for AWS IoT on port 443.")
+    keepalive_s: int = setting(default=60, ge=5, le=65535, doc="MQTT keepalive.")
+    protocol: Literal["v5", "v311"] = setting(default="v5", doc="MQTT protocol version.")
+
+    @property
+    def host(self) -> str:
+        return broker_endpoint(self.broker)[0]
+
+    @property
+    def port(self) -> int:
+        return broker_endpoint(self.broker)[1]
+
+    @property
+    def is_tls(self) -> bool:
+        return broker_endpoint(self.broker)[2]
+
+
+@schema
+class TlsConfig:
+    ca_bundle: Path = setting(readable=True, doc="CA bundle (PEM) the device trusts; it is "
+                              "also inventoried and reported.")
+    cert: Path = setting(readable=True, doc="Client certificate (PEM), with intermediates.")
+    key: Path = setting(readable=True, doc="Private key of the client certificate.")
+    signing_cert: Path | None = setting(default=None, readable=True, doc="Dedicated status-"
+                                        "signing certificate; unset means sign with `cert`.")
+    signing_key: Path | None = setting(default=None, readable=True,
+                                       doc="Private key of `signing_cert`.")
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if (self.signing_cert is None) != (self.signing_key is None):
+            missing = "signing_key" if self.signing_key is None else "signing_cert"
+            yield missing, "signing_cert and signing_key must be set together"
+
+
+@schema
+class LoopConfig:
+    interval_s: int = setting(default=300, ge=10, doc="Seconds between status reports.")
+    jitter_fraction: float = setting(default=0.1, ge=0, le=0.5, doc="Random spread of each "
+                                     "interval, so a rebooted fleet does not report in step.")
+    topic_prefix: str = setting(default="certmon/v1", check=validate_topic_prefix,
+                                doc="Topic prefix; must match the collector's.")
+    state_dir: Path = setting(default=Path("/var/lib/certmon-agent"),
+                              doc="Sequence numbers and the offline spool live here.")
+    spool_max_bytes: int = setting(default=1_048_576, ge=4096,
+                                   doc="Spool size cap; the oldest reports go first.")
+    spool_max_messages: int = setting(default=1000, ge=1, doc="Spool length cap.")
+
+
+@schema
+class ClockConfig:
+    sntp_servers: tuple[str, ...] = setting(default=(), doc="Optional SNTP servers to measure "
+                                            "the offset against; empty means kernel state only.")
+    skew_tolerance_s: float = setting(default=300.0, ge=0, doc="Offsets beyond this are a "
+                                      "CLOCK_UNSYNCED finding.")
+
+
+@schema
+class AgentConfig:
+    device_id: str | None = setting(default=None, check=validate_device_id, doc="Device id in "
+                                    "topics; unset means the client certificate's CN.")
+    mqtt: MqttConfig = section(doc="Broker connection.")
+    tls: TlsConfig = section(doc="The device's trust store and identity.")
+    agent: LoopConfig = section(default_factory=LoopConfig, doc="Reporting loop and spool.")
+    policy: PolicyConfig = section(default_factory=PolicyConfig,
+                                   doc="Expiry thresholds for findings.")
+    clock: ClockConfig = section(default_factory=ClockConfig, doc="Clock checks.")
+
+
+def load_agent_config(path: Path = DEFAULT_PATH, *,
+                      overrides: Mapping[str, object] | None = None,
+                      flag_names: Mapping[str, str] | None = None,
+                      check_files: bool = True) -> AgentConfig:
+    """Load and check the agent's config; raises ConfigError listing every problem."""
+    return load(AgentConfig, path, overrides=overrides, flag_names=flag_names,
+                check_files=check_files)

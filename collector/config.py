@@ -1,0 +1,176 @@
+"""The collector's configuration schema (/etc/certmon/collector.toml) and its loader.
+
+Owns which keys the collector (and certmon-scan) accept, their defaults and docs.
+Parsing, validation and messages belong to `certmon.config`; this module only
+declares. Must not open the store, the broker or any URL at load time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Literal
+
+from certmon.config import (
+    PolicyConfig,
+    broker_endpoint,
+    check_mqtt_url,
+    load,
+    schema,
+    section,
+    setting,
+    validate_topic_level,
+    validate_topic_prefix,
+)
+
+DEFAULT_PATH = Path("/etc/certmon/collector.toml")
+
+
+def _check_listen(value: str) -> str | None:
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d+)", value)
+    if not m or not 0 < int(m[2]) < 65536:
+        return "must be host:port, e.g. 127.0.0.1:9310 or [::1]:9310"
+    return None
+
+
+def _check_sha256(value: str) -> str | None:
+    if not re.fullmatch(r"[0-9A-Fa-f]{64}", value):
+        return "must be 64 hex digits, the SHA-256 of the DER certificate (no colons)"
+    return None
+
+
+def _check_apprise(value: str) -> str | None:
+    return None if "://" in value else "not an apprise URL (e.g. mailto://…, tgram://…)"
+
+
+@schema
+class MqttConfig:
+    broker: str = setting(schemes=("mqtt", "mqtts"), check=check_mqtt_url,
+                          doc="Broker URL, mqtts://host[:port] (8883) or mqtt://host[:port].")
+    client_id: str | None = setting(default=None, doc="MQTT client id; unset means "
+                                    "\"certmon-collector-<hostname>-<pid>\".")
+    share_group: str | None = setting(default=None, check=validate_topic_level,
+                                      doc="Subscribe via $share/<group>/… (MQTT v5) so "
+                                      "several collectors split the load.")
+    keepalive_s: int = setting(default=60, ge=5, le=65535, doc="MQTT keepalive.")
+    topic_prefix: str = setting(default="certmon/v1", check=validate_topic_prefix,
+                                doc="Topic prefix; must match the agents'.")
+
+    @property
+    def host(self) -> str:
+        return broker_endpoint(self.broker)[0]
+
+    @property
+    def port(self) -> int:
+        return broker_endpoint(self.broker)[1]
+
+    @property
+    def is_tls(self) -> bool:
+        return broker_endpoint(self.broker)[2]
+
+
+@schema
+class TlsConfig:
+    ca_bundle: Path = setting(readable=True, doc="CA bundle for the broker's certificate.")
+    cert: Path = setting(readable=True, doc="The collector's client certificate (PEM).")
+    key: Path = setting(readable=True, doc="Its private key.")
+    fleet_ca: tuple[Path, ...] = setting(readable=True, min_items=1, doc="CA certificates "
+                                         "device certificates must chain to (PEM files).")
+
+
+@schema
+class StoreConfig:
+    url: str = setting(default="sqlite:///var/lib/certmon-collector/certmon.db",
+                       schemes=("sqlite", "postgresql"),
+                       doc="sqlite:///ABSOLUTE/PATH (WAL) or postgresql://user@host/db.")
+
+
+@schema
+class WebConfig:
+    listen: str = setting(default="127.0.0.1:9310", check=_check_listen,
+                          doc="Dashboard, JSON API and /metrics.")
+    basic_auth_user: str | None = setting(default=None, doc="Require HTTP basic auth as "
+                                          "this user.")
+    basic_auth_password_file: Path | None = setting(default=None, readable=True,
+                                                    doc="File holding that user's password.")
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if (self.basic_auth_user is None) != (self.basic_auth_password_file is None):
+            missing = "basic_auth_user" if self.basic_auth_user is None else (
+                "basic_auth_password_file")
+            yield missing, "basic_auth_user and basic_auth_password_file must be set together"
+
+
+@schema
+class IngestConfig:
+    max_payload_bytes: int = setting(default=65536, ge=1024,
+                                     doc="Larger messages are rejected unread.")
+    replay_window: int = setting(default=64, ge=1, doc="Sequence numbers remembered per "
+                                 "device, so reordered deliveries are not replays.")
+    reject_samples: int = setting(default=20, ge=0, doc="Rejected messages kept per reason "
+                                  "for inspection.")
+    offline_after_intervals: float = setting(default=3.0, ge=1, doc="A device is offline "
+                                             "after this many of its intervals of silence.")
+
+
+@schema
+class AlertsConfig:
+    renotify_interval_s: int = setting(default=14400, ge=60,
+                                       doc="Repeat a firing alert this often.")
+    webhook_urls: tuple[str, ...] = setting(default=(), schemes=("http", "https"),
+                                            doc="Alertmanager-compatible webhook receivers.")
+    apprise_urls: tuple[str, ...] = setting(default=(), check=_check_apprise,
+                                            doc="Notification services, as apprise URLs.")
+    mqtt_topic_enabled: bool = setting(default=True, doc="Publish alerts on "
+                                       "<topic_prefix>/fleet/alerts.")
+
+
+@schema
+class TrustRequirement:
+    name: str = setting(doc="Label for views and alerts, e.g. \"ISRG Root X2\".")
+    ca_file: Path | None = setting(default=None, readable=True, doc="The CA (PEM).")
+    sha256: str | None = setting(default=None, check=_check_sha256,
+                                 doc="Or its SHA-256 fingerprint.")
+    status: Literal["required", "retiring"] = setting(default="required", doc="required: "
+                                                      "devices must trust it; retiring: "
+                                                      "report who still depends on it.")
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if (self.ca_file is None) == (self.sha256 is None):
+            yield "ca_file", "set exactly one of ca_file and sha256"
+
+
+@schema
+class ScanTarget:
+    host: str = setting(doc="Endpoint to probe.")
+    port: int = setting(default=8883, ge=1, le=65535, doc="TCP port.")
+    servername: str | None = setting(default=None, doc="SNI; unset means host.")
+    alpn: tuple[str, ...] = setting(default=(), doc="ALPN protocols to offer.")
+    mqtt: bool = setting(default=False, doc="Also do a clean MQTT CONNECT/DISCONNECT.")
+
+
+@schema
+class CollectorConfig:
+    scan_interval_s: int = setting(default=3600, ge=60, doc="Seconds between scans.")
+    scan_timeout_s: float = setting(default=10.0, ge=0.1, doc="Per-endpoint probe timeout.")
+    mqtt: MqttConfig = section(doc="Broker connection.")
+    tls: TlsConfig = section(doc="Broker identity and the fleet's CAs.")
+    store: StoreConfig = section(default_factory=StoreConfig, doc="Where state lives.")
+    web: WebConfig = section(default_factory=WebConfig, doc="HTTP server.")
+    ingest: IngestConfig = section(default_factory=IngestConfig, doc="Message acceptance.")
+    alerts: AlertsConfig = section(default_factory=AlertsConfig, doc="Alert delivery.")
+    policy: PolicyConfig = section(default_factory=PolicyConfig,
+                                   doc="Expiry thresholds for alerts.")
+    trust_requirements: tuple[TrustRequirement, ...] = setting(
+        default=(), doc="CAs to track across the fleet's trust stores.")
+    scan_targets: tuple[ScanTarget, ...] = setting(default=(), doc="TLS endpoints to scan.")
+
+
+def load_collector_config(path: Path = DEFAULT_PATH, *,
+                          overrides: Mapping[str, object] | None = None,
+                          flag_names: Mapping[str, str] | None = None,
+                          check_files: bool = True) -> CollectorConfig:
+    """Load and check the collector's config; raises ConfigError listing every problem."""
+    return load(CollectorConfig, path, overrides=overrides, flag_names=flag_names,
+                check_files=check_files)
