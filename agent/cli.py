@@ -56,7 +56,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     if args.config:
         from .config import load_agent_config
 
-        config = load_agent_config(args.config)
+        config = load_agent_config(args.config, check_files=False)
         ca_bundle = ca_bundle or str(config.tls.ca_bundle)
         cert = cert or (str(config.tls.cert) if config.tls.cert else None)
         key = key or (str(config.tls.key) if config.tls.key else None)

@@ -1,0 +1,484 @@
+"""certmon.tlsprobe against real peers on loopback: Mosquitto and Python TLS servers.
+
+Every certificate is generated here with explicit validity; nothing is committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from certmon import tlsprobe
+from certmon.tlsprobe import ProbeTarget, probe, probe_many
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+TIMEOUT_S = 1.5
+NOW = dt.datetime.now(dt.UTC)
+
+
+# --- PKI ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Issued:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    cert_path: Path
+    key_path: Path
+
+    @property
+    def der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+
+def issue(
+    directory: Path,
+    name: str,
+    issuer: Issued | None = None,
+    *,
+    is_ca: bool = False,
+    not_before: dt.datetime = NOW - dt.timedelta(days=1),
+    not_after: dt.datetime = NOW + dt.timedelta(days=30),
+    chain: tuple[Issued, ...] = (),
+) -> Issued:
+    """One EC P-256 certificate; the PEM file holds it followed by ``chain`` (as served)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if not is_ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    pems = [cert.public_bytes(serialization.Encoding.PEM)]
+    pems += [c.cert.public_bytes(serialization.Encoding.PEM) for c in chain]
+    cert_path.write_bytes(b"".join(pems))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return Issued(cert, key, cert_path, key_path)
+
+
+@dataclass
+class Pki:
+    root: Issued
+    intermediate: Issued
+    server: Issued  # file holds leaf + intermediate, as a correctly configured broker serves
+    expired: Issued
+    client: Issued
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    root = issue(d, "root", is_ca=True)
+    inter = issue(d, "intermediate", root, is_ca=True)
+    server = issue(d, "server", inter, chain=(inter,))
+    expired = issue(
+        d,
+        "expired",
+        root,
+        not_before=NOW - dt.timedelta(days=60),
+        not_after=NOW - dt.timedelta(days=30),
+    )
+    client = issue(d, "client", root)
+    return Pki(root, inter, server, expired, client)
+
+
+def free_port(family: socket.AddressFamily = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- peers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def mosquitto(directory: Path, listener_lines: list[str]) -> Iterator[Broker]:
+    """One private Mosquitto with one TLS listener on 127.0.0.1; ready when it logs 'running'."""
+    if not os.path.exists(MOSQUITTO):
+        if os.environ.get("CI"):
+            pytest.fail(f"{MOSQUITTO} missing")
+        pytest.skip(f"{MOSQUITTO} missing")
+    port = free_port()
+    log_path = directory / f"mosquitto-{port}.log"
+    conf = directory / f"mosquitto-{port}.conf"
+    lines = ["per_listener_settings true", f"log_dest file {log_path}", "log_type all"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # mosquitto drops to 'mosquitto' otherwise and cannot read tmp
+    lines += [f"listener {port} 127.0.0.1", *listener_lines]
+    if not any(line.startswith("allow_anonymous") for line in listener_lines):
+        lines.append("allow_anonymous true")  # the 2.0 default is false
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while " running" not in (log_path.read_text() if log_path.exists() else ""):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = log_path.read_text() if log_path.exists() else ""
+                pytest.fail(f"mosquitto did not start:\n{log}")
+            time.sleep(0.02)
+        yield Broker(port, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def tls_listener(*lines: str, pki: Pki, cert: Issued | None = None) -> list[str]:
+    cert = cert or pki.server
+    return [
+        f"cafile {pki.root.cert_path}",
+        f"certfile {cert.cert_path}",
+        f"keyfile {cert.key_path}",
+        *lines,
+    ]
+
+
+@dataclass
+class PyServer:
+    port: int
+    server_names: list[str | None]
+
+
+@contextmanager
+def py_tls_server(
+    ctx: ssl.SSLContext, host: str = "127.0.0.1", family: socket.AddressFamily = socket.AF_INET
+) -> Iterator[PyServer]:
+    """A threaded stdlib TLS server: handshake, read until EOF, close."""
+    names: list[str | None] = []
+
+    def record_sni(_sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _c: object) -> None:
+        names.append(name)
+
+    ctx.sni_callback = record_sni
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen()
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(TIMEOUT_S)
+            try:
+                with ctx.wrap_socket(raw, server_side=True) as conn:
+                    while conn.recv(1024):
+                        pass
+            except (OSError, ssl.SSLError):
+                raw.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield PyServer(listener.getsockname()[1], names)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def server_context(cert: Issued) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert.cert_path, cert.key_path)
+    return ctx
+
+
+# --- chain, version, cipher ---------------------------------------------------------------
+
+
+@pytest.mark.broker
+def test_full_chain_captured_in_order_sent_from_mosquitto(pki: Pki, tmp_path: Path) -> None:
+    with mosquitto(tmp_path, tls_listener(pki=pki)) as broker:
+        result = probe(ProbeTarget("127.0.0.1", broker.port, timeout_s=TIMEOUT_S))
+    assert result.error is None, result.error
+    assert result.presented_der == (pki.server.der, pki.intermediate.der)
+    assert result.address == "127.0.0.1"
+    assert result.tls_version == "TLSv1.3"
+    assert result.cipher and result.cipher.startswith("TLS_")
+    assert result.alpn is None
+    assert result.client_cert_requested is False
+    assert result.connect_s is not None and result.handshake_s is not None
+    assert result.handshake_s < TIMEOUT_S
+
+
+def test_expired_server_cert_still_yields_der(pki: Pki) -> None:
+    with py_tls_server(server_context(pki.expired)) as server:
+        result = probe(ProbeTarget("localhost", server.port, timeout_s=TIMEOUT_S))
+    assert result.error is None, result.error
+    assert result.presented_der == (pki.expired.der,)
+    # 'localhost' may resolve to ::1 first, where nothing listens: the next address is tried.
+    assert result.address == "127.0.0.1"
+    assert server.server_names == ["localhost"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI makes the SHA-1 cert")
+def test_weak_rsa1024_sha1_cert_over_tls10_is_observed(tmp_path: Path) -> None:
+    # cryptography refuses to sign with SHA-1, so the openssl CLI makes this one.
+    cert, key = tmp_path / "weak.crt", tmp_path / "weak.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:1024", "-sha1", "-nodes", "-subj",
+         "/CN=weak", "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_ciphers("ALL:@SECLEVEL=0")  # the server side needs it too, to load an RSA-1024 key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 is deprecated: the point
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+    ctx.load_cert_chain(cert, key)
+    weak_der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    with py_tls_server(ctx) as server:
+        result = probe(ProbeTarget("127.0.0.1", server.port, timeout_s=TIMEOUT_S))
+    assert result.error is None, result.error
+    assert result.tls_version == "TLSv1"
+    assert result.presented_der == (weak_der,)
+
+
+def test_alpn_negotiated_when_server_supports_it(pki: Pki) -> None:
+    ctx = server_context(pki.server)
+    ctx.set_alpn_protocols(["x-amzn-mqtt-ca", "mqtt"])
+    with py_tls_server(ctx) as server:
+        offered = probe(
+            ProbeTarget("127.0.0.1", server.port, alpn=("x-amzn-mqtt-ca",), timeout_s=TIMEOUT_S)
+        )
+        silent = probe(ProbeTarget("127.0.0.1", server.port, timeout_s=TIMEOUT_S))
+    assert offered.alpn == "x-amzn-mqtt-ca"
+    assert silent.alpn is None
+
+
+def test_sni_follows_host_unless_ip_literal(pki: Pki) -> None:
+    with py_tls_server(server_context(pki.server)) as server:
+        probe(ProbeTarget("127.0.0.1", server.port, timeout_s=TIMEOUT_S))
+        probe(ProbeTarget("127.0.0.1", server.port, servername="broker.example", timeout_s=1))
+    assert server.server_names == [None, "broker.example"]
+
+
+# --- mTLS and MQTT -----------------------------------------------------------------------
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("mqtt", [True, False])
+def test_tls13_mtls_broker_without_client_cert_is_classified(
+    pki: Pki, tmp_path: Path, mqtt: bool
+) -> None:
+    # TLS 1.3: our handshake completes; the broker's refusal arrives afterwards (an alert,
+    # or a reset that swallowed it) and must still read as a client-certificate problem.
+    with mosquitto(tmp_path, tls_listener("require_certificate true", pki=pki)) as broker:
+        result = probe(ProbeTarget("127.0.0.1", broker.port, mqtt=mqtt, timeout_s=TIMEOUT_S))
+    assert result.tls_version == "TLSv1.3"
+    assert result.error_kind == "client_cert_required", result.error
+    assert result.client_cert_requested is True
+    assert result.mqtt_connack is None
+    # Facts survive the failure: the broker's chain was seen before it refused us.
+    assert result.presented_der == (pki.server.der, pki.intermediate.der)
+
+
+@pytest.mark.parametrize("mqtt", [True, False])
+def test_tls12_mtls_server_without_client_cert_fails_in_handshake(pki: Pki, mqtt: bool) -> None:
+    # Mosquitto 2.0's tls_version is a floor, so a stdlib server stands in for a 1.2-only
+    # broker: there the refusal is a handshake alert.
+    ctx = server_context(pki.server)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(pki.root.cert_path)
+    with py_tls_server(ctx) as server:
+        result = probe(ProbeTarget("127.0.0.1", server.port, mqtt=mqtt, timeout_s=TIMEOUT_S))
+    assert result.error_kind == "client_cert_required", result.error
+    assert result.tls_version is None  # no session was established
+    assert result.client_cert_requested is True
+    assert result.presented_der == (pki.server.der, pki.intermediate.der)
+
+
+@pytest.mark.broker
+def test_untrusted_client_cert_is_rejected_not_required(pki: Pki, tmp_path: Path) -> None:
+    rogue = issue(tmp_path, "rogue")  # self-signed, not under the broker's CA
+    target = ProbeTarget(
+        "127.0.0.1",
+        0,
+        client_cert=str(rogue.cert_path),
+        client_key=str(rogue.key_path),
+        mqtt=True,
+        timeout_s=TIMEOUT_S,
+    )
+    with mosquitto(tmp_path, tls_listener("require_certificate true", pki=pki)) as broker:
+        result = probe(replace(target, port=broker.port))
+    assert result.error_kind == "client_cert_rejected", result.error
+
+
+@pytest.mark.broker
+def test_mtls_listener_with_client_cert_accepts_and_disconnects_cleanly(
+    pki: Pki, tmp_path: Path
+) -> None:
+    lines = tls_listener("require_certificate true", pki=pki)
+    target = ProbeTarget(
+        "127.0.0.1",
+        0,
+        client_cert=str(pki.client.cert_path),
+        client_key=str(pki.client.key_path),
+        mqtt=True,
+        mqtt_client_id="certmon-test",
+        timeout_s=TIMEOUT_S,
+    )
+    with mosquitto(tmp_path, lines) as broker:
+        result = probe(replace(target, port=broker.port))
+        plain = probe(replace(target, port=broker.port, mqtt=False))
+        time.sleep(0.1)  # let the broker write its log lines
+        log = broker.log()
+    assert result.error is None, result.error
+    assert result.mqtt_connack == 0
+    assert result.client_cert_requested is True
+    assert plain.error is None, plain.error
+    assert "Client certmon-test disconnected." in log
+    assert "protocol error" not in log.lower()
+
+
+@pytest.mark.broker
+def test_mqtt_refused_by_broker_is_connack_not_tls_failure(pki: Pki, tmp_path: Path) -> None:
+    lines = tls_listener("allow_anonymous false", pki=pki)
+    with mosquitto(tmp_path, lines) as broker:
+        result = probe(ProbeTarget("127.0.0.1", broker.port, mqtt=True, timeout_s=TIMEOUT_S))
+        time.sleep(0.1)
+        log = broker.log()
+    assert result.error_kind == "mqtt_refused"
+    assert result.mqtt_connack == 5
+    assert result.mqtt_error == "not authorized"
+    assert result.presented_der  # TLS itself was fine
+    assert "Sending CONNACK to 127.0.0.1 (0, 5)" in log
+    assert "protocol error" not in log.lower()
+
+
+def test_tls_server_that_is_not_mqtt_gives_no_connack(pki: Pki) -> None:
+    with py_tls_server(server_context(pki.server)) as server:
+        target = ProbeTarget("127.0.0.1", server.port, mqtt=True, timeout_s=0.5)
+        result = probe(target)
+    assert result.error_kind == "mqtt_timeout"
+    assert result.mqtt_connack is None
+    assert result.presented_der == (pki.server.der, pki.intermediate.der)
+
+
+def test_unreadable_client_cert_and_bad_port_are_data(tmp_path: Path) -> None:
+    result = probe(ProbeTarget("127.0.0.1", 1, client_cert=str(tmp_path / "missing.pem")))
+    assert result.error_kind == "client_cert_unusable"
+    assert probe(ProbeTarget("127.0.0.1", 70000)).error_kind == "bad_target"
+
+
+def test_connect_packet_golden_bytes() -> None:
+    assert tlsprobe.encode_connect("certmon-scan") == bytes.fromhex(
+        "101800044d5154540402000a000c636572746d6f6e2d7363616e"
+    )
+    long_id = "x" * 200  # remaining length needs two bytes (varint)
+    assert tlsprobe.encode_connect(long_id)[:3] == b"\x10\xd4\x01"
+    assert tlsprobe.DISCONNECT == b"\xe0\x00"
+
+
+# --- failures as data, concurrency ---------------------------------------------------------
+
+
+def test_connection_refused() -> None:
+    result = probe(ProbeTarget("127.0.0.1", free_port(), timeout_s=TIMEOUT_S))
+    assert result.error_kind == "connect_refused"
+    assert result.presented_der == ()
+    assert result.client_cert_requested is None
+
+
+def test_dns_failure_is_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No real lookup: tests talk only to loopback.
+    def fail(*_args: object, **_kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    result = probe(ProbeTarget("broker.invalid", timeout_s=TIMEOUT_S))
+    assert result.error_kind == "dns"
+
+
+def test_black_hole_times_out_alone_in_probe_many(pki: Pki) -> None:
+    # Accepts TCP (the kernel completes it from the backlog) but never answers the handshake.
+    with (
+        socket.create_server(("127.0.0.1", 0)) as hole,
+        py_tls_server(server_context(pki.server)) as server,
+    ):
+        timeout_s = 1.0
+        holes = [ProbeTarget("127.0.0.1", hole.getsockname()[1], timeout_s=timeout_s)] * 3
+        good = [ProbeTarget("127.0.0.1", server.port, timeout_s=timeout_s)] * 4
+        started = time.monotonic()
+        results = probe_many([*holes, *good, ProbeTarget("127.0.0.1", free_port())])
+        elapsed = time.monotonic() - started
+    assert [r.error_kind for r in results] == ["handshake_timeout"] * 3 + [None] * 4 + [
+        "connect_refused"
+    ]
+    assert all(r.target == t for r, t in zip(results, [*holes, *good], strict=False))
+    assert timeout_s * 0.9 < elapsed < timeout_s * 1.8  # parallel, not 3 x timeout
+    for r in results[3:7]:
+        assert r.connect_s is not None and r.handshake_s is not None
+        assert r.connect_s + r.handshake_s < 0.5
+
+
+def test_ipv6_loopback(pki: Pki) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with py_tls_server(server_context(pki.server), "::1", socket.AF_INET6) as server:
+        result = probe(ProbeTarget("::1", server.port, timeout_s=TIMEOUT_S))
+        bracketed = probe(ProbeTarget("[::1]", server.port, timeout_s=TIMEOUT_S))
+    assert result.error is None, result.error
+    assert result.address == "::1"
+    assert bracketed.address == "::1"
+    assert server.server_names == [None, None]
