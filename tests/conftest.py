@@ -1,0 +1,238 @@
+"""Shared fixtures: the test PKI and real Mosquitto brokers.
+
+- `pki_now`, `pki` (session): one `PKIFactory` whose `now` is the session start.
+- `mosquitto_bin` (session): the binary, or skip — or *fail* when `CI` is set, so a
+  CI machine without mosquitto can never go green by skipping the broker tests.
+- `fleet_broker` (session): the fleet PKI plus one broker with plain, TLS and mTLS
+  listeners and the certmon ACL (see `Fleet`).
+- `scenario_broker` (session): one broker, one TLS listener per named PKI scenario
+  (see `ScenarioBroker`), for scanner tests.
+- `mosquitto_factory` (function): start private brokers a test may stop, kill or
+  restart without disturbing anyone else.
+
+Tests that use a broker fixture get the `broker` marker automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # `from pkifactory import …` in any mode
+
+from broker import Listener, Mosquitto, find_mosquitto
+from pkifactory import SCENARIOS, Issued, PKIFactory, Scenario, scenario, write_bundle
+
+_BROKER_FIXTURES = {"fleet_broker", "scenario_broker", "mosquitto_factory", "mosquitto_bin"}
+
+# The certmon ACL (DESIGN §4). Leading `topic` lines apply to anonymous clients only;
+# anonymous clients exist only on the plain and TLS listeners (the mTLS listener makes
+# every client's username its certificate CN). They may do anything: they play "anyone
+# with broker access", which is what lets a test inject a forged or unsigned status
+# into a device topic — the threat the signatures exist for.
+FLEET_ACL = """\
+# anonymous (plain / TLS-server-auth listeners only)
+topic readwrite #
+
+user collector
+topic read certmon/v1/#
+topic write certmon/v1/fleet/#
+topic write certmon/v1/alerts/#
+topic write certmon/v1/_collector/#
+
+# every authenticated client, i.e. every device (username = certificate CN). A
+# `pattern` without %u is the only way to grant all users; mosquitto logs a harmless
+# warning for it.
+pattern write certmon/v1/%u/#
+pattern read certmon/v1/_collector/#
+"""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture(scope="session")
+def pki_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture(scope="session")
+def pki(pki_now: datetime) -> PKIFactory:
+    return PKIFactory(now=pki_now)
+
+
+@pytest.fixture(scope="session")
+def mosquitto_bin() -> str:
+    binary = find_mosquitto()
+    if binary is None:
+        reason = "mosquitto not found on PATH or in /usr/sbin (apt install mosquitto)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
+        pytest.skip(reason)
+    return binary
+
+
+@dataclass(frozen=True)
+class DeviceCreds:
+    """Files a client needs: cert (+ intermediate), key, CA bundle for the server."""
+
+    cert_path: Path
+    key_path: Path
+    ca_bundle_path: Path
+    device_id: str
+
+
+@dataclass
+class Fleet:
+    """The fleet PKI and its broker.
+
+    PKI: "certmon-test Fleet Root CA" → "fleet-devices" intermediate → device certs
+    (CN = device id) and → "fleet-services" intermediate → the collector cert. The
+    broker's server cert comes from a separate "certmon-test Broker CA", as in real
+    deployments where the broker's CA is not the device CA; `ca_bundle_path` holds
+    both roots. The mTLS listener trusts only the fleet root, so a cert from any
+    other CA cannot log in.
+    """
+
+    pki: PKIFactory
+    broker: Mosquitto
+    root: Issued
+    devices_ca: Issued
+    services_ca: Issued
+    broker_ca: Issued
+    server: Issued
+    ca_bundle_path: Path
+    host: str = "127.0.0.1"
+
+    @property
+    def plain_port(self) -> int:
+        return self.broker.listeners[0].port
+
+    @property
+    def tls_port(self) -> int:
+        return self.broker.listeners[1].port
+
+    @property
+    def mtls_port(self) -> int:
+        return self.broker.listeners[2].port
+
+    def device_credentials(self, device_id: str, tmp_dir: Path, **leaf_kwargs: Any) -> DeviceCreds:
+        """Issue a device cert (CN = device_id) under fleet-devices and write it."""
+        leaf = self.pki.leaf(self.devices_ca, device_id, **leaf_kwargs)
+        return self._write(leaf, device_id, tmp_dir)
+
+    def collector_credentials(self, tmp_dir: Path, cn: str = "collector", **kw: Any) -> DeviceCreds:
+        leaf = self.pki.leaf(self.services_ca, cn, **kw)
+        return self._write(leaf, cn, tmp_dir)
+
+    def _write(self, leaf: Issued, identity: str, tmp_dir: Path) -> DeviceCreds:
+        # The cert file carries the intermediate: mosquitto's cafile holds only the root.
+        cert_path, key_path = leaf.write(tmp_dir, chain=True)
+        return DeviceCreds(cert_path, key_path, self.ca_bundle_path, identity)
+
+
+@pytest.fixture(scope="session")
+def fleet_broker(
+    mosquitto_bin: str, pki: PKIFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet-broker")
+    root = pki.root("certmon-test Fleet Root CA", name="fleet-root")
+    devices_ca = pki.intermediate(root, "fleet-devices")
+    services_ca = pki.intermediate(root, "fleet-services")
+    broker_ca = pki.root("certmon-test Broker CA", name="broker-ca")
+    server = pki.leaf(
+        broker_ca, "localhost", name="broker-server", usage="server",
+        sans=("localhost", "127.0.0.1"),
+    )  # fmt: skip
+    server_cert, server_key = server.write(workdir)
+    fleet_ca = write_bundle(workdir / "fleet-root.pem", [root])
+    ca_bundle = write_bundle(workdir / "ca-bundle.pem", [root, broker_ca])
+    tls = {"tls": True, "certfile": server_cert, "keyfile": server_key}
+    broker = Mosquitto(
+        workdir,
+        [
+            Listener(),
+            Listener(**tls),
+            Listener(
+                **tls, cafile=fleet_ca, require_certificate=True, use_identity_as_username=True
+            ),
+        ],
+        acl=FLEET_ACL,
+        binary=mosquitto_bin,
+    )
+    with broker:
+        yield Fleet(pki, broker, root, devices_ca, services_ca, broker_ca, server, ca_bundle)
+
+
+@dataclass(frozen=True)
+class ScenarioBroker:
+    """`ports[name]` serves `scenarios[name].leaf` plus its intermediate;
+    `trust_paths[name]` is the bundle a client should trust for it."""
+
+    broker: Mosquitto
+    scenarios: dict[str, Scenario]
+    ports: dict[str, int]
+    trust_paths: dict[str, Path]
+    host: str = "127.0.0.1"
+
+
+# mosquitto refuses to start with a cert whose key does not match: not servable.
+SERVABLE_SCENARIOS = tuple(name for name in SCENARIOS if name != "wrong_key")
+
+
+@pytest.fixture(scope="session")
+def scenario_broker(
+    mosquitto_bin: str, pki: PKIFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ScenarioBroker]:
+    workdir = tmp_path_factory.mktemp("scenario-broker")
+    scenarios = {name: scenario(pki, name) for name in SERVABLE_SCENARIOS}
+    listeners, trust = [], {}
+    for name, scen in scenarios.items():
+        cert_path, key_path, trust[name] = scen.write(workdir / name)
+        # SECLEVEL=0 so the sha1_signed and rsa1024 leaves load at all.
+        listeners.append(
+            Listener(tls=True, certfile=cert_path, keyfile=key_path, ciphers="DEFAULT:@SECLEVEL=0")
+        )
+    with Mosquitto(workdir, listeners, binary=mosquitto_bin) as broker:
+        ports = {name: lst.port for name, lst in zip(scenarios, broker.listeners, strict=True)}
+        yield ScenarioBroker(broker, scenarios, ports, trust)
+
+
+MosquittoFactory = Callable[..., Mosquitto]
+
+
+@pytest.fixture
+def mosquitto_factory(
+    mosquitto_bin: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MosquittoFactory]:
+    """`mosquitto_factory(listeners=[Listener()], acl=None, extra_conf="")` → a started
+    broker of the test's own; every one is stopped at teardown."""
+    started: list[Mosquitto] = []
+
+    def make(
+        listeners: Sequence[Listener] = (Listener(),),
+        *,
+        acl: str | None = None,
+        extra_conf: str = "",
+        **kwargs: Any,
+    ) -> Mosquitto:
+        workdir = tmp_path_factory.mktemp("mosquitto")
+        broker = Mosquitto(
+            workdir, listeners, acl=acl, extra_conf=extra_conf, binary=mosquitto_bin, **kwargs
+        )
+        started.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in started:
+        broker.stop()
