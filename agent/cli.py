@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from certmon import __version__, pki
 from certmon.clock import utc_now
@@ -20,6 +24,9 @@ from certmon.errors import EX_CONFIG, ConfigError
 
 from .certstore import read_material
 from .report import DeviceCheck, check_device
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 
 UNREADABLE = {pki.FindingCode.FILE_UNREADABLE, pki.FindingCode.KEY_UNREADABLE}
 
@@ -36,18 +43,141 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--crit-days", type=float, default=None)
     check.add_argument("--config", help="agent TOML config (flags override it)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    run = sub.add_parser("run", help="the service: report every interval, forever")
+    add_service_flags(run)
+    once = sub.add_parser("once", help="publish one status, wait for PUBACK, exit")
+    add_service_flags(once)
+    once.add_argument("--timeout-s", type=float, default=30.0)
+    once.add_argument("--offline-after", action="store_true",
+                      help="publish online=false before leaving")
+    once.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="print the unsigned status JSON; no network")
+    add_service_flags(show)
+    show.add_argument("--json", action="store_true", help="(always JSON)")
+    check_config = sub.add_parser("check-config", help="validate the config and flags")
+    add_service_flags(check_config)
     return parser
+
+
+# Flags that set config keys: flag → dotted key. Everything a test or a user needs can
+# be given on the command line without a config file.
+FLAG_KEYS = {
+    "broker": "mqtt.broker", "ca_bundle": "tls.ca_bundle", "cert": "tls.cert",
+    "key": "tls.key", "device_id": "device_id", "state_dir": "agent.state_dir",
+    "interval_s": "agent.interval_s", "topic_prefix": "agent.topic_prefix",
+    "client_id": "mqtt.client_id", "alpn": "mqtt.alpn", "mqtt_protocol": "mqtt.protocol",
+    "sntp_server": "clock.sntp_servers",
+}
+
+
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="agent TOML config (flags override it)")
+    parser.add_argument("--broker", help="mqtts://HOST[:PORT] (8883 by default)")
+    parser.add_argument("--ca-bundle", help="CA bundle the device trusts")
+    parser.add_argument("--cert", help="client certificate (with intermediates)")
+    parser.add_argument("--key", help="private key of the client certificate")
+    parser.add_argument("--device-id", help="device id (default: the certificate's CN)")
+    parser.add_argument("--state-dir", help="sequence numbers and spool")
+    parser.add_argument("--interval-s", help="seconds between reports")
+    parser.add_argument("--topic-prefix", help="topic prefix (default certmon/v1)")
+    parser.add_argument("--client-id", help="MQTT client id")
+    parser.add_argument("--alpn", help="ALPN protocols, comma-separated")
+    parser.add_argument("--mqtt-protocol", choices=["v5", "v311"], help="MQTT version")
+    parser.add_argument("--sntp-server", help="SNTP servers to measure offset against")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def load_config(args: argparse.Namespace) -> AgentConfig:
+    from certmon.config import loads
+
+    from .config import AgentConfig as Schema
+    from .config import load_agent_config
+
+    overrides = {key: getattr(args, flag, None) for flag, key in FLAG_KEYS.items()}
+    flag_names = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
+    if args.config:
+        return load_agent_config(Path(args.config), overrides=overrides, flag_names=flag_names)
+    return loads(Schema, "", source="<command line>", base_dir=Path.cwd(),
+                 overrides=overrides, flag_names=flag_names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "check":
             return cmd_check(args, sys.stdout)
+        config = load_config(args)
+        if args.command == "check-config":
+            print(f"{args.config or '<command line>'}: OK")
+            return 0
+        return SERVICE_COMMANDS[args.command](config, args)
     except ConfigError as exc:
         print(f"certmon-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
-    return 3
+
+
+def cmd_show(config: AgentConfig, args: argparse.Namespace) -> int:
+    from certmon import protocol
+
+    from .service import AgentService
+
+    result = AgentService(config).cycle(sign=False)
+    data = result.status.to_json()
+    data["v"] = protocol.SCHEMA_VERSION
+    json.dump(data, sys.stdout, indent=2, sort_keys=True, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_once(config: AgentConfig, args: argparse.Namespace) -> int:
+    """Publish one status (and the cert and inventory topics), wait for PUBACK."""
+    from .service import AgentService
+
+    service = AgentService(config)
+    try:
+        result = service.report_once()
+        delivered = service.wait_delivered(args.timeout_s)
+    finally:
+        service.shutdown() if args.offline_after else _leave(service)
+    if not delivered:
+        error = service.link.state.last_error if service.link else "no MQTT link"
+        print(f"certmon-agent: status seq={result.status.seq} not acknowledged within "
+              f"{args.timeout_s:g} s ({error}); it stays spooled in {service.spool.dir}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump({"seq": result.status.seq, "device_id": result.status.device_id,
+                   "delivered": True}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"delivered status seq={result.status.seq} for {result.status.device_id}")
+    return 0
+
+
+def _leave(service: object) -> None:
+    # `once` is not a session end for the device: stay "online" (no offline message,
+    # a clean DISCONNECT so the will does not fire either).
+    link = getattr(service, "link", None)
+    if link is not None:
+        link.stop()
+
+
+def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
+    from .service import AgentService
+
+    if os.geteuid() == 0:
+        logging.getLogger("certmon.agent").warning(
+            "running as root: the agent needs no privileges; use the packaged unit's user")
+    service = AgentService(config, reloader=lambda: load_config(args))
+    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+    return service.run()
+
+
+SERVICE_COMMANDS = {"run": cmd_run, "once": cmd_once, "show": cmd_show}
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
