@@ -137,10 +137,18 @@ def cmd_once(config: AgentConfig, args: argparse.Namespace) -> int:
 
     service = AgentService(config)
     try:
+        # A broker that cannot be reached is not an error yet: the status is spooled
+        # and the PUBACK wait below decides.
+        service.connect(min(args.timeout_s / 2, 10.0))
         result = service.report_once()
         delivered = service.wait_delivered(args.timeout_s)
     finally:
         service.shutdown() if args.offline_after else _leave(service)
+    if service.refused:
+        print(f"certmon-agent: the broker refused status seq={result.status.seq} "
+              f"for {result.status.device_id} (ACL: a device may only write its own topics)",
+              file=sys.stderr)
+        return 2
     if not delivered:
         error = service.link.state.last_error if service.link else "no MQTT link"
         print(f"certmon-agent: status seq={result.status.seq} not acknowledged within "

@@ -88,7 +88,8 @@ class AgentService:
         self.link: MqttLink | None = None
         self.last_publish_ok_at: datetime | None = None
         self._link_cert_sha: str | None = None
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self.refused = 0  # statuses the broker refused (ACL): never deliverable
         self._inflight: dict[int, Path] = {}
         # Retained side messages (cert chain, trust-store inventory) waiting for a
         # connection; each is re-sent only when its content changes.
@@ -150,7 +151,8 @@ class AgentService:
         )
         try:
             link = MqttLink(settings, on_message=self._on_message, on_connect=self._on_connect,
-                            on_published=self._acks.put, monotonic=self.clock.monotonic)
+                            on_published=lambda mid, ok: self._acks.put((mid, ok)),
+                            monotonic=self.clock.monotonic)
         except TransportError as exc:
             # e.g. the key is unreadable: a finding in the status, a line in the log,
             # and statuses stay spooled until the files are fixed.
@@ -304,14 +306,23 @@ class AgentService:
         done = 0
         while True:
             try:
-                mid = self._acks.get_nowait()
+                mid, accepted = self._acks.get_nowait()
             except queue.Empty:
                 return done
             path = self._inflight.pop(mid, None)
-            if path is not None:
-                self.spool.remove(path)
+            if path is None:
+                continue
+            self.spool.remove(path)
+            done += 1
+            if accepted:
                 self.last_publish_ok_at = self.clock.now()
-                done += 1
+            else:
+                # Resending a message the broker's ACL refuses would block the spool
+                # forever; it is dropped, counted and logged instead.
+                self.refused += 1
+                log.error("broker refused status %s (%s): check the broker ACL and the "
+                          "device id", path.name, self.link.state.last_error if self.link
+                          else "no link")
 
     def wait_delivered(self, timeout_s: float) -> bool:
         """Block until every spooled status is PUBACKed, or the timeout (`once`)."""
@@ -325,6 +336,13 @@ class AgentService:
             self._wake.wait(0.05)
 
     # ------------------------------------------------------------ run
+
+    def connect(self, wait_s: float) -> bool:
+        """Set up the link from the files on disk and wait (bounded) for the broker, so
+        that a one-shot report can include the broker chain its session saw."""
+        tls = self.config.tls
+        self._ensure_link(read_material(tls.ca_bundle, tls.cert, tls.key))
+        return self.link is not None and self.link.wait_connected(wait_s)
 
     def report_once(self) -> CycleResult:
         result = self.cycle()

@@ -97,7 +97,7 @@ class MqttLink:
         on_message: Callable[[Incoming], None] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
-        on_published: Callable[[int], None] | None = None,
+        on_published: Callable[[int, bool], None] | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
         import time
@@ -302,10 +302,11 @@ class MqttLink:
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int,
                         reason: ReasonCode, _props: Any) -> None:
         if reason.is_failure:
-            # e.g. 135 "Not authorized": the broker's ACL refused the topic. The
-            # message is not delivered; report it and treat it as handled.
+            # e.g. 135 "Not authorized": the broker's ACL refused the topic. Resending
+            # cannot help; the caller decides what a refused message means.
             log.warning("broker refused publish mid=%s: %s", mid, reason)
-        self._call(self._on_published, mid)
+            self.state.last_error = f"publish refused: {reason}"
+        self._call(self._on_published, mid, not reason.is_failure)
 
     def _call(self, func: Callable[..., None] | None, *args: Any) -> None:
         if func is None:
