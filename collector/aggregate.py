@@ -1,0 +1,101 @@
+"""What a verified status means for the fleet: pure functions of (status, now, …).
+
+Owns the clock-offset interval, the device state classification and the finding
+categories (certificate vs clock vs broker) that alert rules and dashboards share.
+No I/O: the ingest path and the web views call these with data they already hold.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from certmon import protocol as p
+from certmon.pki import Severity
+
+CLOCK_CODES = frozenset({"CLOCK_UNSYNCED", "CLOCK_IMPLAUSIBLE", "CLOCK_BEHIND", "CLOCK_AHEAD"})
+BROKER_CODES = frozenset({"BROKER_CERT_EXPIRING", "BROKER_CERT_EXPIRED", "BROKER_CHAIN_INVALID"})
+
+
+class DeviceState(enum.StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    OFFLINE = "offline"
+    CLOCK = "clock"  # the worst problem is the device's clock, not a certificate
+
+
+def category(code: str) -> str:
+    """"clock", "broker" or "certificate": a gateway whose clock is two days behind
+    needs its time fixed, not its certificate re-issued, so alerts say which."""
+    if code in CLOCK_CODES:
+        return "clock"
+    if code in BROKER_CODES:
+        return "broker"
+    return "certificate"
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetInterval:
+    """Device clock minus true time, bounded from both sides (seconds)."""
+
+    lo_s: float | None
+    hi_s: float | None
+
+    @property
+    def estimate_s(self) -> float | None:
+        if self.lo_s is not None and self.hi_s is not None:
+            return (self.lo_s + self.hi_s) / 2
+        return self.lo_s if self.hi_s is None else self.hi_s
+
+
+def clock_offset(status: p.Status, received_at: datetime, *, retained: bool) -> OffsetInterval:
+    """Bound the device's clock offset without trusting the device's clock.
+
+    Lower bound: a status signed at device time `ts` and received at `received_at`
+    gives ts − received_at = offset − transit ≤ offset. A retained message may be
+    hours old, so it says nothing useful and is skipped.
+    Upper bound: the device heard our beacon (sent at our time `beacon_ts`) at its
+    monotonic `received_mono_s`; its wall clock then read ts − (mono_s − received_mono_s),
+    and that minus beacon_ts = offset + transit ≥ offset.
+    """
+    lo = None if retained else (status.ts - received_at).total_seconds()
+    hi = None
+    beacon = status.clock.beacon
+    if beacon is not None and beacon.received_mono_s <= status.mono_s:
+        heard_at = status.ts - timedelta(seconds=status.mono_s - beacon.received_mono_s)
+        hi = (heard_at - beacon.beacon_ts).total_seconds()
+    return OffsetInterval(lo, hi)
+
+
+def worst(findings: Iterable[p.FindingWire]) -> tuple[Severity, str | None]:
+    """The worst severity and its finding code (ties: certificate before clock)."""
+    best: tuple[Severity, str | None] = (Severity.OK, None)
+    for f in findings:
+        if f.severity > best[0] or (f.severity == best[0] and best[1] is not None
+                                    and category(best[1]) == "clock"
+                                    and category(f.code) != "clock"):
+            best = (f.severity, f.code)
+    return best
+
+
+def device_state(severity: int, worst_code: str | None, *, online: bool) -> DeviceState:
+    if not online:
+        return DeviceState.OFFLINE
+    if severity >= Severity.WARNING and worst_code and category(worst_code) == "clock":
+        return DeviceState.CLOCK
+    if severity >= Severity.CRITICAL:
+        return DeviceState.CRITICAL
+    if severity == Severity.WARNING:
+        return DeviceState.WARNING
+    return DeviceState.OK
+
+
+def is_overdue(last_received_at: datetime | None, interval_s: int | None, now: datetime,
+               factor: float = 3.0) -> bool:
+    """Silent for longer than `factor` intervals: the device is offline."""
+    if last_received_at is None or not interval_s:
+        return False
+    return now - last_received_at > timedelta(seconds=factor * interval_s)

@@ -1,0 +1,149 @@
+"""Deciding whether a status message is genuine: DESIGN.md §4, in one place.
+
+Owns the acceptance rule: the JWS verifies with the certificate its `x5t#S256`
+names; that certificate chains to a configured fleet CA (judged at min(now,
+not_after − 1 s), so an *expired* device certificate is still reported, not
+dropped); the device id in the payload equals the certificate's identity equals the
+topic segment; the schema version is known. Replay is the store's atomic check.
+Pure apart from an in-memory cache of certificate verdicts; no MQTT, no database.
+Every rejection is a `ProtocolError` with a stable `reason` token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from certmon import pki
+from certmon import protocol as p
+from certmon.errors import ProtocolError
+
+# Reasons added here on top of certmon.protocol's parsing reasons.
+REASONS = (*p.PROTOCOL_REASONS, "unknown_cert", "untrusted_cert", "identity_mismatch",
+           "topic_mismatch", "bad_topic", "replay", "bad_cert_message")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownCert:
+    """A device certificate the collector has seen on a cert topic and judged."""
+
+    cert: x509.Certificate
+    facts: pki.CertFacts
+    chain: tuple[x509.Certificate, ...]  # as the device published it, leaf first
+    identity: str | None
+    trusted: bool
+    trust_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    status: p.Status
+    signer: KnownCert
+    token_bytes: int
+
+
+class CertCache:
+    """Device certificates by SHA-256, each judged once against the fleet CAs.
+
+    Bounded (LRU) so a flood of junk cert messages cannot grow memory; a verdict is
+    re-judged after `ttl` because "valid at min(now, not_after − 1 s)" moves with now.
+    """
+
+    def __init__(self, fleet_cas: Sequence[x509.Certificate], *, max_entries: int = 200_000,
+                 ttl: timedelta = timedelta(hours=1)) -> None:
+        self.fleet_cas = list(fleet_cas)
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._entries: OrderedDict[str, tuple[KnownCert, datetime]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, sha256: str, now: datetime) -> KnownCert | None:
+        with self._lock:
+            entry = self._entries.get(sha256)
+            if entry is None:
+                return None
+            self._entries.move_to_end(sha256)
+        known, judged_at = entry
+        if now - judged_at > self.ttl:
+            return self.add(known.chain, now)
+        return known
+
+    def add(self, chain: Sequence[x509.Certificate], now: datetime) -> KnownCert:
+        """Judge a device chain (leaf first) and remember it under the leaf's SHA-256."""
+        leaf, *rest = chain
+        facts = pki.facts_from_cert(leaf)
+        # An expired device certificate must still be reported: judge the chain at
+        # the last instant it could have been valid, so "expired" stays a finding in
+        # its status rather than a silent rejection of the device.
+        at = min(now, facts.not_after - timedelta(seconds=1))
+        result = pki.verify_chain(leaf, rest, self.fleet_cas, at, purpose="client")
+        known = KnownCert(leaf, facts, tuple(chain), pki.identity_of(facts), result.is_valid,
+                          result.error)
+        with self._lock:
+            self._entries[facts.sha256] = (known, now)
+            self._entries.move_to_end(facts.sha256)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return known
+
+
+def accept_cert_message(cache: CertCache, device_id: str, payload: bytes,
+                        now: datetime) -> KnownCert:
+    """A retained `cert` topic message: the device's signing chain. Unsigned, because
+    a certificate authenticates itself by chaining to the fleet CA; refused if it
+    does not, or if it names another device."""
+    msg = p.decode_message(p.CertMessage, payload, max_bytes=p.MAX_MESSAGE_BYTES)
+    if msg.device_id != device_id:
+        raise ProtocolError("topic_mismatch", f"cert message for {msg.device_id!r} on the "
+                            f"topic of {device_id!r}")
+    chain = msg.certificates()
+    known = cache.add(chain, now)
+    if not known.trusted:
+        raise ProtocolError("untrusted_cert", f"{device_id}: certificate {known.facts.subject} "
+                            f"does not chain to a fleet CA: {known.trust_error}")
+    if known.identity != device_id:
+        raise ProtocolError("identity_mismatch", f"certificate identity {known.identity!r} "
+                            f"is not the device id {device_id!r}")
+    return known
+
+
+def verify_status(cache: CertCache, topic_device: str, token: bytes, now: datetime,
+                  *, max_bytes: int = p.MAX_STATUS_JWS_BYTES) -> Verified:
+    """Everything but replay: raises ProtocolError(reason) or returns the status."""
+    parsed = p.parse_jws(token, max_bytes)
+    known = cache.get(parsed.cert_sha256, now)
+    if known is None and parsed.x5c:
+        # The first message after a change may carry its chain in x5c.
+        try:
+            chain = [x509.load_der_x509_certificate(der) for der in parsed.x5c]
+        except ValueError as exc:
+            raise ProtocolError("bad_header", f"x5c does not hold certificates: {exc}") from exc
+        known = cache.add(chain, now)
+    if known is None:
+        raise ProtocolError("unknown_cert", f"no certificate known for x5t#S256 "
+                            f"{parsed.cert_sha256[:16]}… (publish it on the cert topic)")
+    if not known.trusted:
+        raise ProtocolError("untrusted_cert", f"signing certificate {known.facts.subject} "
+                            f"does not chain to a fleet CA: {known.trust_error}")
+    p.verify_jws(parsed, known.cert.public_key())
+    status = p.decode_status(parsed.payload)
+    if known.identity != status.device_id:
+        raise ProtocolError("identity_mismatch", f"status for {status.device_id!r} signed by "
+                            f"the certificate of {known.identity!r}")
+    if status.device_id != topic_device:
+        raise ProtocolError("topic_mismatch", f"status for {status.device_id!r} published on "
+                            f"the topic of {topic_device!r}")
+    return Verified(status, known, len(token))
+
+
+def cert_sha256(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
