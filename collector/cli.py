@@ -1,0 +1,207 @@
+"""`certmon-collector`: run | report | check-config.
+
+Owns argument parsing, flags-over-config merging, the `report` table and its Nagios
+exit code, and signal handling for `run`. Computation lives in the service, the
+store and collector.aggregate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TextIO
+
+from certmon import __version__
+from certmon import clock as wallclock
+from certmon.config import loads
+from certmon.errors import EX_CONFIG, ConfigError
+from certmon.pki import Severity
+
+from . import aggregate
+from .config import CollectorConfig, load_collector_config
+from .store import Store, open_store
+
+FLAG_KEYS = {
+    "broker": "mqtt.broker", "ca_bundle": "tls.ca_bundle", "cert": "tls.cert", "key": "tls.key",
+    "fleet_ca": "tls.fleet_ca", "db": "store.url", "share_group": "mqtt.share_group",
+    "listen": "web.listen", "client_id": "mqtt.client_id", "topic_prefix": "mqtt.topic_prefix",
+    "webhook_url": "alerts.webhook_urls",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="collector TOML config (flags override it)")
+    parser.add_argument("--broker", help="mqtts://HOST[:PORT]")
+    parser.add_argument("--ca-bundle", help="CA bundle for the broker certificate")
+    parser.add_argument("--cert", help="the collector's client certificate")
+    parser.add_argument("--key", help="its private key")
+    parser.add_argument("--fleet-ca", action="append", help="fleet CA (repeatable)")
+    parser.add_argument("--db", help="sqlite:///PATH or postgresql://…")
+    parser.add_argument("--share-group", help="MQTT v5 shared-subscription group")
+    parser.add_argument("--listen", help="HOST:PORT for dashboard, API and /metrics")
+    parser.add_argument("--client-id", help="MQTT client id")
+    parser.add_argument("--topic-prefix", help="topic prefix (default certmon/v1)")
+    parser.add_argument("--webhook-url", action="append", help="Alertmanager-style webhook")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="certmon-collector")
+    parser.add_argument("--version", action="version", version=f"certmon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_config_flags(sub.add_parser("run", help="verify, store, alert, serve"))
+    add_config_flags(sub.add_parser("check-config", help="validate config and flags"))
+    report = sub.add_parser("report", help="devices and certificates at risk")
+    report.add_argument("--db", help="sqlite:///PATH or postgresql://…")
+    report.add_argument("--config", help="read store.url from this config")
+    report.add_argument("--within-days", type=float, default=30.0)
+    report.add_argument("--json", action="store_true")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> CollectorConfig:
+    overrides: dict[str, object] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if isinstance(value, list):
+            value = ",".join(value)
+        overrides[key] = value
+    flag_names = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
+    if args.config:
+        return load_collector_config(Path(args.config), overrides=overrides,
+                                     flag_names=flag_names)
+    return loads(CollectorConfig, "", source="<command line>", base_dir=Path.cwd(),
+                 overrides=overrides, flag_names=flag_names)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "report":
+            return cmd_report(args, sys.stdout)
+        config = load_config(args)
+        if args.command == "check-config":
+            print(f"{args.config or '<command line>'}: OK")
+            return 0
+        return cmd_run(config)
+    except ConfigError as exc:
+        print(f"certmon-collector: {exc}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def cmd_run(config: CollectorConfig) -> int:
+    from .app import build_collector
+
+    service = build_collector(config)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    return service.run()
+
+
+def _report_store(args: argparse.Namespace) -> Store:
+    url = args.db
+    if url is None and args.config:
+        url = load_collector_config(Path(args.config), check_files=False).store.url
+    if url is None:
+        raise ConfigError("report: --db (or --config with store.url) is required")
+    return open_store(url)
+
+
+def build_report(store: Store, now: datetime, within_days: float) -> dict[str, object]:
+    devices = store.devices()
+    horizon = now + timedelta(days=within_days)
+    rows = []
+    for d in devices:
+        state = aggregate.device_state(d.severity, d.worst_code, online=d.is_online)
+        rows.append({
+            "device_id": d.device_id, "state": str(state),
+            "severity": Severity(min(d.severity, 3)).name, "worst": d.worst_code,
+            "findings": [f.code for f in d.findings],
+            "last_received_at": d.last_received_at.isoformat() if d.last_received_at else None,
+            "clock_offset_lo_s": d.clock_offset_lo_s, "clock_offset_hi_s": d.clock_offset_hi_s,
+        })
+    expiring = [{"device_id": h.device_id, "role": str(h.role), "subject": h.cert.subject,
+                 "sha256": h.cert.sha256, "not_after": h.cert.not_after.isoformat(),
+                 "days_left": round((h.cert.not_after - now).total_seconds() / 86400, 1)}
+                for h in store.certificates_expiring_before(horizon)]
+    return {"now": now.isoformat(), "devices": rows, "expiring": expiring,
+            "offline": [r["device_id"] for r in rows if r["state"] == "offline"],
+            "rejections": store.rejection_counts(),
+            "active_alerts": [{"rule": a.rule, "device_id": a.device_id,
+                               "severity": Severity(min(a.severity, 3)).name,
+                               "summary": a.summary} for a in store.active_alerts()]}
+
+
+def report_exit_code(report: dict[str, object]) -> int:
+    rows = report["devices"]
+    assert isinstance(rows, list)
+    worst = Severity.OK
+    for row in rows:
+        if row["state"] == "offline":
+            worst = max(worst, Severity.WARNING)
+        else:
+            worst = max(worst, Severity[row["severity"]] if row["severity"] != "UNKNOWN"
+                        else Severity.WARNING)
+    return int(worst)
+
+
+def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
+    store = _report_store(args)
+    try:
+        report = build_report(store, wallclock.utc_now(), args.within_days)
+    finally:
+        store.close()
+    if args.json:
+        json.dump(report, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        render_report(report, out)
+    return report_exit_code(report)
+
+
+def render_report(report: dict[str, object], out: TextIO) -> None:
+    rows = report["devices"]
+    assert isinstance(rows, list)
+    out.write(f"{'device':24} {'state':9} {'severity':9} {'worst finding':30} clock offset\n")
+    for r in sorted(rows, key=lambda r: (r["state"] == "ok", r["device_id"])):
+        lo, hi = r["clock_offset_lo_s"], r["clock_offset_hi_s"]
+        offset = _offset_text(lo, hi)
+        out.write(f"{r['device_id']:24} {r['state']:9} {r['severity']:9} "
+                  f"{(r['worst'] or '-'):30} {offset}\n")
+    expiring = report["expiring"]
+    assert isinstance(expiring, list)
+    if expiring:
+        out.write("\ncertificates expiring:\n")
+        for e in sorted(expiring, key=lambda e: e["days_left"]):
+            out.write(f"  {e['days_left']:7.1f} d  {e['role']:7} {e['device_id']:24} "
+                      f"{e['subject']}\n")
+    rejections = report["rejections"]
+    assert isinstance(rejections, dict)
+    if rejections:
+        out.write("\nrejected messages: " + ", ".join(f"{k}={v}" for k, v in
+                                                      sorted(rejections.items())) + "\n")
+    alerts = report["active_alerts"]
+    assert isinstance(alerts, list)
+    out.write(f"\n{len(alerts)} active alert(s)\n")
+    for a in alerts:
+        out.write(f"  {a['severity']:8} {a['rule']:30} {a['summary']}\n")
+
+
+def _offset_text(lo: float | None, hi: float | None) -> str:
+    if lo is None and hi is None:
+        return "-"
+    def fmt(v: float | None) -> str:
+        return "?" if v is None else f"{v:+.0f}s"
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

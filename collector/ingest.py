@@ -1,0 +1,232 @@
+"""Ingest: from MQTT messages to verified, stored device state — or counted rejections.
+
+Owns the per-message pipeline (topic → kind → verify → record), batching of store
+writes (one transaction per batch), rejection accounting (a counter per reason, a
+bounded sample in the store, one log line per device and reason per interval) and
+the hand-off of stored statuses to alert evaluation and fleet topics. Nothing it is
+sent may crash it: every input ends as "stored" or "rejected: <reason>".
+Verification rules live in collector.verify; storage in collector.store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certmon import protocol as p
+from certmon.errors import ProtocolError
+from certmon.mqtt import Incoming
+
+from . import aggregate
+from .store import CertLink, CertRole, CertRow, FindingRecord, InventoryRecord, StatusRecord, Store
+from .verify import CertCache, Verified, accept_cert_message, verify_status
+
+log = logging.getLogger("certmon.collector.ingest")
+
+# Rejections are logged once per (device, reason) per this interval: a device stuck
+# sending garbage every second must not fill the disk with the same line.
+LOG_EVERY = timedelta(minutes=10)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A status that was new and is now the device's state (for alerts and views)."""
+
+    status: p.Status
+    record: StatusRecord
+    retained: bool
+
+
+class Ingestor:
+    def __init__(
+        self,
+        store: Store,
+        certs: CertCache,
+        *,
+        prefix: str = p.DEFAULT_PREFIX,
+        max_payload_bytes: int = 65536,
+        now: Callable[[], datetime],
+        on_stored: Callable[[Sequence[Stored]], None] | None = None,
+        on_online: Callable[[str, bool, datetime], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.certs = certs
+        self.prefix = prefix
+        self.max_payload_bytes = max_payload_bytes
+        self.now = now
+        self.on_stored = on_stored
+        self.on_online = on_online
+        self.accepted = 0
+        self.duplicates = 0  # retained statuses seen again: normal after a (re)subscribe
+        self.rejected: Counter[str] = Counter()
+        self._logged: dict[tuple[str, str], datetime] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ entry point
+
+    def process(self, messages: Sequence[Incoming]) -> None:
+        """Handle a batch in arrival order; statuses are written in one transaction."""
+        pending: list[tuple[Verified, StatusRecord, Incoming]] = []
+        for msg in messages:
+            try:
+                self._one(msg, pending)
+            except ProtocolError as exc:
+                self.reject(exc.reason, msg, str(exc))
+            except Exception as exc:
+                log.exception("unexpected error on %s", msg.topic[:200])
+                self.reject("internal_error", msg, f"{type(exc).__name__}: {exc}")
+        if pending:
+            self._record(pending)
+
+    def _one(self, msg: Incoming, pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
+        if len(msg.payload) > self.max_payload_bytes:
+            raise ProtocolError("oversized", f"{len(msg.payload)} bytes (limit "
+                                f"{self.max_payload_bytes})")
+        parsed = p.parse_device_topic(self.prefix, msg.topic)
+        if parsed is None:
+            raise ProtocolError("bad_topic", f"not a certmon device topic: {msg.topic[:120]!r}")
+        device_id, kind = parsed
+        now = self.now()
+        if kind == p.TopicKind.STATUS:
+            if not msg.payload:
+                return  # a cleared retained topic
+            verified = self._verify(device_id, msg.payload, now)
+            pending.append((verified, self._status_record(verified, msg, now), msg))
+        elif kind == p.TopicKind.CERT and msg.payload:
+            accept_cert_message(self.certs, device_id, msg.payload, now)
+        elif kind == p.TopicKind.ONLINE:
+            self._online(device_id, msg, now)
+        elif kind == p.TopicKind.INVENTORY and msg.payload:
+            self._inventory(device_id, msg.payload, now)
+
+    # ------------------------------------------------------------ statuses
+
+    def _verify(self, device_id: str, token: bytes, now: datetime) -> Verified:
+        try:
+            return verify_status(self.certs, device_id, token, now,
+                                 max_bytes=self.max_payload_bytes)
+        except ProtocolError as exc:
+            if exc.reason != "unknown_cert":
+                raise
+            if not self._load_cert_from_store(device_id, token, now):
+                raise
+        return verify_status(self.certs, device_id, token, now, max_bytes=self.max_payload_bytes)
+
+    def _load_cert_from_store(self, device_id: str, token: bytes, now: datetime) -> bool:
+        # Another collector of the share group may have seen the cert message; the
+        # store keeps the DER of every device certificate and its chain.
+        sha = p.parse_jws(token, self.max_payload_bytes).cert_sha256
+        row = self.store.certificate(sha)
+        if row is None or row.der is None:
+            return False
+        chain = [link.cert for link in self.store.device_certs(device_id)
+                 if link.role == CertRole.CHAIN and link.cert.der is not None]
+        try:
+            certs = [x509.load_der_x509_certificate(row.der)]
+            certs += [x509.load_der_x509_certificate(c.der) for c in chain if c.der]
+        except ValueError:
+            return False
+        self.certs.add(certs, now)
+        return True
+
+    def _status_record(self, verified: Verified, msg: Incoming, now: datetime) -> StatusRecord:
+        status, signer = verified.status, verified.signer
+        severity, worst_code = aggregate.worst(status.findings)
+        offset = aggregate.clock_offset(status, now, retained=msg.retained)
+        links = [CertLink(CertRow.from_facts(signer.facts, _der(signer.cert)), CertRole.CLIENT)]
+        for cert in signer.chain[1:]:
+            from certmon.pki import facts_from_cert
+
+            links.append(CertLink(CertRow.from_facts(facts_from_cert(cert), _der(cert)),
+                                  CertRole.CHAIN))
+        return StatusRecord(
+            device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
+            device_ts=status.ts, received_at=now, interval_s=status.interval_s,
+            status_json=json.dumps(status.to_json(), sort_keys=True, separators=(",", ":")),
+            severity=int(severity), worst_code=worst_code,
+            findings=tuple(FindingRecord(f.code, int(f.severity), f.cert, f.msg)
+                           for f in status.findings),
+            client_sha256=status.client.sha256 if status.client else None,
+            trust_digest=status.trust_store.digest if status.trust_store else None,
+            certs=tuple(links), replace_roles=frozenset({CertRole.CLIENT, CertRole.CHAIN}),
+            clock_offset_lo_s=offset.lo_s, clock_offset_hi_s=offset.hi_s,
+        )
+
+    def _record(self, pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
+        results = self.store.record_statuses([record for _, record, _ in pending])
+        stored: list[Stored] = []
+        for (verified, record, msg), is_new in zip(pending, results, strict=True):
+            if is_new:
+                self.accepted += 1
+                stored.append(Stored(verified.status, record, msg.retained))
+            elif msg.retained:
+                self.duplicates += 1
+            else:
+                self.reject("replay", msg, f"(boot_id, seq) = ({record.boot_id}, {record.seq}) "
+                            f"already seen for {record.device_id}")
+        if stored and self.on_stored is not None:
+            self.on_stored(stored)
+
+    # ------------------------------------------------------------ other topics
+
+    def _online(self, device_id: str, msg: Incoming, now: datetime) -> None:
+        if not msg.payload:
+            return
+        try:
+            data = json.loads(msg.payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError("not_json", f"online payload is not JSON: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("online"), bool):
+            raise ProtocolError("bad_schema", 'online payload must be {"online": true|false}')
+        # Unsigned, but broker-attested: the ACL lets only this device (or the broker,
+        # for its will) write this topic (docs/mosquitto.md).
+        if self.store.set_online(device_id, data["online"], now) and self.on_online:
+            self.on_online(device_id, data["online"], now)
+
+    def _inventory(self, device_id: str, token: bytes, now: datetime) -> None:
+        parsed = p.parse_jws(token, p.MAX_INVENTORY_JWS_BYTES, typ=p.INVENTORY_TYP)
+        known = self.certs.get(parsed.cert_sha256, now)
+        if known is None:
+            raise ProtocolError("unknown_cert", "inventory signed by an unknown certificate")
+        if not known.trusted or known.identity != device_id:
+            raise ProtocolError("identity_mismatch", "inventory not signed by this device")
+        p.verify_jws(parsed, known.cert.public_key())
+        inv = p.decode_message(p.Inventory, parsed.payload, max_bytes=p.MAX_INVENTORY_JWS_BYTES)
+        if inv.device_id != device_id:
+            raise ProtocolError("topic_mismatch", "inventory for another device")
+        cas = tuple(CertRow(sha256=c.sha256, subject=c.subject, not_before=c.not_before,
+                            not_after=c.not_after, is_ca=True) for c in inv.cas)
+        self.store.put_inventory(InventoryRecord(device_id, inv.digest, json.dumps(
+            [c.to_json() for c in inv.cas], separators=(",", ":")), now, cas))
+
+    # ------------------------------------------------------------ rejections
+
+    def reject(self, reason: str, msg: Incoming, detail: str) -> None:
+        now = self.now()
+        with self._lock:
+            self.rejected[reason] += 1
+        try:
+            self.store.count_rejection(reason, at=now, topic=msg.topic[:256], detail=detail[:500],
+                                       sample=msg.payload[:512])
+        except Exception:
+            log.exception("could not record a rejection")
+        device = (p.parse_device_topic(self.prefix, msg.topic) or ("?", None))[0]
+        key = (device, reason)
+        last = self._logged.get(key)
+        if last is None or now - last >= LOG_EVERY:
+            self._logged[key] = now
+            if len(self._logged) > 100_000:  # bounded, even under a flood of device ids
+                self._logged.clear()
+            log.warning("rejected %s from %s: %s", reason, msg.topic[:120], detail[:300])
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,243 @@
+"""The running collector: MQTT in, batches through ingest, periodic jobs, fleet topics.
+
+Owns threads and timing: paho's network thread only enqueues; one worker thread
+takes batches (verification is CPU, the store wants few large transactions); a
+periodic tick publishes the time beacon, marks silent devices offline, publishes the
+fleet summary and re-evaluates time-based alerts. Jobs that must run once per period
+across several collectors are claimed atomically in the store (`try_claim`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+
+from certmon import clock as wallclock
+from certmon import pki, systemd
+from certmon import protocol as p
+from certmon.config import broker_endpoint
+from certmon.errors import ConfigError, TransportError
+from certmon.mqtt import Incoming, LinkSettings, MqttLink
+
+from . import aggregate
+from .config import CollectorConfig
+from .ingest import Ingestor, Stored
+from .store import Store, open_store
+from .verify import CertCache
+
+log = logging.getLogger("certmon.collector")
+
+BATCH_MAX = 256
+BATCH_WAIT_S = 0.05
+TICK_S = 5.0
+
+
+def load_fleet_cas(config: CollectorConfig) -> list[x509.Certificate]:
+    cas: list[x509.Certificate] = []
+    for path in config.tls.fleet_ca:
+        bundle = pki.read_bundle(path)
+        if not bundle.certs:
+            problems = "; ".join(f.message for f in bundle.findings)
+            raise ConfigError(f"tls.fleet_ca: {path}: no usable CA certificate ({problems})")
+        cas.extend(c.cert for c in bundle.certs)
+    return cas
+
+
+@dataclass
+class Periodic:
+    beacon_every_s: float = 30.0
+    silence_every_s: float = 15.0
+    summary_every_s: float = 60.0
+    prune_every_s: float = 3600.0
+
+
+class CollectorService:
+    def __init__(self, config: CollectorConfig, *, store: Store | None = None,
+                 clock: wallclock.Clock | None = None,
+                 alert_hook: Callable[[CollectorService, Sequence[Stored]], None] | None = None,
+                 periodic: Periodic | None = None) -> None:
+        self.config = config
+        self.clock: wallclock.Clock = clock or wallclock.SystemClock()
+        self.prefix = config.mqtt.topic_prefix
+        self.store = store or open_store(config.store.url)
+        self.store.migrate()
+        self.certs = CertCache(load_fleet_cas(config))
+        self.periodic = periodic or Periodic()
+        self.alert_hook = alert_hook
+        self.ingestor = Ingestor(self.store, self.certs, prefix=self.prefix,
+                                 max_payload_bytes=config.ingest.max_payload_bytes,
+                                 now=self.clock.now, on_stored=self._on_stored,
+                                 on_online=self._on_online)
+        self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=20_000)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._published_state: dict[str, str] = {}
+        self._last_run: dict[str, float] = {}
+        self.link = self._make_link()
+        self.online_listeners: list[Callable[[str, bool, datetime], None]] = []
+
+    # ------------------------------------------------------------ MQTT
+
+    def _make_link(self) -> MqttLink:
+        mqtt = self.config.mqtt
+        host, port, is_tls = broker_endpoint(mqtt.broker)
+        client_id = mqtt.client_id or f"certmon-collector-{socket.gethostname()}-{os.getpid()}"
+        settings = LinkSettings(host=host, port=port, client_id=client_id, is_tls=is_tls,
+                                ca_bundle=str(self.config.tls.ca_bundle),
+                                cert=str(self.config.tls.cert), key=str(self.config.tls.key),
+                                keepalive_s=mqtt.keepalive_s, max_inflight=100)
+        link = MqttLink(settings, on_message=self._enqueue, monotonic=self.clock.monotonic)
+        share = f"$share/{mqtt.share_group}/" if mqtt.share_group else ""
+        # Statuses and inventories are shared out across the group; cert and online
+        # topics go to every collector: a collector must know a device's certificate
+        # before the group hands it that device's status (docs/design-changes.md).
+        link.subscribe(share + p.device_topic_filter(self.prefix, p.TopicKind.STATUS), 1)
+        link.subscribe(share + p.device_topic_filter(self.prefix, p.TopicKind.INVENTORY), 1)
+        link.subscribe(p.device_topic_filter(self.prefix, p.TopicKind.CERT), 1)
+        link.subscribe(p.device_topic_filter(self.prefix, p.TopicKind.ONLINE), 1)
+        return link
+
+    def _enqueue(self, msg: Incoming) -> None:
+        # paho's thread: never block it on CPU work; a full inbox blocks here, which
+        # stops reading the socket: TCP back-pressure to the broker, nothing dropped.
+        self.inbox.put(msg)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        try:
+            self.link.publish(topic, payload, qos=1, retain=retain)
+        except TransportError as exc:
+            log.debug("not published to %s: %s", topic, exc)
+
+    # ------------------------------------------------------------ threads
+
+    def start(self) -> None:
+        self.link.start()
+        self._worker = threading.Thread(target=self._work, name="certmon-ingest", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.inbox.get(timeout=BATCH_WAIT_S if len(batch) < 8 else 0))
+                except queue.Empty:
+                    break
+            try:
+                self.ingestor.process(batch)
+            except Exception:
+                log.exception("a batch of %d messages failed; they are lost", len(batch))
+                self.ingestor.rejected["store_error"] += len(batch)
+
+    def run(self) -> int:
+        """The service loop until stop(): periodic jobs and sd_notify."""
+        self.start()
+        systemd.ready()
+        watchdog_s = systemd.watchdog_interval_s()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("periodic job failed")
+            systemd.watchdog()
+            self._stop.wait(min(TICK_S, watchdog_s / 2) if watchdog_s else TICK_S)
+        self.close()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        systemd.stopping()
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+        self.link.stop()
+        self.store.close()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until the inbox is empty and the worker idle (tests, shutdown)."""
+        deadline = self.clock.monotonic() + timeout_s
+        while self.clock.monotonic() < deadline:
+            if self.inbox.unfinished_tasks == 0 or self.inbox.empty():
+                return True
+            self._stop.wait(0.02)
+        return False
+
+    # ------------------------------------------------------------ periodic jobs
+
+    def _due(self, job: str, every_s: float) -> bool:
+        now_mono = self.clock.monotonic()
+        if now_mono - self._last_run.get(job, -1e18) < every_s:
+            return False
+        self._last_run[job] = now_mono
+        return True
+
+    def tick(self) -> None:
+        now = self.clock.now()
+        per = self.periodic
+        if self._due("beacon", per.beacon_every_s) and \
+                self.store.try_claim("beacon", now, per.beacon_every_s * 0.9):
+            self.publish(p.beacon_topic(self.prefix), p.encode_message(p.Beacon(ts=now)))
+        if self._due("silence", per.silence_every_s):
+            for device_id in self.store.mark_silent(
+                    now, factor=self.config.ingest.offline_after_intervals):
+                log.info("%s is silent for more than %g intervals: offline", device_id,
+                         self.config.ingest.offline_after_intervals)
+                self._on_online(device_id, False, now)
+        if self._due("summary", per.summary_every_s) and \
+                self.store.try_claim("summary", now, per.summary_every_s * 0.9):
+            self.publish(p.fleet_summary_topic(self.prefix),
+                         json.dumps(self.fleet_summary(now), sort_keys=True).encode(), retain=True)
+        if self._due("prune", per.prune_every_s):
+            self.store.prune_seen(now - timedelta(days=30))
+
+    def fleet_summary(self, now: datetime) -> dict[str, object]:
+        counts = self.store.fleet_counts()
+        horizon = now + timedelta(days=self.config.policy.warn_days)
+        soon = self.store.certificates_expiring_before(horizon)
+        next_expiry = min((h.cert.not_after for h in soon), default=None)
+        return {"v": p.SCHEMA_VERSION, "ts": p.format_instant(now), "counts": counts,
+                "rejected": self.store.rejection_counts(),
+                "next_expiry": p.format_instant(next_expiry) if next_expiry else None,
+                "expiring_within_warn_days": len({h.cert.sha256 for h in soon})}
+
+    # ------------------------------------------------------------ hand-offs
+
+    def _on_stored(self, stored: Sequence[Stored]) -> None:
+        for item in stored:
+            record = item.record
+            state = aggregate.device_state(record.severity, record.worst_code, online=True)
+            view = {"device_id": record.device_id, "state": str(state),
+                    "severity": pki.Severity(record.severity).name,
+                    "worst": record.worst_code, "seq": record.seq,
+                    "ts": p.format_instant(record.device_ts),
+                    "received_at": p.format_instant(record.received_at),
+                    "findings": [f.code for f in record.findings],
+                    "clock_offset_lo_s": record.clock_offset_lo_s,
+                    "clock_offset_hi_s": record.clock_offset_hi_s}
+            key = json.dumps({k: view[k] for k in ("state", "severity", "worst", "findings")})
+            if self._published_state.get(record.device_id) != key:
+                self._published_state[record.device_id] = key
+                self.publish(p.fleet_device_topic(self.prefix, record.device_id),
+                             json.dumps(view, sort_keys=True).encode(), retain=True)
+        if self.alert_hook is not None:
+            self.alert_hook(self, stored)
+
+    def _on_online(self, device_id: str, online: bool, at: datetime) -> None:
+        self._published_state.pop(device_id, None)
+        for listener in self.online_listeners:
+            listener(device_id, online, at)
