@@ -8,6 +8,7 @@ network: the caller passes `DeviceMaterial` and `now`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -71,22 +72,33 @@ def check_device(
     checked = _check(material, now, policy, now)
     if clock is None:
         return checked
-    explained = {
-        f.sha256 for f in _all_facts(checked)
-        if explains_not_yet_valid(clock, f.not_before, now)
-    }
+    explained = explained_by_clock(clock, _all_facts(checked), now)
     if not explained:
         return checked
+    rejudged = _check(material, now, policy, best_true_now(clock, now, newest_not_before(material)))
+    return replace(rejudged, findings=without_explained(rejudged.findings, explained))
+
+
+def explained_by_clock(clock: ClockVerdict, facts: Sequence[pki.CertFacts],
+                       now: datetime) -> set[str]:
+    """Fingerprints of the certificates that look not-yet-valid only because of the clock."""
+    return {f.sha256 for f in facts if explains_not_yet_valid(clock, f.not_before, now)}
+
+
+def best_true_now(clock: ClockVerdict, now: datetime, newest_nb: datetime | None) -> datetime:
+    """The best estimate of the true time: now + the measured offset, or else just past
+    the newest not_before the device holds (the true time cannot be earlier)."""
     if clock.offset_s is not None:
-        true_now = now + timedelta(seconds=clock.offset_s)
-    else:
-        true_now = max(now, newest_not_before(material) or now) + timedelta(seconds=1)
-    rejudged = _check(material, now, policy, true_now)
-    findings = tuple(
-        f for f in rejudged.findings
-        if not (f.code == pki.FindingCode.CERT_NOT_YET_VALID and f.cert_sha256 in explained)
-    )
-    return replace(rejudged, findings=findings)
+        return now + timedelta(seconds=clock.offset_s)
+    return max(now, newest_nb or now) + timedelta(seconds=1)
+
+
+def without_explained(
+    findings: Sequence[pki.Finding], explained: set[str]
+) -> tuple[pki.Finding, ...]:
+    return tuple(f for f in findings
+                 if not (f.code == pki.FindingCode.CERT_NOT_YET_VALID
+                         and f.cert_sha256 in explained))
 
 
 def _all_facts(check: DeviceCheck) -> list[pki.CertFacts]:

@@ -35,7 +35,7 @@ from certmon.tlsprobe import ProbeTarget
 from certmon.tlsprobe import probe as tls_probe
 
 from .certstore import DeviceMaterial, read_material
-from .clocksync import Runner, collect_clock_state, evaluate_clock, run_command
+from .clocksync import ClockVerdict, Runner, collect_clock_state, evaluate_clock, run_command
 from .config import AgentConfig
 from .report import check_device, newest_not_before
 from .spool import SequenceCounter, Spool
@@ -192,7 +192,7 @@ class AgentService:
             state, newest_not_before=newest_not_before(material), release_date=release_date(),
             skew_tolerance_s=self.config.clock.skew_tolerance_s)
         check = check_device(material, now, self.policy, clock=verdict)
-        self._refresh_broker(material, now)
+        self._refresh_broker(material, now, verdict)
         status = build_status(
             device_id=device_id, boot_id=self.boot_id,
             seq=self.seq.next() if sign else self.seq.last + 1, now=now,
@@ -211,7 +211,8 @@ class AgentService:
         return p.sign_jws(payload, material.private_key,  # type: ignore[arg-type]
                           client.certs[0].cert, typ=typ)
 
-    def _refresh_broker(self, material: DeviceMaterial, now: datetime) -> None:
+    def _refresh_broker(self, material: DeviceMaterial, now: datetime,
+                        clock: ClockVerdict) -> None:
         """Judge the broker chain seen on our own session, once per connection."""
         link = self.link
         if link is None or not link.state.peer_chain_der:
@@ -232,7 +233,7 @@ class AgentService:
             if result.presented_der and result.presented_der[0] == presented[0]:
                 presented = list(result.presented_der)
         self._broker = observe_broker(mqtt.host, mqtt.port, link.state.tls_version, presented,
-                                      material.trust_store, now, self.policy)
+                                      material.trust_store, now, self.policy, clock=clock)
 
     def _counters(self) -> AgentCounters:
         try:

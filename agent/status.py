@@ -18,7 +18,13 @@ from certmon import __version__, pki
 from certmon import protocol as p
 
 from .clocksync import ClockVerdict
-from .report import DeviceCheck, split_trust_store
+from .report import (
+    DeviceCheck,
+    best_true_now,
+    explained_by_clock,
+    split_trust_store,
+    without_explained,
+)
 
 # A status must stay small (< 2 KB as JWS): the most important findings go first
 # and the list is capped.
@@ -43,8 +49,13 @@ class BrokerObservation:
 def observe_broker(
     host: str, port: int, tls_version: str | None, presented_der: Sequence[bytes],
     trust_store: pki.Bundle, now: datetime, policy: pki.Policy, *, error: str | None = None,
+    clock: ClockVerdict | None = None,
 ) -> BrokerObservation:
-    """Judge the chain the broker presented (leaf first), as the device would trust it."""
+    """Judge the chain the broker presented (leaf first), as the device would trust it.
+
+    With a clock verdict, a broker certificate that is not yet valid only because the
+    device's clock is behind is judged at the best estimate of the true time, and the
+    clock findings (not this function) report the problem."""
     certs: list[x509.Certificate] = []
     for der in presented_der:
         bundle = pki.parse_bundle(der, f"tls:{host}:{port}")
@@ -57,11 +68,16 @@ def observe_broker(
     anchors, store_intermediates = split_trust_store(trust_store)
     roots = [c.cert for c in anchors]
     intermediates = certs[1:] + [c.cert for c in store_intermediates]
-    now_r = pki.verify_chain(certs[0], intermediates, roots, now, purpose="server")
-    later = pki.verify_chain(certs[0], intermediates, roots, now + policy.warn_window,
+    explained = explained_by_clock(clock, facts, now) if clock else set()
+    judged_at = now
+    if clock is not None and explained:
+        judged_at = best_true_now(clock, now, max(f.not_before for f in facts))
+    now_r = pki.verify_chain(certs[0], intermediates, roots, judged_at, purpose="server")
+    later = pki.verify_chain(certs[0], intermediates, roots, judged_at + policy.warn_window,
                              purpose="server")
-    findings = [*pki.expiry_findings(facts[0], now, policy, "broker"),
-                *pki.chain_findings(facts[0], now_r, later, now, policy, role="broker")]
+    findings = without_explained(
+        [*pki.expiry_findings(facts[0], now, policy, "broker"),
+         *pki.chain_findings(facts[0], now_r, later, now, policy, role="broker")], explained)
     return BrokerObservation(host, port, tls_version, facts, now_r.is_valid, later.is_valid,
                              error or now_r.error, now, tuple(findings))
 

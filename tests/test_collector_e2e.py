@@ -108,7 +108,7 @@ def test_four_gateways_are_stored_and_classified(
         assert rows["gw-expiring"].worst_code == "CERT_EXPIRING"  # type: ignore[union-attr]
         assert rows["gw-expiring"].severity == 2  # 5 days < crit_days  # type: ignore[union-attr]
         short_codes = {f.code for f in rows["gw-short-ca"].findings}  # type: ignore[union-attr]
-        assert "INTERMEDIATE_EXPIRES_BEFORE_LEAF" in short_codes
+        assert "INTERMEDIATE_EXPIRES_BEFORE_LEAF" in short_codes, rows["gw-short-ca"].status_json  # type: ignore[union-attr]
         clock_codes = {f.code for f in rows["gw-clock"].findings}  # type: ignore[union-attr]
         assert "CLOCK_BEHIND" in clock_codes
         assert not clock_codes & {"CERT_NOT_YET_VALID", "CHAIN_INVALID"}
