@@ -47,10 +47,11 @@ def main() -> int:
         openssl = [min(run_measured(["sh", "-c", loop]) for _ in range(args.runs))]
     (c_wall, c_rss), (o_wall, _) = certmon[0], openssl[0]
     print(f"bundle: {bundle} ({len(blocks)} certificates), best of {args.runs} runs")
-    print(f"certmon-agent check --json : {c_wall * 1000:8.1f} ms  peak RSS {c_rss / 2**20:5.1f} MiB"
-          "  (every cert: facts, expiry, strength, duplicates)")
+    print(f"certmon-agent check --json : {c_wall * 1000:8.1f} ms  "
+          f"peak RSS {c_rss / 2**20:5.1f} MiB  (every cert: facts, expiry, strength, duplicates)")
     print(f"openssl x509 -enddate loop : {o_wall * 1000:8.1f} ms  (not_after only)")
-    print(f"speed-up                   : {o_wall / c_wall:8.1f}x  (target >= 10x; RSS target < 40 MiB)")
+    print(f"speed-up                   : {o_wall / c_wall:8.1f}x  "
+          "(target >= 10x; RSS target < 40 MiB)")
     return 0
 
 

@@ -53,6 +53,10 @@ class LinkSettings:
     protocol: str = "v5"  # "v5" or "v311"
     will: Will | None = None
     clean_start: bool = True
+    # MQTT v5: how long the broker keeps the session (subscriptions and queued QoS 1
+    # messages) after a disconnect. With clean_start False, a restarted collector
+    # receives what was published while it was down.
+    session_expiry_s: int = 0
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 120.0
     # How many QoS 1 publishes may wait for PUBACK at once. Several in flight keep
@@ -163,11 +167,15 @@ class MqttLink:
         if self._started:
             return
         self._started = True
-        self._client.connect_async(self.settings.host, self.settings.port,
-                                   keepalive=self.settings.keepalive_s,
-                                   clean_start=self.settings.clean_start
-                                   if self.settings.protocol == "v5" else
-                                   paho.MQTT_CLEAN_START_FIRST_ONLY)
+        s = self.settings
+        props = None
+        if s.protocol == "v5" and s.session_expiry_s:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_s
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s,
+                                   clean_start=s.clean_start if s.protocol == "v5"
+                                   else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                                   properties=props)
         self._client.loop_start()
 
     def wait_connected(self, timeout_s: float) -> bool:

@@ -49,7 +49,11 @@ class MqttConfig:
     broker: str = setting(schemes=("mqtt", "mqtts"), check=check_mqtt_url,
                           doc="Broker URL, mqtts://host[:port] (8883) or mqtt://host[:port].")
     client_id: str | None = setting(default=None, doc="MQTT client id; unset means "
-                                    "\"certmon-collector-<hostname>-<pid>\".")
+                                    "\"certmon-collector-<hostname>\". Give each collector "
+                                    "of a share group its own.")
+    session_expiry_s: int = setting(default=3600, ge=0, doc="MQTT v5 session expiry: the "
+                                    "broker queues statuses this long while the collector "
+                                    "is down (0: clean session, nothing queued).")
     share_group: str | None = setting(default=None, check=validate_topic_level,
                                       doc="Subscribe via $share/<group>/… (MQTT v5) so "
                                       "several collectors split the load.")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from certmon import protocol as p
 from certmon.errors import ProtocolError
@@ -68,6 +67,7 @@ class Ingestor:
         self.duplicates = 0  # retained statuses seen again: normal after a (re)subscribe
         self.rejected: Counter[str] = Counter()
         self._logged: dict[tuple[str, str], datetime] = {}
+        self._last_client: dict[str, str] = {}  # device → client cert sha256 last stored
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ entry point
@@ -141,22 +141,28 @@ class Ingestor:
         status, signer = verified.status, verified.signer
         severity, worst_code = aggregate.worst(status.findings)
         offset = aggregate.clock_offset(status, now, retained=msg.retained)
-        links = [CertLink(CertRow.from_facts(signer.facts, _der(signer.cert)), CertRole.CLIENT)]
-        for cert in signer.chain[1:]:
-            from certmon.pki import facts_from_cert
-
-            links.append(CertLink(CertRow.from_facts(facts_from_cert(cert), _der(cert)),
-                                  CertRole.CHAIN))
+        # Certificate rows are written when a device's certificate changes (or first
+        # seen by this process), not with every status: at thousands of statuses per
+        # second, re-upserting the same rows would be most of the store's work.
+        links: tuple[CertLink, ...] = ()
+        roles: frozenset[CertRole] = frozenset()
+        if self._last_client.get(status.device_id) != signer.facts.sha256:
+            links = tuple(
+                CertLink(CertRow.from_facts(facts, der),
+                         CertRole.CLIENT if i == 0 else CertRole.CHAIN)
+                for i, (facts, der) in enumerate(zip(signer.chain_facts, signer.chain_der,
+                                                     strict=True)))
+            roles = frozenset({CertRole.CLIENT, CertRole.CHAIN})
         return StatusRecord(
             device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
             device_ts=status.ts, received_at=now, interval_s=status.interval_s,
-            status_json=json.dumps(status.to_json(), sort_keys=True, separators=(",", ":")),
+            status_json=verified.payload.decode("utf-8"),
             severity=int(severity), worst_code=worst_code,
             findings=tuple(FindingRecord(f.code, int(f.severity), f.cert, f.msg)
                            for f in status.findings),
             client_sha256=status.client.sha256 if status.client else None,
             trust_digest=status.trust_store.digest if status.trust_store else None,
-            certs=tuple(links), replace_roles=frozenset({CertRole.CLIENT, CertRole.CHAIN}),
+            certs=links, replace_roles=roles,
             clock_offset_lo_s=offset.lo_s, clock_offset_hi_s=offset.hi_s,
         )
 
@@ -164,6 +170,8 @@ class Ingestor:
         results = self.store.record_statuses([record for _, record, _ in pending])
         stored: list[Stored] = []
         for (verified, record, msg), is_new in zip(pending, results, strict=True):
+            if record.certs:
+                self._last_client[record.device_id] = verified.signer.facts.sha256
             if is_new:
                 self.accepted += 1
                 stored.append(Stored(verified.status, record, msg.retained))
@@ -228,5 +236,3 @@ class Ingestor:
             log.warning("rejected %s from %s: %s", reason, msg.topic[:120], detail[:300])
 
 
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import socket
 import threading
@@ -90,11 +89,13 @@ class CollectorService:
     def _make_link(self) -> MqttLink:
         mqtt = self.config.mqtt
         host, port, is_tls = broker_endpoint(mqtt.broker)
-        client_id = mqtt.client_id or f"certmon-collector-{socket.gethostname()}-{os.getpid()}"
+        client_id = mqtt.client_id or f"certmon-collector-{socket.gethostname()}"
         settings = LinkSettings(host=host, port=port, client_id=client_id, is_tls=is_tls,
                                 ca_bundle=str(self.config.tls.ca_bundle),
                                 cert=str(self.config.tls.cert), key=str(self.config.tls.key),
-                                keepalive_s=mqtt.keepalive_s, max_inflight=100)
+                                keepalive_s=mqtt.keepalive_s, max_inflight=100,
+                                clean_start=mqtt.session_expiry_s == 0,
+                                session_expiry_s=mqtt.session_expiry_s)
         link = MqttLink(settings, on_message=self._enqueue, monotonic=self.clock.monotonic)
         share = f"$share/{mqtt.share_group}/" if mqtt.share_group else ""
         # Statuses and inventories are shared out across the group; cert and online

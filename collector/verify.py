@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from certmon import pki
 from certmon import protocol as p
@@ -39,6 +39,10 @@ class KnownCert:
     identity: str | None
     trusted: bool
     trust_error: str | None
+    # Facts and DER of every chain element, computed once here rather than per status
+    # (the ingest hot path stores them only when a device's certificate changes).
+    chain_facts: tuple[pki.CertFacts, ...] = ()
+    chain_der: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,7 @@ class Verified:
     status: p.Status
     signer: KnownCert
     token_bytes: int
+    payload: bytes  # the signed JSON, canonical as the agent encoded it
 
 
 class CertCache:
@@ -87,7 +92,10 @@ class CertCache:
         at = min(now, facts.not_after - timedelta(seconds=1))
         result = pki.verify_chain(leaf, rest, self.fleet_cas, at, purpose="client")
         known = KnownCert(leaf, facts, tuple(chain), pki.identity_of(facts), result.is_valid,
-                          result.error)
+                          result.error,
+                          chain_facts=(facts, *(pki.facts_from_cert(c) for c in rest)),
+                          chain_der=tuple(c.public_bytes(serialization.Encoding.DER)
+                                          for c in chain))
         with self._lock:
             self._entries[facts.sha256] = (known, now)
             self._entries.move_to_end(facts.sha256)
@@ -142,7 +150,7 @@ def verify_status(cache: CertCache, topic_device: str, token: bytes, now: dateti
     if status.device_id != topic_device:
         raise ProtocolError("topic_mismatch", f"status for {status.device_id!r} published on "
                             f"the topic of {topic_device!r}")
-    return Verified(status, known, len(token))
+    return Verified(status, known, len(token), parsed.payload)
 
 
 def cert_sha256(cert: x509.Certificate) -> str:

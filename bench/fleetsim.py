@@ -1,0 +1,144 @@
+"""A simulated fleet for benchmarks and load tests: real keys, real signatures, real MQTT.
+
+Each simulated device has its own P-256 key and a certificate from a fleet CA, and
+publishes what a real agent publishes: the retained cert message and signed status v1
+messages. Statuses are built from a template (a healthy device's facts) rather than by
+running the agent's checks per device, so ten thousand devices cost seconds, not
+minutes; what the collector does with them — verify, store, evaluate — is the real work.
+
+Used by bench/collector_ingest.py and bench/load_test.py. Loopback only.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from certmon import protocol as p
+from certmon.pki import Severity
+
+
+@dataclass(frozen=True)
+class SimCA:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    device_id: str
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # intermediates the device ships
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(cn: str, now: datetime, issuer: SimCA | None = None, days: int = 3650) -> SimCA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (x509.CertificateBuilder().subject_name(_name(cn))
+               .issuer_name(issuer.cert.subject if issuer else _name(cn))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(days=1))
+               .not_valid_after(now + timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                              critical=False))
+    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
+    return SimCA(cert, key)
+
+
+def make_devices(ca: SimCA, n: int, now: datetime, *, prefix: str = "sim",
+                 days: int = 365) -> list[SimDevice]:
+    out = []
+    for i in range(n):
+        device_id = f"{prefix}-{i:05d}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(_name(device_id))
+                .issuer_name(ca.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(days=1))
+                .not_valid_after(now + timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .sign(ca.key, hashes.SHA256()))
+        out.append(SimDevice(device_id, key, cert, (ca.cert,)))
+    return out
+
+
+def cert_message(dev: SimDevice) -> bytes:
+    der = [c.public_bytes(serialization.Encoding.DER) for c in (dev.cert, *dev.chain)]
+    return p.encode_message(p.CertMessage(
+        device_id=dev.device_id, sha256=dev.cert.fingerprint(hashes.SHA256()).hex(),
+        x5c=tuple(base64.b64encode(d).decode() for d in der)))
+
+
+def status(dev: SimDevice, seq: int, now: datetime, *, boot_id: str = "sim-boot",
+           interval_s: int = 60, findings: Sequence[p.FindingWire] = ()) -> p.Status:
+    sha = dev.cert.fingerprint(hashes.SHA256()).hex()
+    ca_sha = dev.chain[0].fingerprint(hashes.SHA256()).hex() if dev.chain else sha
+    return p.Status(
+        device_id=dev.device_id, boot_id=boot_id, seq=seq, ts=now, mono_s=1000.0 + seq,
+        interval_s=interval_s,
+        client=p.CertSummary(sha256=sha, not_after=dev.cert.not_valid_after_utc,
+                             key_matches=True, key_mode="0600"),
+        client_chain=p.ChainSummary(valid_now=True, valid_at_warn=True, method="cryptography",
+                                    error=None, path=(p.cert_ref(sha), p.cert_ref(ca_sha)),
+                                    earliest_not_after=dev.cert.not_valid_after_utc,
+                                    earliest_ref=p.cert_ref(sha)),
+        trust_store=p.TrustStoreSummary(count=2, digest=p.trust_store_digest([ca_sha]),
+                                        expiring=()),
+        broker=None,
+        clock=p.ClockSummary(synced=True, source="chrony", offset_s=0.01, maxerror_s=0.05,
+                             plausible=True, beacon=None),
+        findings=tuple(findings),
+        agent=p.AgentSelf(version="sim", uptime_s=float(seq * interval_s), rss_bytes=30_000_000,
+                          last_publish_ok_at=None, spool_depth=0, spool_dropped=0),
+    )
+
+
+def signed_status(dev: SimDevice, seq: int, now: datetime, **kw: object) -> bytes:
+    return p.sign_status(p.encode_status(status(dev, seq, now, **kw)),  # type: ignore[arg-type]
+                         dev.key, dev.cert)
+
+
+def expiring_finding(days_left: float, now: datetime) -> p.FindingWire:
+    severity = Severity.CRITICAL if days_left <= 7 else Severity.WARNING
+    return p.FindingWire(code="CERT_EXPIRING", severity=severity, cert=None,
+                         msg=f"client certificate expires in {days_left:.1f} days",
+                         not_after=now + timedelta(days=days_left))
+
+
+def presign(devices: Iterable[SimDevice], seqs: Sequence[int], now: datetime,
+            prefix: str = p.DEFAULT_PREFIX) -> list[tuple[str, bytes]]:
+    """(topic, JWS) for every device and seq, device-interleaved as a fleet sends."""
+    devs = list(devices)
+    return [(p.status_topic(prefix, d.device_id), signed_status(d, s, now))
+            for s in seqs for d in devs]
+
+
+def worker_presign(args: tuple[bytes, bytes, str, list[int], str]) -> list[tuple[str, bytes]]:
+    """For multiprocessing: (key PEM, cert PEM+chain PEM, device_id, seqs, now ISO)."""
+    key_pem, certs_pem, device_id, seqs, now_iso = args
+    key = serialization.load_pem_private_key(key_pem, None)
+    certs = x509.load_pem_x509_certificates(certs_pem)
+    dev = SimDevice(device_id, key, certs[0], tuple(certs[1:]))  # type: ignore[arg-type]
+    now = datetime.fromisoformat(now_iso)
+    return presign([dev], seqs, now)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

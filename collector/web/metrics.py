@@ -1,0 +1,148 @@
+"""Prometheus exposition of the fleet: a custom collector that reads on scrape.
+
+Owns metric names, help texts and labels (docs/metrics.md lists each). Labels stay
+low-cardinality: at most one series per device and role or bound, never a serial
+or fingerprint, so a certificate renewal updates a value instead of minting a
+series. Instants are absolute Unix timestamps (`*_not_after_seconds`), so rules
+subtract `time()` themselves and a stale scrape never shows a wrong "days left".
+Values come from the web layer's `Snapshot` (shared with the dashboard, bounded by
+its TTL) plus in-process ingest counters.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+import certmon
+from certmon import protocol as p
+from collector.store import SEVERITY_NAMES
+
+from .api import STATE_RANK, FleetApi
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Counts = Callable[[], Mapping[str, int]]
+
+
+class FleetCollector(Collector):
+    """Yields every certmon_* family from one snapshot per scrape."""
+
+    def __init__(self, api: FleetApi, *, ingest_counts: Counts | None = None,
+                 rejected_counts: Counts | None = None) -> None:
+        self.api = api
+        self.ingest_counts = ingest_counts
+        self.rejected_counts = rejected_counts
+
+    def collect(self) -> Iterator[Any]:
+        s = self.api.snapshot()
+        not_after = GaugeMetricFamily(
+            "certmon_cert_not_after_seconds",
+            "Earliest notAfter (Unix time) of the certificates a device holds, per role",
+            labels=["device", "role"])
+        online = GaugeMetricFamily("certmon_device_online",
+                                   "1 if the device is online (status fresh, no LWT)",
+                                   labels=["device"])
+        offset = GaugeMetricFamily(
+            "certmon_device_clock_offset_seconds",
+            "Bounds of the device clock offset (device minus true time)",
+            labels=["device", "bound"])
+        findings: Counter[tuple[str, str]] = Counter()
+        for d in s.devices:
+            for role, when in sorted(d.earliest.items()):
+                not_after.add_metric([d.device_id, role], when.timestamp())
+            online.add_metric([d.device_id], 1.0 if d.is_online else 0.0)
+            for bound, value in (("lo", d.clock_lo_s), ("hi", d.clock_hi_s)):
+                if value is not None:
+                    offset.add_metric([d.device_id, bound], value)
+            for code, sev in d.findings:
+                findings[(code, SEVERITY_NAMES.get(sev, "unknown"))] += 1
+        yield not_after
+        yield online
+        yield offset
+
+        states = Counter(d.state for d in s.devices)
+        devices = GaugeMetricFamily("certmon_devices", "Devices by dashboard state",
+                                    labels=["state"])
+        for state in STATE_RANK:
+            devices.add_metric([state], float(states.get(state, 0)))
+        yield devices
+
+        fam = GaugeMetricFamily("certmon_findings",
+                                "Current findings across all devices' latest statuses",
+                                labels=["code", "severity"])
+        for (code, sev), n in sorted(findings.items()):
+            fam.add_metric([code, sev], float(n))
+        yield fam
+
+        alerts = GaugeMetricFamily("certmon_alerts_active", "Firing alerts by severity",
+                                   labels=["severity"])
+        by_sev = Counter(SEVERITY_NAMES.get(a.severity, "unknown") for a in s.alerts)
+        for sev in SEVERITY_NAMES.values():
+            alerts.add_metric([sev], float(by_sev.get(sev, 0)))
+        yield alerts
+
+        earliest = GaugeMetricFamily(
+            "certmon_scan_earliest_expiry_seconds",
+            "Earliest notAfter on the scanned endpoint's chain (Unix time)", labels=["target"])
+        success = GaugeMetricFamily("certmon_scan_success",
+                                    "1 if the last scan of the endpoint completed",
+                                    labels=["target"])
+        scanned_at = GaugeMetricFamily("certmon_scan_timestamp_seconds",
+                                       "When the endpoint was last scanned (Unix time)",
+                                       labels=["target"])
+        for scan in s.scans:
+            when = p.parse_instant(str(scan["earliest_expiry"]))
+            if when is not None:
+                earliest.add_metric([scan["target"]], when.timestamp())
+            success.add_metric([scan["target"]], 1.0 if scan["success"] else 0.0)
+            at = p.parse_instant(str(scan["scanned_at"]))
+            if at is not None:
+                scanned_at.add_metric([scan["target"]], at.timestamp())
+        yield earliest
+        yield success
+        yield scanned_at
+
+        yield from self._ingest()
+        up = GaugeMetricFamily("certmon_collector_up", "1 while the collector serves metrics")
+        up.add_metric([], 1.0)
+        yield up
+        info = InfoMetricFamily("certmon_build", "certmon version")
+        info.add_metric([], {"version": certmon.__version__})
+        yield info
+        build = GaugeMetricFamily("certmon_snapshot_build_seconds",
+                                  "Time the last fleet snapshot took to read from the store")
+        build.add_metric([], s.build_s)
+        yield build
+
+    def _ingest(self) -> Iterator[Any]:
+        if self.ingest_counts is not None:
+            msgs = CounterMetricFamily("certmon_ingest_messages",
+                                       "Messages handled by this collector process, by result",
+                                       labels=["result"])
+            for result, n in sorted(self.ingest_counts().items()):
+                msgs.add_metric([result], float(n))
+            yield msgs
+        # This process's counters when the service is known (they reset on restart,
+        # which rate() handles); else the store's fleet-wide persistent totals.
+        counts = (self.rejected_counts or self.api.store.rejection_counts)()
+        rej = CounterMetricFamily("certmon_ingest_rejected",
+                                  "Rejected messages by reason", labels=["reason"])
+        for reason, n in sorted(counts.items()):
+            rej.add_metric([reason], float(n))
+        yield rej
+
+
+def make_registry(collector: FleetCollector) -> CollectorRegistry:
+    # auto_describe=False: describing would call collect() (a store read) at register.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
