@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import paho.mqtt.client as mqtt  # noqa: E402
 from broker import Listener, Mosquitto, wait_until  # noqa: E402
 from conftest import FLEET_ACL  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
 from fleetsim import SimCA, cert_message, make_ca, make_devices, signed_status  # noqa: E402
 from pkifactory import PKIFactory  # noqa: E402
 
@@ -134,13 +133,14 @@ def bare_subscriber_rate(port: int, pub_port: int, creds: dict[str, Path],
 
 
 def collector_rate(mtls_port: int, plain_port: int, creds: dict[str, Path], url: str,
-                   certs: Sequence[tuple[str, bytes]],
-                   statuses: Sequence[tuple[str, bytes]]) -> tuple[float, dict[str, int]]:
+                   certs: Sequence[tuple[str, bytes]], statuses: Sequence[tuple[str, bytes]],
+                   workers: int) -> tuple[float, dict[str, int]]:
     client_id = f"bench-collector-{uuid.uuid4().hex[:6]}"
     config = loads(CollectorConfig, "", overrides={
         "mqtt.broker": f"mqtts://127.0.0.1:{mtls_port}", "tls.ca_bundle": str(creds["ca"]),
         "tls.cert": str(creds["cert"]), "tls.key": str(creds["key"]),
-        "tls.fleet_ca": str(creds["fleet_ca"]), "store.url": url, "mqtt.client_id": client_id})
+        "tls.fleet_ca": str(creds["fleet_ca"]), "store.url": url, "mqtt.client_id": client_id,
+        "ingest.verify_workers": str(workers)})
     _session(mtls_port, client_id, tls={k: str(v) for k, v in creds.items()})
     publish_and_wait(plain_port, [*certs, *statuses])
     service = CollectorService(config)
@@ -160,12 +160,36 @@ def collector_rate(mtls_port: int, plain_port: int, creds: dict[str, Path], url:
     return accepted / elapsed, rejected
 
 
+def measure(backend: str, workers: int, work: Path, pg: str, mtls: int, plain: int,
+            creds: dict[str, Path], certs: Sequence[tuple[str, bytes]],
+            statuses: Sequence[tuple[str, bytes]], ceiling: float) -> None:
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    if backend == "sqlite":
+        url = f"sqlite:///{work / f'bench-{schema}.db'}"
+    else:
+        url = f"{pg}?options=-csearch_path%3D{schema}"
+        with psycopg.connect(pg, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        rate, rejected = collector_rate(mtls, plain, creds, url, certs, statuses, workers)
+    finally:
+        if backend != "sqlite":
+            with psycopg.connect(pg, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    print(f"collector on {backend:10} verify_workers={workers}: {rate:7.0f} verified+stored "
+          f"msgs/s ({rate / ceiling:.0%} of the ceiling; rejected: {rejected or 'none'})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--per-device", type=int, default=3)
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--workers", default="0,2",
+                        help="verify_workers settings to measure (0: in-process)")
     args = parser.parse_args()
     now = datetime.now(UTC)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,24 +230,9 @@ def main() -> int:
             ceiling = bare_subscriber_rate(mtls, plain, creds, [*certs, *statuses])
             print(f"bare paho subscriber (ceiling) : {ceiling:9.0f} msgs/s")
             for backend in args.backends.split(","):
-                if backend == "sqlite":
-                    url = f"sqlite:///{work / 'bench.db'}"
-                else:
-                    schema = f"bench_{uuid.uuid4().hex[:8]}"
-                    url = f"{args.pg}?options=-csearch_path%3D{schema}"
-                    import psycopg
-
-                    with psycopg.connect(args.pg, autocommit=True) as conn:
-                        conn.execute(f"CREATE SCHEMA {schema}")
-                try:
-                    rate, rejected = collector_rate(mtls, plain, creds, url, certs, statuses)
-                finally:
-                    if backend != "sqlite":
-                        with psycopg.connect(args.pg, autocommit=True) as conn:
-                            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-                print(f"collector on {backend:10}: {rate:9.0f} verified+stored msgs/s "
-                      f"({rate / ceiling:.0%} of the ceiling; rejected: {rejected or 'none'})")
-    _ = serialization
+                for workers in (int(w) for w in args.workers.split(",")):
+                    measure(backend, workers, work, args.pg, mtls, plain, creds, certs,
+                            statuses, ceiling)
     return 0
 
 

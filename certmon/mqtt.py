@@ -130,7 +130,8 @@ class MqttLink:
             protocol=version,
             clean_session=None if version == paho.MQTTv5 else s.clean_start,
         )
-        client.enable_logger(logging.getLogger("certmon.mqtt.paho"))
+        # paho's own logger is not enabled: it reports routine events (a disconnect
+        # of an unconnected client at shutdown) as errors; certmon logs what matters.
         client.max_inflight_messages_set(s.max_inflight)
         # paho keeps unacknowledged QoS 1 messages and re-sends them after a reconnect.
         client.max_queued_messages_set(0)

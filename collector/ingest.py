@@ -26,7 +26,15 @@ from certmon.mqtt import Incoming
 
 from . import aggregate
 from .store import CertLink, CertRole, CertRow, FindingRecord, InventoryRecord, StatusRecord, Store
-from .verify import CertCache, Verified, accept_cert_message, verify_status
+from .verify import (
+    CertCache,
+    KnownCert,
+    Verified,
+    accept_cert_message,
+    check_signed,
+    resolve_signer,
+)
+from .verifypool import VerifierPool
 
 log = logging.getLogger("certmon.collector.ingest")
 
@@ -55,7 +63,9 @@ class Ingestor:
         now: Callable[[], datetime],
         on_stored: Callable[[Sequence[Stored]], None] | None = None,
         on_online: Callable[[str, bool, datetime], None] | None = None,
+        pool: VerifierPool | None = None,
     ) -> None:
+        self.pool = pool
         self.store = store
         self.certs = certs
         self.prefix = prefix
@@ -75,18 +85,36 @@ class Ingestor:
     def process(self, messages: Sequence[Incoming]) -> None:
         """Handle a batch in arrival order; statuses are written in one transaction."""
         pending: list[tuple[Verified, StatusRecord, Incoming]] = []
+        signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]] = []
         for msg in messages:
             try:
-                self._one(msg, pending)
+                self._one(msg, pending, signed)
             except ProtocolError as exc:
                 self.reject(exc.reason, msg, str(exc))
             except Exception as exc:
                 log.exception("unexpected error on %s", msg.topic[:200])
                 self.reject("internal_error", msg, f"{type(exc).__name__}: {exc}")
+        if signed:
+            self._verify_in_pool(signed, pending)
         if pending:
             self._record(pending)
 
-    def _one(self, msg: Incoming, pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
+    def _verify_in_pool(self, signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]],
+                        pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
+        assert self.pool is not None
+        outcomes = self.pool.verify([
+            (device_id, msg.payload, known.facts.sha256, known.identity, known.public_key_der)
+            for msg, device_id, _parsed, known in signed])
+        now = self.now()
+        for (msg, _device, _parsed, known), outcome in zip(signed, outcomes, strict=True):
+            if outcome.status is None or outcome.payload is None:
+                self.reject(outcome.reason or "internal_error", msg, outcome.detail or "")
+                continue
+            verified = Verified(outcome.status, known, len(msg.payload), outcome.payload)
+            pending.append((verified, self._status_record(verified, msg, now), msg))
+
+    def _one(self, msg: Incoming, pending: list[tuple[Verified, StatusRecord, Incoming]],
+             signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]]) -> None:
         if len(msg.payload) > self.max_payload_bytes:
             raise ProtocolError("oversized", f"{len(msg.payload)} bytes (limit "
                                 f"{self.max_payload_bytes})")
@@ -98,6 +126,10 @@ class Ingestor:
         if kind == p.TopicKind.STATUS:
             if not msg.payload:
                 return  # a cleared retained topic
+            if self.pool is not None:
+                parsed_jws, known = self._signer(device_id, msg.payload, now)
+                signed.append((msg, device_id, parsed_jws, known))
+                return
             verified = self._verify(device_id, msg.payload, now)
             pending.append((verified, self._status_record(verified, msg, now), msg))
         elif kind == p.TopicKind.CERT and msg.payload:
@@ -110,15 +142,19 @@ class Ingestor:
     # ------------------------------------------------------------ statuses
 
     def _verify(self, device_id: str, token: bytes, now: datetime) -> Verified:
+        parsed, known = self._signer(device_id, token, now)
+        status = check_signed(parsed, known.cert.public_key(), known.identity, device_id)
+        return Verified(status, known, len(token), parsed.payload)
+
+    def _signer(self, device_id: str, token: bytes,
+                now: datetime) -> tuple[p.ParsedJWS, KnownCert]:
         try:
-            return verify_status(self.certs, device_id, token, now,
-                                 max_bytes=self.max_payload_bytes)
+            return resolve_signer(self.certs, token, now, max_bytes=self.max_payload_bytes)
         except ProtocolError as exc:
-            if exc.reason != "unknown_cert":
+            if exc.reason != "unknown_cert" or not self._load_cert_from_store(
+                    device_id, token, now):
                 raise
-            if not self._load_cert_from_store(device_id, token, now):
-                raise
-        return verify_status(self.certs, device_id, token, now, max_bytes=self.max_payload_bytes)
+        return resolve_signer(self.certs, token, now, max_bytes=self.max_payload_bytes)
 
     def _load_cert_from_store(self, device_id: str, token: bytes, now: datetime) -> bool:
         # Another collector of the share group may have seen the cert message; the

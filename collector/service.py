@@ -32,6 +32,7 @@ from .config import CollectorConfig
 from .ingest import Ingestor, Stored
 from .store import Store, open_store
 from .verify import CertCache
+from .verifypool import VerifierPool
 
 log = logging.getLogger("certmon.collector")
 
@@ -72,10 +73,12 @@ class CollectorService:
         self.certs = CertCache(load_fleet_cas(config))
         self.periodic = periodic or Periodic()
         self.alert_hook = alert_hook
+        workers = config.ingest.verify_workers
+        self.pool = VerifierPool(workers, config.ingest.max_payload_bytes) if workers else None
         self.ingestor = Ingestor(self.store, self.certs, prefix=self.prefix,
                                  max_payload_bytes=config.ingest.max_payload_bytes,
                                  now=self.clock.now, on_stored=self._on_stored,
-                                 on_online=self._on_online)
+                                 on_online=self._on_online, pool=self.pool)
         self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=20_000)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -167,6 +170,8 @@ class CollectorService:
         if self._worker is not None:
             self._worker.join(timeout=10)
         self.link.stop()
+        if self.pool is not None:
+            self.pool.close()
         self.store.close()
 
     def drain(self, timeout_s: float) -> bool:

@@ -43,6 +43,7 @@ class KnownCert:
     # (the ingest hot path stores them only when a device's certificate changes).
     chain_facts: tuple[pki.CertFacts, ...] = ()
     chain_der: tuple[bytes, ...] = ()
+    public_key_der: bytes = b""  # SubjectPublicKeyInfo, what verifier workers receive
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,10 @@ class CertCache:
                           result.error,
                           chain_facts=(facts, *(pki.facts_from_cert(c) for c in rest)),
                           chain_der=tuple(c.public_bytes(serialization.Encoding.DER)
-                                          for c in chain))
+                                          for c in chain),
+                          public_key_der=leaf.public_key().public_bytes(
+                              serialization.Encoding.DER,
+                              serialization.PublicFormat.SubjectPublicKeyInfo))
         with self._lock:
             self._entries[facts.sha256] = (known, now)
             self._entries.move_to_end(facts.sha256)
@@ -124,9 +128,9 @@ def accept_cert_message(cache: CertCache, device_id: str, payload: bytes,
     return known
 
 
-def verify_status(cache: CertCache, topic_device: str, token: bytes, now: datetime,
-                  *, max_bytes: int = p.MAX_STATUS_JWS_BYTES) -> Verified:
-    """Everything but replay: raises ProtocolError(reason) or returns the status."""
+def resolve_signer(cache: CertCache, token: bytes, now: datetime,
+                   *, max_bytes: int = p.MAX_STATUS_JWS_BYTES) -> tuple[p.ParsedJWS, KnownCert]:
+    """The cheap half: parse the JWS and find its certificate, trusted or refused."""
     parsed = p.parse_jws(token, max_bytes)
     known = cache.get(parsed.cert_sha256, now)
     if known is None and parsed.x5c:
@@ -142,14 +146,29 @@ def verify_status(cache: CertCache, topic_device: str, token: bytes, now: dateti
     if not known.trusted:
         raise ProtocolError("untrusted_cert", f"signing certificate {known.facts.subject} "
                             f"does not chain to a fleet CA: {known.trust_error}")
-    p.verify_jws(parsed, known.cert.public_key())
+    return parsed, known
+
+
+def check_signed(parsed: p.ParsedJWS, public_key: object, identity: str | None,
+                 topic_device: str) -> p.Status:
+    """The expensive half (signature, decoding) and the identity rule. Runs in-process
+    or in a collector.verifypool worker; both call exactly this."""
+    p.verify_jws(parsed, public_key)  # type: ignore[arg-type]
     status = p.decode_status(parsed.payload)
-    if known.identity != status.device_id:
+    if identity != status.device_id:
         raise ProtocolError("identity_mismatch", f"status for {status.device_id!r} signed by "
-                            f"the certificate of {known.identity!r}")
+                            f"the certificate of {identity!r}")
     if status.device_id != topic_device:
         raise ProtocolError("topic_mismatch", f"status for {status.device_id!r} published on "
                             f"the topic of {topic_device!r}")
+    return status
+
+
+def verify_status(cache: CertCache, topic_device: str, token: bytes, now: datetime,
+                  *, max_bytes: int = p.MAX_STATUS_JWS_BYTES) -> Verified:
+    """Everything but replay: raises ProtocolError(reason) or returns the status."""
+    parsed, known = resolve_signer(cache, token, now, max_bytes=max_bytes)
+    status = check_signed(parsed, known.cert.public_key(), known.identity, topic_device)
     return Verified(status, known, len(token), parsed.payload)
 
 

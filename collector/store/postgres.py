@@ -205,9 +205,12 @@ class PostgresStore:
             " (device_id, boot_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
             ([k[0] for k in bk], [k[1] for k in bk])).fetchall()}
         links: dict[str, set[tuple[str, str]]] = {d: set() for d in devs}
-        for d, role, sha in c.execute("SELECT device_id, role, sha256 FROM device_certs"
-                                      " WHERE device_id = ANY(%s)", (devs,)).fetchall():
-            links[d].add((role, sha))
+        # Only a record that carries certificates changes links: most statuses don't.
+        with_certs = sorted({r.device_id for r in new if r.certs or r.replace_roles})
+        if with_certs:
+            for d, role, sha in c.execute("SELECT device_id, role, sha256 FROM device_certs"
+                                          " WHERE device_id = ANY(%s)", (with_certs,)).fetchall():
+                links[d].add((role, sha))
         plan = plan_batch(new, states, boots, links)
         self._write_links(c, plan)
         with c.cursor() as cur:

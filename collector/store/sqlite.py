@@ -213,6 +213,7 @@ class SqliteStore:
             boots[(dev, boot)] = dt(first)
         states: dict[str, DeviceState] = {}
         links: dict[str, set[tuple[str, str]]] = {}
+        with_certs = {r.device_id for r in new if r.certs or r.replace_roles}
         for dev in {r.device_id for r in new}:
             row = c.execute(
                 "SELECT d.status_json IS NOT NULL, d.boot_id, b.first_seen_at, d.seq, d.severity,"
@@ -225,8 +226,12 @@ class SqliteStore:
                 row[4], sorted({f.code for f in findings_from_json(row[5])}), row[6], row[7],
                 bool(row[8]), None if row[9] is None else dt(row[9]),
                 None if row[10] is None else dt(row[10]))
-            links[dev] = set(c.execute("SELECT role, sha256 FROM device_certs WHERE device_id = ?",
-                                       (dev,)).fetchall())
+            # Only a record that carries certificates changes links: most statuses
+            # don't (the ingest sends them when the client certificate changes).
+            if dev in with_certs:
+                links[dev] = set(c.execute(
+                    "SELECT role, sha256 FROM device_certs WHERE device_id = ?",
+                    (dev,)).fetchall())
         plan = plan_batch(new, states, boots, links)
         self._write_links(c, plan)
         c.executemany(

@@ -1,0 +1,125 @@
+"""Signature verification in worker processes, for collectors on more than one core.
+
+Owns only the parallel part of ingest: ECDSA/EdDSA verification and status decoding
+cost ~150 µs per message and cryptography holds the GIL while verifying, so threads
+do not help; processes do. The main process keeps the authority over certificates
+(its CertCache decided the signer is a trusted fleet device); a worker receives the
+signer's public key the first time it needs it and checks the signature, decodes the
+status and checks identity and topic, exactly as collector.verify does in-process.
+Results come back in order. No store, no MQTT in the workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from certmon import protocol as p
+from certmon.errors import ProtocolError
+
+from .verify import check_signed
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    topic_device: str
+    token: bytes
+    cert_sha256: str
+    identity: str | None
+    public_key_der: bytes | None  # sent once per worker and certificate
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: p.Status | None
+    payload: bytes | None
+    reason: str | None = None
+    detail: str | None = None
+
+
+def _worker(conn: Connection, max_bytes: int) -> None:  # pragma: no cover - child process
+    keys: dict[str, Any] = {}
+    while True:
+        try:
+            jobs: list[Job] | None = conn.recv()
+        except EOFError:
+            return
+        if jobs is None:
+            return
+        conn.send([_verify_one(job, keys, max_bytes) for job in jobs])
+
+
+def _verify_one(job: Job, keys: dict[str, Any], max_bytes: int) -> Outcome:
+    try:
+        if job.public_key_der is not None:
+            keys[job.cert_sha256] = serialization.load_der_public_key(job.public_key_der)
+        parsed = p.parse_jws(job.token, max_bytes)
+        key = keys.get(parsed.cert_sha256)
+        if key is None or parsed.cert_sha256 != job.cert_sha256:
+            raise ProtocolError("unknown_cert", "worker has no key for this certificate")
+        status = check_signed(parsed, key, job.identity, job.topic_device)
+        return Outcome(status, parsed.payload)
+    except ProtocolError as exc:
+        return Outcome(None, None, exc.reason, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a worker must answer for every job
+        return Outcome(None, None, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+class VerifierPool:
+    """N worker processes; `verify(jobs)` splits a batch among them, keeps order."""
+
+    def __init__(self, workers: int, max_bytes: int) -> None:
+        # spawn, not fork: the collector has paho and worker threads running, and a
+        # forked copy of a process with threads may inherit a held lock.
+        ctx = mp.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        self._sent: list[set[str]] = []
+        for i in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, max_bytes),
+                               name=f"certmon-verify-{i}", daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+            self._sent.append(set())
+
+    @property
+    def size(self) -> int:
+        return len(self._conns)
+
+    def verify(self, jobs: Sequence[tuple[str, bytes, str, str | None, bytes]]) -> list[Outcome]:
+        """jobs: (topic_device, token, cert_sha256, identity, public_key_der)."""
+        n = len(self._conns)
+        chunks: list[list[Job]] = [[] for _ in range(n)]
+        for i, (device, token, sha, identity, key_der) in enumerate(jobs):
+            w = i % n
+            first = sha not in self._sent[w]
+            if first:
+                self._sent[w].add(sha)
+            chunks[w].append(Job(device, token, sha, identity, key_der if first else None))
+        for conn, chunk in zip(self._conns, chunks, strict=True):
+            conn.send(chunk)
+        results = [conn.recv() for conn in self._conns]
+        out: list[Outcome] = []
+        for i in range(len(jobs)):
+            out.append(results[i % n][i // n])
+        return out
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(None)
+                conn.close()
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
