@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DURATION ?= 0
 
-.PHONY: help venv install lint test bench demo deb clean
+.PHONY: help venv install lint test bench demo deb clean mosquitto
 
 help:
 	@echo "make demo    # run a local demo fleet (broker, collector, agents) and print the dashboard URL"
@@ -35,8 +35,15 @@ test: lint
 bench: install
 	$(PY) bench/run_all.py
 
-demo: install
-	$(PY) -m collector.demo --duration $(DURATION)
+# The demo needs a mosquitto binary (not a running service: it starts its own on a
+# free loopback port). Installed with apt-get when missing and we are root.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q mosquitto; \
+	    else echo "make: mosquitto is missing: sudo apt-get install mosquitto" >&2; exit 1; fi; }
+
+demo: mosquitto install
+	$(PY) -m collector.demo --duration $(DURATION) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

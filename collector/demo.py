@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import pwd
@@ -287,6 +288,8 @@ class Demo:
 def start_demo(work: Path, *, interval_s: int = 10, listen: str = "127.0.0.1:0") -> Demo:
     now = datetime.now(UTC)
     cas, fleet = demo_fleet(now)
+    (work / "fleet.json").write_text(json.dumps(
+        {d.device_id: {"intended": d.intended, "story": d.story} for d in fleet}, indent=2))
     broker, port = start_broker(work, cas)
     collector_cert, collector_key = cas["collector"].write(work, "collector")
     (work / "broker-ca.pem").write_bytes(pem(cas["broker_ca"].cert))
