@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from collector.store import (
     ALERT_COLUMNS,
@@ -68,6 +68,14 @@ def ts(when: datetime) -> str:
     u = utc(when)
     return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
             f"{u.second:02d}.{u.microsecond:06d}Z")
+
+
+_T = TypeVar("_T")
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def dt(text: str) -> datetime:
@@ -183,16 +191,24 @@ class SqliteStore:
             c.executemany("INSERT INTO devices (device_id, first_seen_at, updated_at) "
                           "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                           [(d, ts(t), ts(t)) for d, t in first.items()])
-
-            def is_new(r: StatusRecord) -> bool:
-                return c.execute(
-                    "INSERT INTO status_seen (device_id, boot_id, seq, received_at, device_ts) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (r.device_id, r.boot_id, r.seq, ts(r.received_at), ts(r.device_ts)),
-                ).rowcount == 1
-
-            flags = new_in_batch(batch, is_new)
+            # The replay check, batched: BEGIN IMMEDIATE holds SQLite's write lock, so
+            # "select what exists, insert the rest" is as atomic as insert-if-absent
+            # per row, at a fraction of the statements (the ingest hot path).
+            keys = list({(r.device_id, r.boot_id, r.seq) for r in batch})
+            seen: set[tuple[str, str, int]] = set()
+            for chunk in _chunks(keys, 300):
+                rows = c.execute(
+                    "SELECT device_id, boot_id, seq FROM status_seen WHERE (device_id, boot_id,"  # noqa: S608 - placeholders only
+                    " seq) IN (VALUES " + ",".join(["(?, ?, ?)"] * len(chunk)) + ")",
+                    [v for key in chunk for v in key]).fetchall()
+                seen.update((d, b, int(q)) for d, b, q in rows)
+            flags = new_in_batch(batch, lambda r: (r.device_id, r.boot_id, r.seq) not in seen)
             new = [r for r, is_fresh in zip(batch, flags, strict=True) if is_fresh]
+            c.executemany(
+                "INSERT INTO status_seen (device_id, boot_id, seq, received_at, device_ts)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(r.device_id, r.boot_id, r.seq, ts(r.received_at), ts(r.device_ts))
+                 for r in new])
             if new:
                 self._apply(c, new)
         return flags
@@ -202,36 +218,40 @@ class SqliteStore:
         for r in new:
             key = (r.device_id, r.boot_id)
             boot_min[key] = min(boot_min.get(key, r.received_at), r.received_at)
+        c.executemany(
+            "INSERT INTO device_boots (device_id, boot_id, first_seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET first_seen_at = min(first_seen_at, "
+            "excluded.first_seen_at)", [(d, b, ts(at)) for (d, b), at in boot_min.items()])
         boots: dict[tuple[str, str], datetime] = {}
-        for (dev, boot), at in boot_min.items():
-            # Unconditional DO UPDATE so RETURNING always yields the stored value; in
-            # SQLite rewriting a cached row in a write transaction is cheap.
-            (first,) = c.execute(
-                "INSERT INTO device_boots (device_id, boot_id, first_seen_at) VALUES (?, ?, ?) "
-                "ON CONFLICT DO UPDATE SET first_seen_at = min(first_seen_at, "
-                "excluded.first_seen_at) RETURNING first_seen_at", (dev, boot, ts(at))).fetchone()
-            boots[(dev, boot)] = dt(first)
+        for chunk in _chunks(list(boot_min), 400):
+            for d, b, first_seen in c.execute(
+                    "SELECT device_id, boot_id, first_seen_at FROM device_boots WHERE"  # noqa: S608
+                    " (device_id, boot_id) IN (VALUES "
+                    + ",".join(["(?, ?)"] * len(chunk)) + ")",
+                    [v for key in chunk for v in key]):
+                boots[(d, b)] = dt(first_seen)
         states: dict[str, DeviceState] = {}
         links: dict[str, set[tuple[str, str]]] = {}
         with_certs = {r.device_id for r in new if r.certs or r.replace_roles}
-        for dev in {r.device_id for r in new}:
-            row = c.execute(
-                "SELECT d.status_json IS NOT NULL, d.boot_id, b.first_seen_at, d.seq, d.severity,"
-                " d.findings_json, d.client_sha256, d.trust_digest, d.online,"
-                " d.online_changed_at, d.last_received_at FROM devices d LEFT JOIN device_boots"
-                " b ON b.device_id = d.device_id AND b.boot_id = d.boot_id"
-                " WHERE d.device_id = ?", (dev,)).fetchone()
-            states[dev] = DeviceState(
-                dev, bool(row[0]), row[1], None if row[2] is None else dt(row[2]), row[3],
-                row[4], sorted({f.code for f in findings_from_json(row[5])}), row[6], row[7],
-                bool(row[8]), None if row[9] is None else dt(row[9]),
-                None if row[10] is None else dt(row[10]))
+        for ids in _chunks(sorted({r.device_id for r in new}), 500):
+            for row in c.execute(
+                    "SELECT d.device_id, d.status_json IS NOT NULL, d.boot_id, b.first_seen_at,"  # noqa: S608
+                    " d.seq, d.severity, d.findings_json, d.client_sha256, d.trust_digest,"
+                    " d.online, d.online_changed_at, d.last_received_at FROM devices d"
+                    " LEFT JOIN device_boots b ON b.device_id = d.device_id AND"
+                    " b.boot_id = d.boot_id WHERE d.device_id IN ("
+                    + ",".join("?" * len(ids)) + ")", ids):
+                dev = row[0]
+                states[dev] = DeviceState(
+                    dev, bool(row[1]), row[2], None if row[3] is None else dt(row[3]), row[4],
+                    row[5], sorted({f.code for f in findings_from_json(row[6])}), row[7],
+                    row[8], bool(row[9]), None if row[10] is None else dt(row[10]),
+                    None if row[11] is None else dt(row[11]))
+        for dev in with_certs:
             # Only a record that carries certificates changes links: most statuses
             # don't (the ingest sends them when the client certificate changes).
-            if dev in with_certs:
-                links[dev] = set(c.execute(
-                    "SELECT role, sha256 FROM device_certs WHERE device_id = ?",
-                    (dev,)).fetchall())
+            links[dev] = set(c.execute(
+                "SELECT role, sha256 FROM device_certs WHERE device_id = ?", (dev,)).fetchall())
         plan = plan_batch(new, states, boots, links)
         self._write_links(c, plan)
         c.executemany(
