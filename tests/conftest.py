@@ -236,3 +236,39 @@ def mosquitto_factory(
     yield make
     for broker in started:
         broker.stop()
+
+
+# --- a collector on SQLite, connected to the fleet broker over mTLS ------------------
+
+
+def collector_config(fleet: Fleet, tmp_path: Path, **overrides: str) -> Any:
+    """A CollectorConfig for `fleet` with its store in `tmp_path` (flags as dotted keys)."""
+    from certmon.config import loads
+    from collector.config import CollectorConfig
+
+    creds = fleet.collector_credentials(tmp_path / "collector")
+    fleet_ca = tmp_path / "fleet-ca.pem"
+    fleet_ca.write_bytes(fleet.root.cert_pem())
+    values = {
+        "mqtt.broker": f"mqtts://127.0.0.1:{fleet.mtls_port}",
+        "tls.ca_bundle": str(creds.ca_bundle_path), "tls.cert": str(creds.cert_path),
+        "tls.key": str(creds.key_path), "tls.fleet_ca": str(fleet_ca),
+        "store.url": f"sqlite:///{tmp_path / 'certmon.db'}",
+        "mqtt.client_id": f"collector-{tmp_path.name}", "mqtt.session_expiry_s": "0",
+        **overrides,
+    }
+    return loads(CollectorConfig, "", overrides=values)
+
+
+@pytest.fixture
+def collector(fleet_broker: Fleet, tmp_path: Path) -> Iterator[Any]:
+    """A running collector (service threads, no web server) with fast periodic jobs."""
+    from collector.app import build_collector
+    from collector.service import Periodic
+
+    service = build_collector(collector_config(fleet_broker, tmp_path))
+    service.periodic = Periodic(beacon_every_s=0.2, silence_every_s=0.2, summary_every_s=0.2)
+    service.start()
+    assert service.link.wait_connected(10)
+    yield service
+    service.close()

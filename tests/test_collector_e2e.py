@@ -9,12 +9,11 @@ in particular the clock case as a clock problem — and see it resolve when fixe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from broker import wait_until
 from conftest import DeviceCreds, Fleet
 
@@ -22,9 +21,7 @@ from agent.config import AgentConfig
 from agent.service import AgentService
 from certmon import clock as wallclock
 from certmon.config import loads
-from collector.app import build_collector
-from collector.config import CollectorConfig
-from collector.service import CollectorService, Periodic
+from collector.service import CollectorService
 
 CLOCK_DATA = Path(__file__).parent / "data" / "clock"
 CHRONY_2D_BEHIND = (CLOCK_DATA / "chronyc-tracking-behind-2d.csv").read_text()
@@ -47,25 +44,6 @@ def chrony_synced(argv: Sequence[str]) -> str | None:
 
 def chrony_says_2d_behind(argv: Sequence[str]) -> str | None:
     return CHRONY_2D_BEHIND if argv[0] == "chronyc" else None
-
-
-@pytest.fixture
-def collector(fleet_broker: Fleet, tmp_path: Path) -> Iterator[CollectorService]:
-    creds = fleet_broker.collector_credentials(tmp_path / "collector")
-    fleet_ca = tmp_path / "fleet-ca.pem"
-    fleet_ca.write_bytes(fleet_broker.root.cert_pem())
-    config = loads(CollectorConfig, "", overrides={
-        "mqtt.broker": f"mqtts://127.0.0.1:{fleet_broker.mtls_port}",
-        "tls.ca_bundle": str(creds.ca_bundle_path), "tls.cert": str(creds.cert_path),
-        "tls.key": str(creds.key_path), "tls.fleet_ca": str(fleet_ca),
-        "store.url": f"sqlite:///{tmp_path / 'certmon.db'}",
-        "mqtt.client_id": f"collector-{tmp_path.name}"})
-    service = build_collector(config)
-    service.periodic = Periodic(beacon_every_s=0.2, silence_every_s=0.2, summary_every_s=0.2)
-    service.start()
-    assert service.link.wait_connected(10)
-    yield service
-    service.close()
 
 
 def deliver(*agents: AgentService) -> None:
