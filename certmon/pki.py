@@ -134,6 +134,12 @@ class CertFacts:
     source: str = ""  # file path or "tls:host:port"
     index: int = 0  # position of the certificate in its source
 
+    @property
+    def name(self) -> str:
+        """A short name for messages: the CN, or the whole subject when there is none.
+        Findings travel in every status, where a full DN costs bytes and says little."""
+        return self.common_name or self.subject
+
     def days_left(self, now: datetime) -> float:
         return (self.not_after - now).total_seconds() / 86400.0
 
@@ -564,14 +570,14 @@ def expiry_findings(facts: CertFacts, now: datetime, policy: Policy, role: str) 
     label = _ROLE_LABEL.get(role, "certificate")
     if now < facts.not_before:
         return [_about(FindingCode.CERT_NOT_YET_VALID, Severity.CRITICAL,
-                        f"{label} {facts.subject} is not valid before "
+                        f"{label} {facts.name} is not valid before "
                         f"{_iso(facts.not_before)} ({_fmt_days(_days(facts.not_before - now))} "
                         "from now)", facts)]
     left = _days(facts.not_after - now)
     expired_code, expiring_code = _ROLE_CODES.get(role, _ROLE_CODES["client"])
     if left <= 0:
         return [_about(expired_code, Severity.CRITICAL,
-                        f"{label} {facts.subject} expired {_iso(facts.not_after)} "
+                        f"{label} {facts.name} expired {_iso(facts.not_after)} "
                         f"({_fmt_days(-left)} ago)", facts)]
     lifetime_s = facts.lifetime_s
     fraction = (facts.not_after - now).total_seconds() / lifetime_s if lifetime_s > 0 else 0.0
@@ -585,7 +591,7 @@ def expiry_findings(facts: CertFacts, now: datetime, policy: Policy, role: str) 
     if severity == Severity.OK:
         return []
     return [_about(expiring_code, severity,
-                    f"{label} {facts.subject} expires {_iso(facts.not_after)} "
+                    f"{label} {facts.name} expires {_iso(facts.not_after)} "
                     f"(in {_fmt_days(left)}, {fraction:.0%} of its lifetime left)",
                     facts)]
 
@@ -617,11 +623,11 @@ def strength_findings(facts: CertFacts, policy: Policy) -> list[Finding]:
     )
     if weak_key:
         out.append(_about(FindingCode.WEAK_KEY, Severity.CRITICAL,
-                           f"{facts.subject} has a weak key ({facts.key_type}-{facts.key_bits}); "
+                           f"{facts.name} has a weak key ({facts.key_type}-{facts.key_bits}); "
                            "OpenSSL 3 at security level 2 refuses it", facts))
     if not facts.is_self_issued and facts.signature_hash in {"md2", "md4", "md5", "sha1"}:
         out.append(_about(FindingCode.WEAK_SIGNATURE, Severity.CRITICAL,
-                           f"{facts.subject} is signed with {facts.signature_algorithm}; "
+                           f"{facts.name} is signed with {facts.signature_algorithm}; "
                            "current TLS stacks reject it", facts))
     return out
 
@@ -634,7 +640,7 @@ def trust_store_findings(bundle: Bundle, now: datetime, policy: Policy) -> list[
     for facts in bundle.facts:
         if facts.sha256 in seen:
             out.append(Finding(FindingCode.DUPLICATE_CERT, Severity.WARNING,
-                               f"{facts.source}: certificate #{facts.index} ({facts.subject}) "
+                               f"{facts.source}: certificate #{facts.index} ({facts.name}) "
                                f"duplicates #{seen[facts.sha256].index}",
                                cert_sha256=facts.sha256, subject=facts.subject,
                                source=facts.source, not_after=facts.not_after))
@@ -651,7 +657,7 @@ def key_findings(key: KeyFacts, cert: CertFacts | None, cert_spki: str | None) -
     if cert is not None and cert_spki is not None and cert_spki != key.public_sha256:
         out.append(Finding(FindingCode.KEY_MISMATCH, Severity.CRITICAL,
                            f"private key {key.source} does not belong to certificate "
-                           f"{cert.subject} ({cert.source}): TLS handshakes will fail",
+                           f"{cert.name} ({cert.source}): TLS handshakes will fail",
                            cert_sha256=cert.sha256, subject=cert.subject, source=key.source,
                            not_after=cert.not_after))
     if key.mode is not None and key.mode & 0o077:
@@ -812,7 +818,7 @@ def chain_findings(
         code = FindingCode.BROKER_CHAIN_INVALID if broker else FindingCode.CHAIN_INVALID
         failing = now_result.failing_cert_sha256
         out.append(_about(code, Severity.CRITICAL,
-                           f"chain of {leaf.subject} does not validate: {now_result.error}",
+                           f"chain of {leaf.name} does not validate: {now_result.error}",
                            leaf, cert_sha256=failing))
         return out
     path = now_result.path
@@ -822,8 +828,8 @@ def chain_findings(
             out.append(Finding(
                 FindingCode.INTERMEDIATE_EXPIRES_BEFORE_LEAF,
                 Severity.WARNING,
-                f"{'root' if ca.is_self_issued else 'intermediate'} CA {ca.subject} expires "
-                f"{_iso(ca.not_after)}, {_fmt_days(days_before)} before {leaf.subject}: "
+                f"{'root' if ca.is_self_issued else 'intermediate'} CA {ca.name} expires "
+                f"{_iso(ca.not_after)}, {_fmt_days(days_before)} before {leaf.name}: "
                 "the leaf stops validating then",
                 cert_sha256=ca.sha256, subject=ca.subject, source=ca.source,
                 not_after=ca.not_after))
