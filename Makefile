@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DURATION ?= 0
 
-.PHONY: help venv install lint test bench demo deb clean mosquitto
+.PHONY: help venv install lint test bench demo deb deb-arm64 clean mosquitto
 
 help:
 	@echo "make demo    # run a local demo fleet (broker, collector, agents) and print the dashboard URL"
@@ -44,6 +44,13 @@ mosquitto:
 
 demo: mosquitto install
 	$(PY) -m collector.demo --duration $(DURATION) $(DEMO_ARGS)
+
+# Debian packages into dist/ (docs/packaging.md): a self-contained venv per package.
+deb: $(PY)
+	$(PY) packaging/build_deb.py --out dist
+
+deb-arm64: $(PY)
+	$(PY) packaging/build_deb.py --arch arm64 --out dist
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

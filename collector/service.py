@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 
@@ -86,6 +87,12 @@ class CollectorService:
         self._last_run: dict[str, float] = {}
         self.link = self._make_link()
         self.online_listeners: list[Callable[[str, bool, datetime], None]] = []
+        # Extra periodic jobs (name, every_s, job, claimed): a claimed job runs on one
+        # collector of a group per period (store.try_claim); others on every collector.
+        self.jobs: list[tuple[str, float, Callable[[], None], bool]] = []
+        self.on_close: list[Callable[[], None]] = []
+        self.alerts: Any = None  # collector.alerting.CollectorAlerts, set by collector.app
+        self.web: Any = None  # collector.web.app.WebServer, set by collector.app
 
     # ------------------------------------------------------------ MQTT
 
@@ -169,6 +176,11 @@ class CollectorService:
         systemd.stopping()
         if self._worker is not None:
             self._worker.join(timeout=10)
+        for hook in self.on_close:
+            try:
+                hook()
+            except Exception:
+                log.exception("shutdown hook failed")
         self.link.stop()
         if self.pool is not None:
             self.pool.close()
@@ -210,6 +222,10 @@ class CollectorService:
                          json.dumps(self.fleet_summary(now), sort_keys=True).encode(), retain=True)
         if self._due("prune", per.prune_every_s):
             self.store.prune_seen(now - timedelta(days=30))
+        for name, every_s, job, claimed in self.jobs:
+            if self._due(name, every_s) and (
+                    not claimed or self.store.try_claim(name, now, every_s * 0.9)):
+                job()
 
     def fleet_summary(self, now: datetime) -> dict[str, object]:
         counts = self.store.fleet_counts()

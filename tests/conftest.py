@@ -255,6 +255,7 @@ def collector_config(fleet: Fleet, tmp_path: Path, **overrides: str) -> Any:
         "tls.key": str(creds.key_path), "tls.fleet_ca": str(fleet_ca),
         "store.url": f"sqlite:///{tmp_path / 'certmon.db'}",
         "mqtt.client_id": f"collector-{tmp_path.name}", "mqtt.session_expiry_s": "0",
+        "web.listen": "127.0.0.1:0",
         **overrides,
     }
     return loads(CollectorConfig, "", overrides=values)

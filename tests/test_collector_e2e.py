@@ -9,6 +9,8 @@ in particular the clock case as a clock problem — and see it resolve when fixe
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -100,6 +102,56 @@ def test_four_gateways_are_stored_and_classified(
         assert ("gw-short-ca", "CN=short-lived-devices") in subjects
         assert collector.ingestor.rejected == {}
         assert store.seen_count("gw-healthy") == 1
+
+        # Alerts: the right ones, with the right classification.
+        def firing() -> dict[tuple[str, str | None], Any]:
+            return {(a.rule, a.device_id): a for a in store.active_alerts()}
+
+        assert wait_until(lambda: ("CLOCK_BEHIND", "gw-clock") in firing(), 10), firing()
+        alerts = firing()
+        assert alerts[("CERT_EXPIRING", "gw-expiring")].labels["category"] == "certificate"
+        assert alerts[("CERT_EXPIRING", "gw-expiring")].severity == 2
+        assert alerts[("CLOCK_BEHIND", "gw-clock")].labels["category"] == "clock"
+        assert not {rule for rule, dev in alerts if dev == "gw-clock"} - {
+            "CLOCK_BEHIND", "CLOCK_IMPLAUSIBLE"}  # a clock problem, not a certificate one
+        assert ("INTERMEDIATE_EXPIRES_BEFORE_LEAF", "gw-short-ca") in alerts
+        assert not any(dev == "gw-healthy" for _, dev in alerts)
+
+        # Renewing the expiring certificate on disk resolves its alert.
+        renewed = fleet_broker.device_credentials("gw-expiring", tmp_path / "e2", days=365,
+                                                  name="gw-expiring-renewed")
+        expiring.cert_path.write_bytes(renewed.cert_path.read_bytes())
+        expiring.key_path.write_bytes(renewed.key_path.read_bytes())
+        agents[1].report_once()
+        assert agents[1].wait_delivered(15)
+        assert wait_until(lambda: ("CERT_EXPIRING", "gw-expiring") not in firing(), 10)
+        history = store.alert_history("gw-expiring")
+        assert any(a.rule == "CERT_EXPIRING" and a.state == "resolved" for a in history)
     finally:
         for a in agents:
             a.shutdown()
+
+
+def test_a_killed_agent_is_marked_offline(
+    fleet_broker: Fleet, collector: CollectorService, tmp_path: Path
+) -> None:
+    creds = fleet_broker.device_credentials("gw-doomed", tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--broker",
+         f"mqtts://127.0.0.1:{fleet_broker.mtls_port}", "--ca-bundle", str(creds.ca_bundle_path),
+         "--cert", str(creds.cert_path), "--key", str(creds.key_path),
+         "--state-dir", str(tmp_path / "state"), "--interval-s", "30"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = collector.store
+    try:
+        assert wait_until(lambda: (row := store.device("gw-doomed")) is not None
+                          and row.is_online and row.status_json, 20)
+        proc.kill()
+        proc.wait()
+        assert wait_until(lambda: not store.device("gw-doomed").is_online, 10)  # type: ignore[union-attr]
+        assert wait_until(lambda: any(a.rule == "DEVICE_OFFLINE" and a.device_id == "gw-doomed"
+                                      for a in store.active_alerts()), 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

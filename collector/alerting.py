@@ -1,0 +1,123 @@
+"""Collector events → alert evaluations: the glue between ingest and the alert engine.
+
+Owns *when* each rule family is evaluated: a device's findings when its stored status
+changed them (not on every status: at thousands of statuses per second, unchanged
+findings need no transaction), its liveness when the online state changes, and the
+fleet rules (required CAs, shared client certificates) plus re-notification on a
+periodic sweep that one collector of a group claims in the store. The rules are in
+collector.alerts.rules, delivery in collector.alerts.engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from certmon import pki
+from certmon import protocol as p
+
+from .alerts.engine import AlertEngine
+from .alerts.rules import (
+    CertName,
+    RequiredCA,
+    Scope,
+    device_alerts,
+    offline_alerts,
+    shared_client_cert_alerts,
+    trust_requirement_alerts,
+)
+from .alerts.sinks import build_sinks
+from .config import CollectorConfig
+from .ingest import Stored
+from .store import CertRole, Store
+
+log = logging.getLogger("certmon.collector.alerts")
+
+
+def required_cas(config: CollectorConfig) -> list[RequiredCA]:
+    """The configured trust requirements, with their fingerprints resolved."""
+    out = []
+    for req in config.trust_requirements:
+        if req.sha256:
+            out.append(RequiredCA(req.name, req.sha256.lower(), req.status))
+        elif req.ca_file:
+            for cert in pki.read_bundle(req.ca_file).certs:
+                out.append(RequiredCA(req.name, cert.facts.sha256, req.status))
+    return out
+
+
+class CollectorAlerts:
+    def __init__(self, config: CollectorConfig, store: Store,
+                 publish: Callable[[str, bytes, bool], None],
+                 now: Callable[[], datetime]) -> None:
+        self.config = config
+        self.store = store
+        self.now = now
+        self.policy = pki.Policy(**dataclasses.asdict(config.policy))
+        self.requirements = required_cas(config)
+        sinks = build_sinks(config.alerts, topic_prefix=config.mqtt.topic_prefix,
+                            publish=publish)
+        self.engine = AlertEngine(store, sinks,
+                                  renotify_interval_s=config.alerts.renotify_interval_s,
+                                  clock=now)
+        # device → the finding set last evaluated by this process (None: not yet).
+        self._evaluated: dict[str, tuple[tuple[str, int, str | None], ...]] = {}
+
+    def on_stored(self, stored: Sequence[Stored]) -> None:
+        now = self.now()
+        for item in stored:
+            status = item.status
+            key = tuple(sorted((f.code, int(f.severity), f.cert) for f in status.findings))
+            if self._evaluated.get(status.device_id) == key:
+                continue
+            self._evaluated[status.device_id] = key
+            self.engine.evaluate(
+                status.device_id,
+                device_alerts(status.device_id, status.findings, online=True, now=now,
+                              certs=_names(status)),
+                scope=Scope.FINDINGS, now=now)
+            # A fresh status means the device is back: its offline alerts resolve.
+            self.engine.evaluate(status.device_id, [], scope=Scope.OFFLINE, now=now)
+
+    def on_online(self, device_id: str, online: bool, at: datetime) -> None:
+        row = self.store.device(device_id)
+        client = None
+        if row is not None and row.client_sha256:
+            client = self.store.certificate(row.client_sha256)
+        self.engine.evaluate(device_id, offline_alerts(
+            device_id, online=online, last_seen_at=row.last_received_at if row else None,
+            client_not_after=client.not_after if client else None,
+            client_sha256=row.client_sha256 if row else None, now=at, policy=self.policy),
+            scope=Scope.OFFLINE, now=at)
+
+    def sweep(self) -> None:
+        """Fleet rules and re-notification; call periodically under a store claim."""
+        now = self.now()
+        devices = self.store.devices()
+        if self.requirements:
+            holders: dict[str, set[str]] = {}
+            for req in self.requirements:
+                holders[req.sha256] = {dev for dev, role in self.store.holders(req.sha256)
+                                       if role == CertRole.TRUST}
+            with_inventory = {d.device_id for d in devices
+                              if self.store.inventory(d.device_id) is not None}
+            self.engine.evaluate_fleet(
+                trust_requirement_alerts(self.requirements, holders, with_inventory),
+                scope=Scope.TRUST, now=now)
+        clients = {d.device_id: d.client_sha256 for d in devices if d.client_sha256}
+        self.engine.evaluate(None, shared_client_cert_alerts(clients),
+                             scope=Scope.SHARED_CERT, now=now)
+        self.engine.renotify_due(now)
+
+    def close(self) -> None:
+        self.engine.close(10.0)
+
+
+def _names(status: p.Status) -> dict[str, CertName]:
+    names: dict[str, CertName] = {}
+    for brief in [*(status.trust_store.expiring if status.trust_store else ()),
+                  *(status.broker.chain if status.broker else ())]:
+        names[brief.ref] = CertName(brief.ref, brief.subject)
+    return names

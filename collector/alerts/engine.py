@@ -1,0 +1,315 @@
+"""The alert lifecycle (firing → resolved, re-notify) and non-blocking dispatch.
+
+Owns: turning a scope's candidates into store transitions (`alert_fire`,
+`alert_resolve`, which are atomic across collectors and say whether *this* caller
+must notify), the `Notification`s those transitions claim, and their delivery: one
+bounded queue and one worker thread per sink, retries with capped exponential
+backoff and jitter, per-sink counters. Must not judge findings (that is `rules`),
+format for a channel (that is each sink) or block the ingest path on a sink.
+
+Delivery guarantee (docs/alerts.md, "Delivery"): the store records the transition
+(and `last_notified_at`) before the notification is queued, so N collectors send one
+notification. A notification lost after that (process killed, queue full, retries
+exhausted) is made good by the next re-notify: a firing alert is delivered at least
+once per `renotify_interval_s` while it keeps firing and is evaluated (or swept by
+`renotify_due`, which the collector runs at start and periodically). A resolution is
+sent at most once; Alertmanager still ends a lost one by itself at `expires_at`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+
+from certmon.pki import Severity
+from collector.alerts import Notification
+from collector.alerts.rules import AlertCandidate, Scope
+from collector.alerts.sinks import Sink
+from collector.store import AlertRow
+
+__all__ = ["AlertEngine", "AlertStore", "Evaluation", "SinkStats"]
+
+log = logging.getLogger(__name__)
+
+
+class AlertStore(Protocol):
+    """The part of `collector.store.Store` the engine uses (tests pass a small fake)."""
+
+    def alert_fire(self, key: str, *, rule: str, device_id: str | None,
+                   cert_sha256: str | None, severity: int, summary: str,
+                   labels: Mapping[str, str], now: datetime,
+                   renotify_interval_s: float | None) -> bool: ...
+    def alert_resolve(self, key: str, now: datetime) -> bool: ...
+    def active_alerts(self) -> list[AlertRow]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """What one evaluation changed (keys), for logs and tests."""
+
+    notified: tuple[str, ...]  # fired, repeated or changed severity: queued for the sinks
+    resolved: tuple[str, ...]  # resolved now: queued for the sinks
+    firing: int  # candidates held (notified or not)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    sent: int  # notifications delivered
+    failed: int  # attempts that raised (a notification may fail, then be sent)
+    dropped: int  # given up: queue full, retries exhausted, or still queued at close
+    queued: int
+
+
+_STOP = object()
+
+
+class _Worker:
+    """One sink's queue and thread. A sink that hangs or fails only delays itself."""
+
+    def __init__(self, name: str, sink: Sink, *, queue_size: int, max_attempts: int,
+                 backoff_base_s: float, backoff_cap_s: float, rng: random.Random) -> None:
+        self.name, self.sink = name, sink
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._max_attempts, self._base_s, self._cap_s = max_attempts, backoff_base_s, backoff_cap_s
+        self._rng = rng
+        self._abort = threading.Event()  # set at the close deadline: stop retrying
+        self._lock = threading.Lock()
+        self._closed = False
+        self.sent = self.failed = self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name=f"alert-sink-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, n: Notification) -> None:
+        try:
+            if self._closed:
+                raise queue.Full
+            self._queue.put_nowait(n)
+        except queue.Full:
+            self._count("dropped")
+            log.warning("alert sink %s: queue full, dropped %s %s", self.name, n.status, n.key)
+
+    def stats(self) -> SinkStats:
+        with self._lock:
+            return SinkStats(self.sent, self.failed, self.dropped, self._queue.qsize())
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def backoff_s(self, attempt: int) -> float:
+        # Jitter spreads N collectors' retries against one recovering receiver.
+        return min(self._cap_s, self._base_s * 2.0**attempt) * self._rng.uniform(0.5, 1.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            assert isinstance(item, Notification)
+            self._deliver(item)
+
+    def _deliver(self, n: Notification) -> None:
+        for attempt in range(self._max_attempts):
+            if self._abort.is_set():
+                break
+            try:
+                self.sink.send(n)
+            except Exception as exc:  # noqa: BLE001 - any sink failure is data, never fatal
+                self._count("failed")
+                log.warning("alert sink %s: attempt %d for %s failed: %s",
+                            self.name, attempt + 1, n.key, exc)
+                if attempt + 1 < self._max_attempts and self._abort.wait(self.backoff_s(attempt)):
+                    break
+            else:
+                self._count("sent")
+                return
+        self._count("dropped")
+        log.error("alert sink %s: gave up on %s %s", self.name, n.status, n.key)
+
+    def post_stop(self, deadline: float | None) -> bool:
+        """Queue the end marker behind what is queued; `deadline` None: only if there
+        is room now. At the deadline, give up on the backlog instead."""
+        self._closed = True
+        try:
+            if deadline is None:
+                self._queue.put_nowait(_STOP)
+            else:
+                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            return True
+        except queue.Full:
+            if deadline is None:
+                return False
+        self._give_up()
+        return True
+
+    def join(self, deadline: float) -> None:
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            # A send in progress (an HTTP request up to its timeout) cannot be
+            # interrupted; the daemon thread is left to finish or die with the process.
+            self._give_up()
+            self._thread.join(0.1)
+
+    def _give_up(self) -> None:
+        self._abort.set()  # the worker stops retrying and drops what it still gets
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self._count("dropped")
+        with contextlib.suppress(queue.Full):  # a racing submit cannot refill it: closed
+            self._queue.put_nowait(_STOP)
+
+
+class AlertEngine:
+    """`evaluate` candidates per (device, scope); dispatch off the caller's thread."""
+
+    def __init__(self, store: AlertStore, sinks: Mapping[str, Sink], *,
+                 renotify_interval_s: float, clock: Callable[[], datetime],
+                 queue_size: int = 1000, max_attempts: int = 8,
+                 backoff_base_s: float = 1.0, backoff_cap_s: float = 300.0,
+                 generator_url: str | None = None, rng: random.Random | None = None) -> None:
+        self._store = store
+        self._renotify_interval_s = renotify_interval_s
+        self._clock = clock
+        self._generator_url = generator_url
+        rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._workers = [_Worker(name, sink, queue_size=queue_size, max_attempts=max_attempts,
+                                 backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s,
+                                 rng=random.Random(rng.random()))  # noqa: S311
+                         for name, sink in sinks.items()]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def evaluate(self, device_id: str | None, candidates: Sequence[AlertCandidate], *,
+                 scope: Scope, now: datetime | None = None) -> Evaluation:
+        """Fire every candidate; resolve every active alert of `device_id` in `scope`
+        whose key is not among them. `device_id=None` means the fleet alerts (no
+        device) of `scope`. Candidates must belong to that device and scope: an alert
+        fired outside its scope would never be resolved by anyone."""
+        for c in candidates:
+            if c.scope != scope or c.device_id != device_id:
+                raise ValueError(f"candidate {c.key} (scope {c.scope}) does not belong to "
+                                 f"evaluate({device_id!r}, scope={scope})")
+        return self._reconcile(candidates, now, lambda r: r.device_id == device_id
+                               and r.labels.get("scope") == scope)
+
+    def evaluate_fleet(self, candidates: Sequence[AlertCandidate], *, scope: Scope,
+                       now: datetime | None = None) -> Evaluation:
+        """Like `evaluate`, but owning `scope`'s alerts of every device at once: for the
+        fleet sweeps (TRUST, SHARED_CERT) that judge all devices together. Run them
+        under `store.try_claim` so one collector sweeps at a time."""
+        for c in candidates:
+            if c.scope != scope:
+                raise ValueError(f"candidate {c.key} (scope {c.scope}) is not in scope {scope}")
+        return self._reconcile(candidates, now, lambda r: r.labels.get("scope") == scope)
+
+    def renotify_due(self, now: datetime | None = None) -> int:
+        """Re-notify every firing alert whose last notification is older than the
+        interval (at start, and periodically): covers notifications lost in a crash
+        between the store transition and the sink, and alerts nobody evaluates
+        anymore. `alert_fire` stays the arbiter, so N collectors send one."""
+        now = now or self._clock()
+        due = timedelta(seconds=self._renotify_interval_s)
+        count = 0
+        for row in self._store.active_alerts():
+            if row.last_notified_at is not None and now - row.last_notified_at < due:
+                continue
+            if self._fire(_candidate_of(row), row, now):
+                count += 1
+        return count
+
+    def _reconcile(self, candidates: Sequence[AlertCandidate], now: datetime | None,
+                   owns: Callable[[AlertRow], bool]) -> Evaluation:
+        now = now or self._clock()
+        # Store.active_alerts() lists the whole fleet; see docs/alerts.md ("Cost").
+        active = {r.alert_key: r for r in self._store.active_alerts() if owns(r)}
+        notified = [c.key for c in candidates if self._fire(c, active.get(c.key), now)]
+        wanted = {c.key for c in candidates}
+        resolved = []
+        for key, row in sorted(active.items()):
+            if key not in wanted and self._store.alert_resolve(key, now):
+                resolved.append(key)
+                self.dispatch(_resolved(row, now, self._generator_url))
+        return Evaluation(tuple(notified), tuple(resolved), len(wanted))
+
+    def _fire(self, c: AlertCandidate, prev: AlertRow | None, now: datetime) -> bool:
+        if not self._store.alert_fire(
+                c.key, rule=c.rule, device_id=c.device_id, cert_sha256=c.cert_sha256,
+                severity=int(c.severity), summary=c.summary, labels=c.labels, now=now,
+                renotify_interval_s=self._renotify_interval_s):
+            return False
+        reason: Literal["new", "repeat", "severity"]
+        if prev is None:
+            reason, starts_at, replaces = "new", now, None
+        elif prev.severity != c.severity:
+            reason, starts_at, replaces = "severity", prev.started_at, prev.labels
+        else:
+            reason, starts_at, replaces = "repeat", prev.started_at, None
+        self.dispatch(Notification(
+            status="firing", reason=reason, key=c.key, rule=c.rule, device_id=c.device_id,
+            cert_sha256=c.cert_sha256, severity=c.severity, category=c.category,
+            summary=c.summary, labels=c.labels, starts_at=starts_at, at=now,
+            expires_at=now + 2 * timedelta(seconds=self._renotify_interval_s),
+            replaces_labels=replaces, generator_url=self._generator_url))
+        return True
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(self, n: Notification) -> None:
+        """Queue `n` for every sink; never blocks (a full queue drops and counts). Public
+        for callers that notify outside the lifecycle, e.g. a "send a test alert" command."""
+        for w in self._workers:
+            w.submit(n)  # never blocks: a full queue drops and counts
+
+    def stats(self) -> dict[str, SinkStats]:
+        """Per sink name: the counters behind certmon_alert_notifications_total."""
+        return {w.name: w.stats() for w in self._workers}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued within `timeout` seconds, then stop the workers;
+        whatever is left is counted as dropped (re-notify makes good firing alerts)."""
+        deadline = time.monotonic() + timeout
+        # First every worker whose queue has room, so no full queue delays the others.
+        full = [w for w in self._workers if not w.post_stop(None)]
+        for w in full:
+            w.post_stop(deadline)
+        for w in self._workers:
+            w.join(deadline)
+
+    def __enter__(self) -> AlertEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _candidate_of(row: AlertRow) -> AlertCandidate:
+    """A stored firing alert as the candidate that fired it (for `renotify_due`)."""
+    labels = dict(row.labels)
+    try:
+        scope = Scope(labels.get("scope", ""))
+    except ValueError:  # written by a newer collector; the scope only guards resolving
+        scope = Scope.FINDINGS
+    return AlertCandidate(
+        key=row.alert_key, rule=row.rule, device_id=row.device_id,
+        cert_sha256=row.cert_sha256, severity=Severity(row.severity),
+        category=labels.get("category", "certificate"), scope=scope, summary=row.summary,
+        labels=labels)
+
+
+def _resolved(row: AlertRow, now: datetime, generator_url: str | None) -> Notification:
+    return Notification(
+        status="resolved", reason="resolved", key=row.alert_key, rule=row.rule,
+        device_id=row.device_id, cert_sha256=row.cert_sha256,
+        severity=Severity(row.severity), category=row.labels.get("category", "certificate"),
+        summary=row.summary, labels=row.labels, starts_at=row.started_at, at=now,
+        ends_at=now, generator_url=generator_url)
+

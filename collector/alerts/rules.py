@@ -1,0 +1,265 @@
+"""Alert rules: findings and fleet facts → `AlertCandidate`s. Pure.
+
+Owns which conditions are alerts, their rule names, severities, categories, dedup
+keys, summaries and labels. Every function is a pure function of its inputs and
+`now`; the store reads, the lifecycle (firing → resolved, re-notify) and delivery
+belong to `collector.alerts.engine`. Must not read the clock, the store or the network.
+
+Expiry thresholds (days and fraction of lifetime) are applied by the agent
+(`certmon.pki.Policy`) before a finding exists; here a finding of severity ≥ WARNING
+becomes an alert, optionally with its severity overridden per rule (`RulesConfig`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from certmon.pki import Policy, Severity
+from certmon.protocol import FindingWire, cert_ref, format_instant
+from collector.aggregate import category
+
+__all__ = [
+    "DEVICE_OFFLINE", "FLEET", "OFFLINE_CERT_EXPIRING", "SHARED_CLIENT_CERT",
+    "TRUST_STORE_MISSING_CA", "AlertCandidate", "CertName", "RequiredCA", "RulesConfig",
+    "Scope", "device_alerts", "offline_alerts", "shared_client_cert_alerts",
+    "trust_requirement_alerts",
+]
+
+# Rules the collector derives itself (every other rule name is an agent finding code).
+DEVICE_OFFLINE = "DEVICE_OFFLINE"
+OFFLINE_CERT_EXPIRING = "OFFLINE_CERT_EXPIRING"
+TRUST_STORE_MISSING_CA = "TRUST_STORE_MISSING_CA"
+SHARED_CLIENT_CERT = "SHARED_CLIENT_CERT"
+
+FLEET = "fleet"  # the `device` label of an alert about no single device (a reserved id)
+
+
+class Scope(enum.StrEnum):
+    """Which evaluation owns an alert: only the evaluation of the same scope (and, for
+    per-device scopes, the same device) may resolve it. Recorded as the `scope` label.
+
+    A device's findings, its liveness and the fleet facts are judged at different
+    moments by different code paths: the status handler must not resolve
+    DEVICE_OFFLINE just because the status it evaluates has no such finding, and the
+    hourly trust-store sweep must not resolve a device's CERT_EXPIRING.
+    """
+
+    FINDINGS = "findings"  # device_alerts: the agent's findings, per status
+    OFFLINE = "offline"  # offline_alerts: silence / LWT, per device
+    TRUST = "trust"  # trust_requirement_alerts: fleet sweep
+    SHARED_CERT = "shared_cert"  # shared_client_cert_alerts: fleet sweep
+
+
+@dataclass(frozen=True, slots=True)
+class AlertCandidate:
+    """An alert condition that holds now. `key` is the dedup identity (rule, device,
+    certificate); the store keeps one lifecycle per key."""
+
+    key: str
+    rule: str
+    device_id: str | None  # None: a fleet alert (SHARED_CLIENT_CERT)
+    # The certificate the alert is about: the full SHA-256 when known, else the
+    # 16-hex-digit reference the agent's finding carries.
+    cert_sha256: str | None
+    severity: Severity
+    category: str  # "certificate", "clock", "broker" or "fleet"
+    scope: Scope
+    summary: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RulesConfig:
+    """Per-rule severity overrides, e.g. {"WEAK_SIGNATURE": Severity.CRITICAL,
+    "KEY_PERMISSIONS": Severity.OK}. OK silences a rule; any other value replaces the
+    severity the agent (or the rule below) chose. Thresholds stay in `[policy]`."""
+
+    severity_overrides: Mapping[str, Severity] = field(default_factory=dict)
+
+    def severity(self, rule: str, default: Severity) -> Severity:
+        return self.severity_overrides.get(rule, default)
+
+
+DEFAULT_RULES = RulesConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class CertName:
+    """What the collector knows of a certificate an agent names by reference."""
+
+    sha256: str
+    subject: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequiredCA:
+    """A `[[trust_requirements]]` entry with its fingerprint resolved (the caller reads
+    `ca_file`; this module does no I/O)."""
+
+    name: str
+    sha256: str
+    status: str  # "required" | "retiring"
+
+
+def _key(rule: str, device_id: str | None, cert: str | None) -> str:
+    # The certificate part is the identity the source has: the wire's 16-hex ref for
+    # agent findings (stable whether or not the collector holds the certificate), the
+    # full SHA-256 for collector-derived rules. The lengths differ, so an agent finding
+    # and a fleet rule of the same name never share a key.
+    return f"{rule}|{device_id or FLEET}|{cert or '-'}"
+
+
+def _labels(rule: str, device_id: str | None, severity: Severity, cat: str,
+            scope: Scope, cert: str | None) -> dict[str, str]:
+    labels = {"alertname": rule, "rule": rule, "device": device_id or FLEET,
+              "severity": severity.name.lower(), "category": cat, "scope": str(scope)}
+    if cert:
+        # Alertmanager identifies an alert by its label set: without the certificate,
+        # CA_EXPIRING for two CAs of one device would collapse into one alert.
+        labels["cert"] = cert_ref(cert)
+    return labels
+
+
+def _candidate(rule: str, device_id: str | None, cert_key: str | None,
+               cert_sha256: str | None, severity: Severity, cat: str, scope: Scope,
+               summary: str) -> AlertCandidate:
+    return AlertCandidate(
+        key=_key(rule, device_id, cert_key), rule=rule, device_id=device_id,
+        cert_sha256=cert_sha256, severity=severity, category=cat, scope=scope,
+        summary=summary, labels=_labels(rule, device_id, severity, cat, scope, cert_sha256))
+
+
+def humanize(delta: timedelta) -> str:
+    """'3 hours', '2 days', '45 minutes': summaries are read on a phone at 3 a.m."""
+    s = abs(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if s >= size:
+            n = int(s // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{int(s)} seconds"
+
+
+def _expiry_phrase(not_after: datetime, now: datetime) -> str:
+    when = format_instant(not_after)
+    if not_after <= now:
+        return f"expired {when} ({humanize(now - not_after)} ago)"
+    return f"expires {when} (in {humanize(not_after - now)})"
+
+
+# --------------------------------------------------------------------------- per device
+
+
+def device_alerts(device_id: str, findings: Sequence[FindingWire], *, online: bool,
+                  now: datetime, rules_config: RulesConfig = DEFAULT_RULES,
+                  certs: Mapping[str, CertName] | None = None) -> list[AlertCandidate]:
+    """One candidate per (code, certificate) whose severity (after overrides) is at
+    least WARNING, scope FINDINGS. `certs` maps cert refs to what the collector holds,
+    so a summary can name the subject. Findings of an offline device stand as last
+    reported (the summary says so); the offline rules judge the silence itself."""
+    best: dict[str, tuple[FindingWire, Severity]] = {}
+    for f in findings:
+        severity = rules_config.severity(f.code, f.severity)
+        if severity < Severity.WARNING:
+            continue
+        key = _key(f.code, device_id, f.cert)
+        if key not in best or severity > best[key][1]:  # duplicates: keep the worst
+            best[key] = (f, severity)
+    out = []
+    for f, severity in best.values():
+        known = (certs or {}).get(f.cert) if f.cert else None
+        cat = category(f.code)
+        parts = [f"{device_id}: {f.msg}" if f.msg else f"{device_id}: {f.code}"]
+        if known is not None:
+            parts.append(f"certificate {known.subject}")
+        if f.not_after is not None:
+            parts.append(_expiry_phrase(f.not_after, now))
+        summary = "; ".join(parts)
+        if not online:
+            summary += " (device offline; as last reported)"
+        out.append(_candidate(f.code, device_id, f.cert,
+                              known.sha256 if known else f.cert, severity, cat,
+                              Scope.FINDINGS, summary))
+    return sorted(out, key=lambda c: c.key)
+
+
+def offline_alerts(device_id: str, *, online: bool, last_seen_at: datetime | None,
+                   client_not_after: datetime | None, now: datetime, policy: Policy,
+                   client_sha256: str | None = None,
+                   rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
+    """Scope OFFLINE. DEVICE_OFFLINE (WARNING) while the device is offline;
+    OFFLINE_CERT_EXPIRING (CRITICAL) when, in addition, its client certificate
+    expires within `policy.warn_days` or already has: the agent cannot report that
+    itself, and the device may not reconnect once the certificate has expired."""
+    if online:
+        return []
+    silent = (f"has been silent for {humanize(now - last_seen_at)}"
+              if last_seen_at is not None else "has never reported")
+    out = []
+    severity = rules_config.severity(DEVICE_OFFLINE, Severity.WARNING)
+    if severity >= Severity.WARNING:
+        seen = f" (last seen {format_instant(last_seen_at)})" if last_seen_at else ""
+        out.append(_candidate(DEVICE_OFFLINE, device_id, None, None, severity, FLEET,
+                              Scope.OFFLINE, f"{device_id} {silent}{seen}"))
+    severity = rules_config.severity(OFFLINE_CERT_EXPIRING, Severity.CRITICAL)
+    if (client_not_after is not None and severity >= Severity.WARNING
+            and client_not_after - now <= policy.warn_window):
+        summary = (f"{device_id} {silent} and its client certificate "
+                   f"{_expiry_phrase(client_not_after, now)} while it is offline")
+        out.append(_candidate(OFFLINE_CERT_EXPIRING, device_id, client_sha256,
+                              client_sha256, severity, "certificate", Scope.OFFLINE, summary))
+    return out
+
+
+# --------------------------------------------------------------------------- fleet
+
+
+def trust_requirement_alerts(requirements: Iterable[RequiredCA],
+                             holders: Mapping[str, set[str]], devices: set[str], *,
+                             rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
+    """Scope TRUST. TRUST_STORE_MISSING_CA (WARNING) for each device in `devices` whose
+    trust store lacks a "required" CA: one alert per (device, CA). `holders` maps a CA
+    SHA-256 to the devices holding it; `devices` must be the devices whose inventory
+    is known — a device not yet heard from is not "missing" anything. "retiring" CAs
+    are fleet views (who still depends on it), not alerts."""
+    severity = rules_config.severity(TRUST_STORE_MISSING_CA, Severity.WARNING)
+    if severity < Severity.WARNING:
+        return []
+    out = []
+    for req in requirements:
+        if req.status != "required":
+            continue
+        sha = req.sha256.lower()
+        held = holders.get(sha, set())
+        for dev in sorted(devices - held):
+            out.append(_candidate(
+                TRUST_STORE_MISSING_CA, dev, sha, sha, severity, FLEET, Scope.TRUST,
+                f"{dev}: trust store lacks required CA \"{req.name}\" (sha256 {sha[:16]}…)"))
+    return out
+
+
+def shared_client_cert_alerts(client_by_device: Mapping[str, str], *,
+                              rules_config: RulesConfig = DEFAULT_RULES,
+                              max_named: int = 5) -> list[AlertCandidate]:
+    """Scope SHARED_CERT. SHARED_CLIENT_CERT (CRITICAL) per client certificate that
+    two or more device ids present: a cloned image or a copied key, so one device can
+    speak for another. A fleet alert (device label "fleet"), keyed by the SHA-256."""
+    severity = rules_config.severity(SHARED_CLIENT_CERT, Severity.CRITICAL)
+    if severity < Severity.WARNING:
+        return []
+    by_sha: dict[str, list[str]] = {}
+    for dev, sha in client_by_device.items():
+        by_sha.setdefault(sha.lower(), []).append(dev)
+    out = []
+    for sha, devs in sorted(by_sha.items()):
+        if len(devs) < 2:
+            continue
+        devs.sort()
+        named = ", ".join(devs[:max_named])
+        more = f" and {len(devs) - max_named} more" if len(devs) > max_named else ""
+        out.append(_candidate(
+            SHARED_CLIENT_CERT, None, sha, sha, severity, FLEET, Scope.SHARED_CERT,
+            f"client certificate {sha[:16]}… is used by {len(devs)} devices: {named}{more}"))
+    return out
