@@ -36,7 +36,6 @@ def build_collector(config: CollectorConfig, *, web: bool = True) -> CollectorSe
         server = start_web(service, config.web.listen, basic_auth=_basic_auth(config))
         service.web = server
         service.on_close.append(server.stop)
-        log.info("dashboard at %s/", server.url)
     return service
 
 

@@ -106,7 +106,9 @@ class CollectorService:
                                 keepalive_s=mqtt.keepalive_s, max_inflight=100,
                                 clean_start=mqtt.session_expiry_s == 0,
                                 session_expiry_s=mqtt.session_expiry_s)
-        link = MqttLink(settings, on_message=self._enqueue, monotonic=self.clock.monotonic)
+        link = MqttLink(settings, on_message=self._enqueue, monotonic=self.clock.monotonic,
+                        on_connect=lambda: log.info("connected to %s:%s as %s", host, port,
+                                                    client_id))
         share = f"$share/{mqtt.share_group}/" if mqtt.share_group else ""
         # Statuses and inventories are shared out across the group; cert and online
         # topics go to every collector: a collector must know a device's certificate

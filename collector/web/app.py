@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, unquote
+from typing import TYPE_CHECKING, Any, Protocol, cast
+from urllib.parse import parse_qsl
 
 from certmon import pki
 from certmon.clock import SystemClock
@@ -30,7 +30,7 @@ from certmon.errors import CertmonError, ConfigError
 from collector.store import Store
 
 from .api import JSON, BadRequest, FleetApi, TrustRequirementView
-from .metrics import CONTENT_TYPE, FleetCollector, exposition, make_registry
+from .metrics import CONTENT_TYPE, CachedExposition, FleetCollector
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -93,7 +93,7 @@ class WebApp:
     def __init__(self, api: FleetApi, metrics: FleetCollector,
                  basic_auth: tuple[str, str] | None = None) -> None:
         self.api = api
-        self.registry = make_registry(metrics)
+        self.metrics = CachedExposition(metrics)
         self._auth = None if basic_auth is None else (
             b"Basic " + base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()))
         self.routes: dict[str, Callable[[Request], Response]] = {
@@ -102,8 +102,7 @@ class WebApp:
             "/style.css": lambda r: self._static("style.css"),
             "/favicon.ico": lambda r: ("204 No Content", [], b""),
             "/healthz": lambda r: ("200 OK", [("Content-Type", "text/plain")], b"ok\n"),
-            "/metrics": lambda r: ("200 OK", [("Content-Type", CONTENT_TYPE)],
-                                   exposition(self.registry)),
+            "/metrics": lambda r: ("200 OK", [("Content-Type", CONTENT_TYPE)], self.metrics()),
             "/api/summary": lambda r: _json(self.api.summary()),
             "/api/devices": lambda r: _json(self.api.devices(r.params)),
             "/api/timeline": lambda r: _json(self.api.timeline(r.params)),
@@ -206,7 +205,8 @@ class WebServer:
     """A running waitress server on its own thread."""
 
     def __init__(self, app: WebApp, sock: socket.socket, threads: int) -> None:
-        from waitress.server import create_server
+        # waitress ships no type hints (no py.typed); the server object is used as Any.
+        from waitress.server import create_server  # type: ignore[import-untyped]
 
         self.app = app
         host, port = sock.getsockname()[:2]
@@ -223,7 +223,7 @@ class WebServer:
 
         def close_all() -> None:  # runs on the server's own loop thread: no fd races
             for channel in list(server._map.values()):
-                channel.handle_close()
+                channel.close()  # the listener, open connections and this trigger
 
         server.trigger.pull_trigger(close_all)
         self._thread.join(timeout_s)
@@ -239,9 +239,9 @@ def start_web(service_or_store: _ServiceLike | Store, listen: str = "127.0.0.1:9
               threads: int = 4) -> WebServer:
     """Serve the dashboard, JSON API and /metrics. Given a CollectorService, the store,
     ingest counters and trust requirements come from it unless passed explicitly."""
-    service = service_or_store if hasattr(service_or_store, "ingestor") else None
-    store: Store = service.store if service is not None else service_or_store  # type: ignore[union-attr,assignment]
-    if service is not None:
+    if hasattr(service_or_store, "ingestor"):
+        service = cast(_ServiceLike, service_or_store)
+        store = service.store
         ingestor = service.ingestor
         rejected_counts = rejected_counts or (lambda: dict(ingestor.rejected))
         ingest_counts = ingest_counts or (lambda: {
@@ -249,6 +249,8 @@ def start_web(service_or_store: _ServiceLike | Store, listen: str = "127.0.0.1:9
             "rejected": sum(ingestor.rejected.values())})
         if trust_requirements is None:
             trust_requirements = service.config.trust_requirements
+    else:
+        store = service_or_store
     api = FleetApi(store, now=now or SystemClock().now,
                    trust_requirements=resolve_requirements(trust_requirements or ()),
                    snapshot_ttl_s=snapshot_ttl_s)

@@ -23,7 +23,7 @@ import certmon
 from certmon import protocol as p
 from collector.store import SEVERITY_NAMES
 
-from .api import STATE_RANK, FleetApi
+from .api import STATE_RANK, FleetApi, Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Counts = Callable[[], Mapping[str, int]]
@@ -39,7 +39,15 @@ class FleetCollector(Collector):
         self.rejected_counts = rejected_counts
 
     def collect(self) -> Iterator[Any]:
-        s = self.api.snapshot()
+        yield from self.families(self.api.snapshot())
+
+    def exposition(self, snap: Snapshot) -> bytes:
+        """The text format for one given snapshot (the background builder's new one)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(self, snap))
+        return generate_latest(registry)
+
+    def families(self, s: Snapshot) -> Iterator[Any]:
         not_after = GaugeMetricFamily(
             "certmon_cert_not_after_seconds",
             "Earliest notAfter (Unix time) of the certificates a device holds, per role",
@@ -53,14 +61,14 @@ class FleetCollector(Collector):
             labels=["device", "bound"])
         findings: Counter[tuple[str, str]] = Counter()
         for d in s.devices:
-            for role, when in sorted(d.earliest.items()):
-                not_after.add_metric([d.device_id, role], when.timestamp())
+            for role, earliest_at in sorted(d.earliest.items()):
+                not_after.add_metric([d.device_id, role], earliest_at.timestamp())
             online.add_metric([d.device_id], 1.0 if d.is_online else 0.0)
             for bound, value in (("lo", d.clock_lo_s), ("hi", d.clock_hi_s)):
                 if value is not None:
                     offset.add_metric([d.device_id, bound], value)
-            for code, sev in d.findings:
-                findings[(code, SEVERITY_NAMES.get(sev, "unknown"))] += 1
+            for code, level in d.findings:
+                findings[(code, SEVERITY_NAMES.get(level, "unknown"))] += 1
         yield not_after
         yield online
         yield offset
@@ -75,15 +83,15 @@ class FleetCollector(Collector):
         fam = GaugeMetricFamily("certmon_findings",
                                 "Current findings across all devices' latest statuses",
                                 labels=["code", "severity"])
-        for (code, sev), n in sorted(findings.items()):
-            fam.add_metric([code, sev], float(n))
+        for (code, sev_name), n in sorted(findings.items()):
+            fam.add_metric([code, sev_name], float(n))
         yield fam
 
         alerts = GaugeMetricFamily("certmon_alerts_active", "Firing alerts by severity",
                                    labels=["severity"])
         by_sev = Counter(SEVERITY_NAMES.get(a.severity, "unknown") for a in s.alerts)
-        for sev in SEVERITY_NAMES.values():
-            alerts.add_metric([sev], float(by_sev.get(sev, 0)))
+        for name in SEVERITY_NAMES.values():
+            alerts.add_metric([name], float(by_sev.get(name, 0)))
         yield alerts
 
         earliest = GaugeMetricFamily(
@@ -96,9 +104,9 @@ class FleetCollector(Collector):
                                        "When the endpoint was last scanned (Unix time)",
                                        labels=["target"])
         for scan in s.scans:
-            when = p.parse_instant(str(scan["earliest_expiry"]))
-            if when is not None:
-                earliest.add_metric([scan["target"]], when.timestamp())
+            expiry = p.parse_instant(str(scan["earliest_expiry"]))
+            if expiry is not None:
+                earliest.add_metric([scan["target"]], expiry.timestamp())
             success.add_metric([scan["target"]], 1.0 if scan["success"] else 0.0)
             at = p.parse_instant(str(scan["scanned_at"]))
             if at is not None:
@@ -137,12 +145,23 @@ class FleetCollector(Collector):
         yield rej
 
 
-def make_registry(collector: FleetCollector) -> CollectorRegistry:
-    # auto_describe=False: describing would call collect() (a store read) at register.
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return registry
+class _Fixed(Collector):
+    def __init__(self, fleet: FleetCollector, snap: Snapshot) -> None:
+        self.fleet, self.snap = fleet, snap
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.fleet.families(self.snap)
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+class CachedExposition:
+    """/metrics bytes, generated once per snapshot: at 100k devices the exposition is
+    ~650k samples and seconds of prometheus_client formatting, too much per scrape.
+    Once scraped, the snapshot's background rebuild regenerates it before the swap."""
+
+    def __init__(self, fleet: FleetCollector) -> None:
+        self.fleet = fleet
+        fleet.api.extra_views["metrics"] = fleet.exposition
+
+    def __call__(self) -> bytes:
+        body: bytes = self.fleet.api._memo("metrics", self.fleet.exposition)
+        return body

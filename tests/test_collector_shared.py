@@ -1,0 +1,179 @@
+"""Several collectors, one PostgreSQL: MQTT v5 shared subscriptions split the statuses
+between two collector processes, and the store makes every state transition happen
+once. Every status is stored once; every alert reaches the webhook once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from broker import wait_until
+from conftest import Fleet
+
+from agent.config import AgentConfig
+from agent.service import AgentService
+from certmon.config import loads
+from collector.store import open_store
+
+PG = os.environ.get("CERTMON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    try:
+        import psycopg
+
+        conn = psycopg.connect(PG, autocommit=True, connect_timeout=5)
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL at {PG} is required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL at {PG}: {exc}")
+    schema = f"shared_{uuid.uuid4().hex[:10]}"
+    conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}"
+    finally:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        conn.close()
+
+
+class Receiver(BaseHTTPRequestHandler):
+    alerts: ClassVar[list[dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.alerts.extend(body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    Receiver.alerts = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/v2/alerts", Receiver.alerts
+    server.shutdown()
+    server.server_close()
+
+
+def start_collector(fleet: Fleet, tmp: Path, name: str, db: str, hook: str) -> subprocess.Popen[str]:
+    creds = fleet.collector_credentials(tmp / name)
+    fleet_ca = tmp / "fleet-ca.pem"
+    fleet_ca.write_bytes(fleet.root.cert_pem())
+    return subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "run", "--broker",
+         f"mqtts://127.0.0.1:{fleet.mtls_port}", "--ca-bundle", str(creds.ca_bundle_path),
+         "--cert", str(creds.cert_path), "--key", str(creds.key_path),
+         "--fleet-ca", str(fleet_ca), "--db", db, "--share-group", "collectors",
+         "--client-id", f"{name}-{tmp.name}", "--listen", "127.0.0.1:0", "--webhook-url", hook],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, out: list[str]) -> bool:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if needle in line:
+            threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True).start()
+            return True
+    return False
+
+
+def accepted_by(log_lines: list[str]) -> int:
+    """This collector process's accepted-status counter, from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = next(line.split("dashboard at ")[1].strip() for line in list(log_lines)
+               if "dashboard at " in line)
+    with urllib.request.urlopen(url + "metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "certmon_ingest_messages_total" and \
+                    sample.labels.get("result") == "accepted":
+                return int(sample.value)
+    return 0
+
+
+def test_two_collectors_share_the_load_and_notify_once(
+    fleet_broker: Fleet, tmp_path: Path, pg_url: str, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    hook_url, received = webhook
+    logs: dict[str, list[str]] = {"a": [], "b": []}
+    procs = {n: start_collector(fleet_broker, tmp_path, f"collector-{n}", pg_url, hook_url)
+             for n in logs}
+    agents: list[AgentService] = []
+    try:
+        for n, proc in procs.items():
+            assert wait_for_line(proc, "connected to", logs[n]), "".join(logs[n])
+        devices = [f"gw-shared-{i}" for i in range(6)]
+        for i, device_id in enumerate(devices):
+            # Every other device's certificate expires in 3 days: one alert each.
+            creds = fleet_broker.device_credentials(device_id, tmp_path / device_id,
+                                                    days=3 if i % 2 else 365)
+            config = loads(AgentConfig, "", overrides={
+                "mqtt.broker": f"mqtts://127.0.0.1:{fleet_broker.mtls_port}",
+                "tls.ca_bundle": str(creds.ca_bundle_path), "tls.cert": str(creds.cert_path),
+                "tls.key": str(creds.key_path), "agent.state_dir": str(tmp_path / device_id / "s"),
+                "agent.interval_s": "60"})
+            agent = AgentService(config, runner=lambda argv: None)
+            agent.connect(10)
+            agents.append(agent)
+        for _ in range(3):
+            for agent in agents:
+                agent.report_once()
+            for agent in agents:
+                assert agent.wait_delivered(15)
+        store = open_store(pg_url)
+        try:
+            assert wait_until(lambda: all(store.seen_count(d) == 3 for d in devices), 20), \
+                {d: store.seen_count(d) for d in devices}
+            for device_id in devices:
+                assert [seq for _, seq in sorted(store.seen_seqs(device_id))] == [1, 2, 3]
+            expiring = {d for i, d in enumerate(devices) if i % 2}
+            assert wait_until(lambda: {a.device_id for a in store.active_alerts()
+                                       if a.rule == "CERT_EXPIRING"} == expiring, 15)
+            assert store.rejection_counts() == {}
+        finally:
+            store.close()
+
+        def firing_expiry() -> list[dict[str, Any]]:
+            return [a for a in list(received) if a["labels"]["alertname"] == "CERT_EXPIRING"]
+
+        assert wait_until(lambda: len(firing_expiry()) >= len(expiring), 15), received
+        per_device = [a["labels"]["device"] for a in firing_expiry()]
+        assert sorted(per_device) == sorted(expiring)  # each alert notified once
+        # Both collectors did part of the work: the broker shares round-robin.
+        accepted = {n: accepted_by(logs[n]) for n in logs}
+        assert sum(accepted.values()) == 3 * len(devices) and all(accepted.values()), accepted
+        assert "Traceback" not in "".join(logs["a"]) + "".join(logs["b"])
+    finally:
+        for agent in agents:
+            agent.shutdown()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
