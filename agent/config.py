@@ -90,7 +90,7 @@ class ClockConfig:
     sntp_servers: tuple[str, ...] = setting(default=(), doc="Optional SNTP servers to measure "
                                             "the offset against; empty means kernel state only.")
     skew_tolerance_s: float = setting(default=300.0, ge=0, doc="Offsets beyond this are a "
-                                      "CLOCK_UNSYNCED finding.")
+                                      "CLOCK_BEHIND or CLOCK_AHEAD finding.")
 
 
 @schema

@@ -265,11 +265,15 @@ class AgentService:
             self._side[p.cert_topic(self.prefix, device_id)] = p.encode_message(msg)
         inventory_topic = p.inventory_topic(self.prefix, device_id)
         ts = result.status.trust_store
-        if ts is not None and self._side_digest.get(inventory_topic) != ts.digest:
+        # Re-signed when the trust store changes, and when the signing certificate
+        # does: a retained inventory signed by a replaced certificate could no longer
+        # be verified by a collector that (re)starts after the renewal.
+        signer = client.certs[0].facts.sha256 if client and client.certs else ""
+        if ts is not None and self._side_digest.get(inventory_topic) != ts.digest + signer:
             inv = inventory(device_id, result.status.ts, result.material.trust_store.facts)
             self._side[inventory_topic] = self._sign(result.material, p.encode_message(inv),
                                                      p.INVENTORY_TYP)
-            self._side_digest[inventory_topic] = ts.digest
+            self._side_digest[inventory_topic] = ts.digest + signer
 
     def _publish(self, topic: str, payload: bytes) -> int | None:
         if self.link is None or not self.link.is_connected:

@@ -113,10 +113,13 @@ class CollectorService:
         # Statuses and inventories are shared out across the group; cert and online
         # topics go to every collector: a collector must know a device's certificate
         # before the group hands it that device's status (docs/design-changes.md).
-        link.subscribe(share + p.device_topic_filter(self.prefix, p.TopicKind.STATUS), 1)
-        link.subscribe(share + p.device_topic_filter(self.prefix, p.TopicKind.INVENTORY), 1)
+        # Order matters at (re)start: the broker sends each filter's retained messages
+        # as it processes that SUBSCRIBE, so certificates come before the retained
+        # statuses and inventories they sign, not after (which would reject them all).
         link.subscribe(p.device_topic_filter(self.prefix, p.TopicKind.CERT), 1)
         link.subscribe(p.device_topic_filter(self.prefix, p.TopicKind.ONLINE), 1)
+        link.subscribe(share + p.device_topic_filter(self.prefix, p.TopicKind.INVENTORY), 1)
+        link.subscribe(share + p.device_topic_filter(self.prefix, p.TopicKind.STATUS), 1)
         return link
 
     def _enqueue(self, msg: Incoming) -> None:

@@ -150,7 +150,10 @@ def test_two_collectors_share_the_load_and_notify_once(
             expiring = {d for i, d in enumerate(devices) if i % 2}
             assert wait_until(lambda: {a.device_id for a in store.active_alerts()
                                        if a.rule == "CERT_EXPIRING"} == expiring, 15)
-            assert store.rejection_counts() == {}
+            # Nothing of this story was rejected (the session broker may still hold
+            # other stories' retained messages, which are not this test's business).
+            ours = [s for s in store.rejection_samples(limit=500) if "/gw-shared-" in s.topic]
+            assert ours == []
         finally:
             store.close()
 
