@@ -11,6 +11,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from certmon import protocol as p
 from certmon.pki import Severity
@@ -81,7 +82,25 @@ def worst(findings: Iterable[p.FindingWire]) -> tuple[Severity, str | None]:
     return best
 
 
-def device_state(severity: int, worst_code: str | None, *, online: bool) -> DeviceState:
+# Alerts the collector raises about a device from fleet facts, not from the device's
+# own findings: a gateway whose trust store lacks the CA the broker moves to is at
+# risk although its own status is clean (collector.alerts.rules, Scope).
+FLEET_SCOPES = frozenset({"trust", "shared_cert"})
+
+
+def fleet_severities(alerts: Iterable[Any]) -> dict[str, int]:
+    """device → worst severity of its active fleet-rule alerts (AlertRow-like objects)."""
+    out: dict[str, int] = {}
+    for a in alerts:
+        if a.device_id and a.labels.get("scope") in FLEET_SCOPES:
+            out[a.device_id] = max(out.get(a.device_id, 0), int(a.severity))
+    return out
+
+
+def device_state(severity: int, worst_code: str | None, *, online: bool,
+                 fleet_severity: int = 0) -> DeviceState:
+    if fleet_severity > severity:
+        severity, worst_code = fleet_severity, None
     if not online:
         return DeviceState.OFFLINE
     if severity >= Severity.WARNING and worst_code and category(worst_code) == "clock":

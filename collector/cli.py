@@ -25,7 +25,7 @@ from certmon.pki import Severity
 
 from . import aggregate
 from .config import CollectorConfig, load_collector_config
-from .store import Store, open_store
+from .store import AlertRow, Store, open_store
 
 FLAG_KEYS = {
     "broker": "mqtt.broker", "ca_bundle": "tls.ca_bundle", "cert": "tls.cert", "key": "tls.key",
@@ -118,12 +118,17 @@ def _report_store(args: argparse.Namespace) -> Store:
 def build_report(store: Store, now: datetime, within_days: float) -> dict[str, object]:
     devices = store.devices()
     horizon = now + timedelta(days=within_days)
+    active = store.active_alerts()
+    fleet = aggregate.fleet_severities(active)
     rows = []
     for d in devices:
-        state = aggregate.device_state(d.severity, d.worst_code, online=d.is_online)
+        state = aggregate.device_state(d.severity, d.worst_code, online=d.is_online,
+                                       fleet_severity=fleet.get(d.device_id, 0))
+        severity = max(d.severity, fleet.get(d.device_id, 0))
         rows.append({
             "device_id": d.device_id, "state": str(state),
-            "severity": Severity(min(d.severity, 3)).name, "worst": d.worst_code,
+            "severity": Severity(min(severity, 3)).name,
+            "worst": d.worst_code or _fleet_rule(active, d.device_id),
             "findings": [f.code for f in d.findings],
             "last_received_at": d.last_received_at.isoformat() if d.last_received_at else None,
             "clock_offset_lo_s": d.clock_offset_lo_s, "clock_offset_hi_s": d.clock_offset_hi_s,
@@ -137,7 +142,12 @@ def build_report(store: Store, now: datetime, within_days: float) -> dict[str, o
             "rejections": store.rejection_counts(),
             "active_alerts": [{"rule": a.rule, "device_id": a.device_id,
                                "severity": Severity(min(a.severity, 3)).name,
-                               "summary": a.summary} for a in store.active_alerts()]}
+                               "summary": a.summary} for a in active]}
+
+
+def _fleet_rule(active: list[AlertRow], device_id: str) -> str | None:
+    return next((a.rule for a in active if a.device_id == device_id
+                 and a.labels.get("scope") in aggregate.FLEET_SCOPES), None)
 
 
 def report_exit_code(report: dict[str, object]) -> int:

@@ -261,11 +261,14 @@ class Demo:
     collector: CollectorService
     web_url: str | None
     agents: list[AgentService]
-    threads: list[threading.Thread]
+    threads: list[threading.Thread]  # the collector's first, then the agents'
     subprocesses: list[subprocess.Popen[bytes]]
     fleet: list[DemoDevice]
 
     def stop(self) -> None:
+        # The collector first: agents saying goodbye must not page anyone.
+        self.collector.stop()
+        self.threads[0].join(timeout=15)  # collector.run() closes it, web server included
         for agent in self.agents:
             agent.request_stop()
         for thread in self.threads:
@@ -274,10 +277,6 @@ class Demo:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        self.collector.close()
-        web = getattr(self.collector, "web", None)
-        if web is not None:
-            web.stop()
         self.broker.terminate()
         try:
             self.broker.wait(10)
@@ -327,6 +326,10 @@ status = "required"
 
     collector = build_collector(config)
     collector.periodic = Periodic(beacon_every_s=5.0, silence_every_s=2.0, summary_every_s=10.0)
+    # Fleet rules (required CAs, shared certificates) every few seconds, not every
+    # minute: a demo should show them before the visitor loses interest.
+    collector.jobs = [(name, min(every_s, 3.0), job, claimed)
+                      for name, every_s, job, claimed in collector.jobs]
     collector_thread = threading.Thread(target=collector.run, name="collector", daemon=True)
     collector_thread.start()
     collector.link.wait_connected(10)
@@ -439,7 +442,9 @@ def _port_free(port: int) -> bool:
 def print_overview(demo: Demo, ready: bool) -> None:
     from .cli import build_report, render_report
 
-    time.sleep(1.5)  # let the alert engine and the silence check catch up
+    time.sleep(1.0)  # the silence check and the alert engine catch up
+    if demo.collector.alerts is not None:
+        demo.collector.alerts.sweep()  # fleet rules now, not at the next period
     print()
     for device in demo.fleet:
         print(f"  {device.device_id:9} should show {device.intended:9} {device.story}")

@@ -174,7 +174,8 @@ def device_alerts(device_id: str, findings: Sequence[FindingWire], *, online: bo
         parts = [f"{device_id}: {f.msg}" if f.msg else f"{device_id}: {f.code}"]
         if known is not None:
             parts.append(f"certificate {known.subject}")
-        if f.not_after is not None:
+        # The agent's message usually names the date already; say it only when not.
+        if f.not_after is not None and f.not_after.strftime("%Y-%m-%d") not in (f.msg or ""):
             parts.append(_expiry_phrase(f.not_after, now))
         summary = "; ".join(parts)
         if not online:

@@ -162,8 +162,10 @@ def build_snapshot(store: Store, now: datetime,
     required = {r.sha256 for r in requirements}
     briefs: list[DeviceBrief] = []
     brokers: dict[tuple[str, int, tuple[str, ...]], BrokerSeenAgg] = {}
+    alerts = store.active_alerts()
+    fleet = aggregate.fleet_severities(alerts)
     for row in store.devices(order_by="device_id"):
-        briefs.append(_brief(row))
+        briefs.append(_brief(row, fleet.get(row.device_id, 0)))
         seen = _broker_of(row.status_json)
         if seen is not None:
             chain = [c for c in seen.get("chain") or [] if isinstance(c, dict)]
@@ -197,11 +199,12 @@ def build_snapshot(store: Store, now: datetime,
                 required_holders[h.cert.sha256].add(h.device_id)
     scans = [_scan_view(s.target, s.scanned_at, s.severity, s.result_json) for s in store.scans()]
     return Snapshot(now, briefs, by_id, certs, trust_holders, required_holders, brokers,
-                    store.active_alerts(), scans)
+                    alerts, scans)
 
 
-def _brief(row: DeviceRow) -> DeviceBrief:
-    state = aggregate.device_state(row.severity, row.worst_code, online=row.is_online)
+def _brief(row: DeviceRow, fleet_severity: int = 0) -> DeviceBrief:
+    state = aggregate.device_state(row.severity, row.worst_code, online=row.is_online,
+                                   fleet_severity=fleet_severity)
     worst_msg = next((f.message for f in row.findings if f.code == row.worst_code), None)
     return DeviceBrief(row.device_id, str(state), row.severity, row.worst_code, worst_msg,
                        row.is_online, row.last_received_at, row.clock_offset_lo_s,
@@ -510,7 +513,10 @@ class FleetApi:
         if row is None:
             return None
         now = self.now()
-        state = aggregate.device_state(row.severity, row.worst_code, online=row.is_online)
+        fleet = aggregate.fleet_severities(a for a in self.store.active_alerts()
+                                           if a.device_id == device_id)
+        state = aggregate.device_state(row.severity, row.worst_code, online=row.is_online,
+                                       fleet_severity=fleet.get(device_id, 0))
         inv = self.store.inventory(device_id)
         try:
             status = json.loads(row.status_json) if row.status_json else None

@@ -214,11 +214,15 @@ class WebServer:
         # clear_untrusted_proxy_headers: no proxy is trusted, so X-Forwarded-* is dropped.
         self._server: Any = create_server(app, sockets=[sock], threads=threads,
                                           ident="certmon", clear_untrusted_proxy_headers=True)
+        self._stopped = False
         self._thread = threading.Thread(target=self._server.run, name="certmon-web",
                                         daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        if self._stopped:  # idempotent: the service's close and its owner may both call
+            return
+        self._stopped = True
         server = self._server
 
         def close_all() -> None:  # runs on the server's own loop thread: no fd races
