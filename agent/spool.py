@@ -11,9 +11,12 @@ restarted" take the same path. Must not know about MQTT or message contents.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("certmon.agent")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -53,7 +56,14 @@ class SequenceCounter:
 
     def next(self) -> int:
         value = self._last + 1
-        write_atomic(self.path, f"{value}\n".encode())
+        try:
+            write_atomic(self.path, f"{value}\n".encode())
+        except OSError as exc:
+            # Full or read-only state directory: keep reporting live. The worst case
+            # is a number reused after a restart, which the collector refuses as a
+            # replay: one lost status, never a forged or confused one.
+            log.error("cannot persist sequence number %s in %s: %s", value, self.path,
+                      exc.strerror or exc)
         self._last = value
         return value
 

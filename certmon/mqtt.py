@@ -62,6 +62,10 @@ class LinkSettings:
     # How many QoS 1 publishes may wait for PUBACK at once. Several in flight keep
     # throughput up; the broker keeps one client's QoS 1 messages in order anyway.
     max_inflight: int = 20
+    # Acknowledge received QoS 1 messages only when the application says so (`ack`):
+    # the collector acks after its store committed, so a crash in between means the
+    # broker delivers again (at least once) instead of the message being lost.
+    manual_ack: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,8 @@ class Incoming:
     qos: int
     user_properties: tuple[tuple[str, str], ...] = ()
     received_mono_s: float = 0.0
+    mid: int = 0  # for `MqttLink.ack` when the link acknowledges manually
+    dup: bool = False  # the broker re-sends it (an earlier delivery was not acknowledged)
 
 
 @dataclass
@@ -133,6 +139,7 @@ class MqttLink:
         # paho's own logger is not enabled: it reports routine events (a disconnect
         # of an unconnected client at shutdown) as errors; certmon logs what matters.
         client.max_inflight_messages_set(s.max_inflight)
+        client.manual_ack_set(s.manual_ack)
         # paho keeps unacknowledged QoS 1 messages and re-sends them after a reconnect.
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(int(s.reconnect_min_s), int(s.reconnect_max_s))
@@ -240,6 +247,16 @@ class MqttLink:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         return int(info.mid)
 
+    def ack(self, messages: Sequence[Incoming]) -> None:
+        """PUBACK these messages (manual_ack links), in the order they arrived, as MQTT
+        requires. A message from an earlier connection is not acked: the broker
+        re-sends it on the new one (a duplicate, which the replay check absorbs)."""
+        if not self.settings.manual_ack:
+            return
+        for msg in messages:
+            if msg.qos > 0:
+                self._client.ack(msg.mid, msg.qos)
+
     # ------------------------------------------------------------------ callbacks
 
     def _handle_socket_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
@@ -305,7 +322,7 @@ class MqttLink:
         user_props = tuple(getattr(props, "UserProperty", ()) or ())
         incoming = Incoming(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos),
                             tuple((str(k), str(v)) for k, v in user_props),
-                            self._monotonic())
+                            self._monotonic(), int(msg.mid), bool(msg.dup))
         self._call(self._on_message, incoming)
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int,

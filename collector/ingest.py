@@ -163,11 +163,12 @@ class Ingestor:
         row = self.store.certificate(sha)
         if row is None or row.der is None:
             return False
-        chain = [link.cert for link in self.store.device_certs(device_id)
-                 if link.role == CertRole.CHAIN and link.cert.der is not None]
+        # device_certs() names the chain; only certificate() carries the DER.
+        chain = [self.store.certificate(link.cert.sha256)
+                 for link in self.store.device_certs(device_id) if link.role == CertRole.CHAIN]
         try:
             certs = [x509.load_der_x509_certificate(row.der)]
-            certs += [x509.load_der_x509_certificate(c.der) for c in chain if c.der]
+            certs += [x509.load_der_x509_certificate(c.der) for c in chain if c and c.der]
         except ValueError:
             return False
         self.certs.add(certs, now)
@@ -211,7 +212,9 @@ class Ingestor:
             if is_new:
                 self.accepted += 1
                 stored.append(Stored(verified.status, record, msg.retained))
-            elif msg.retained:
+            elif msg.retained or msg.dup:
+                # Seen again for a benign reason: the retained copy after a (re)subscribe,
+                # or the broker re-sending what a crashed collector had not acknowledged.
                 self.duplicates += 1
             else:
                 self.reject("replay", msg, f"(boot_id, seq) = ({record.boot_id}, {record.seq}) "

@@ -104,6 +104,7 @@ class CollectorService:
                                 ca_bundle=str(self.config.tls.ca_bundle),
                                 cert=str(self.config.tls.cert), key=str(self.config.tls.key),
                                 keepalive_s=mqtt.keepalive_s, max_inflight=100,
+                                manual_ack=True,
                                 clean_start=mqtt.session_expiry_s == 0,
                                 session_expiry_s=mqtt.session_expiry_s)
         link = MqttLink(settings, on_message=self._enqueue, monotonic=self.clock.monotonic,
@@ -154,9 +155,15 @@ class CollectorService:
                     break
             try:
                 self.ingestor.process(batch)
-            except Exception:
-                log.exception("a batch of %d messages failed; they are lost", len(batch))
+            except Exception:  # e.g. the database went away: keep running
+                # Not acknowledged: the broker delivers these again after a reconnect.
+                log.exception("a batch of %d messages failed; not acknowledged", len(batch))
                 self.ingestor.rejected["store_error"] += len(batch)
+                self._stop.wait(1.0)
+                continue
+            # Acknowledged only now that the store has them: at least once, not at
+            # most once (a crash before this line means the broker re-sends).
+            self.link.ack(batch)
 
     def run(self) -> int:
         """The service loop until stop(): periodic jobs and sd_notify."""
@@ -181,6 +188,8 @@ class CollectorService:
         systemd.stopping()
         if self._worker is not None:
             self._worker.join(timeout=10)
+        # What is still in the inbox was never acknowledged: the broker keeps it for
+        # this session (or re-sends it), so nothing is dropped half-way at shutdown.
         for hook in self.on_close:
             try:
                 hook()

@@ -103,9 +103,6 @@ def test_a_full_state_directory_is_logged_and_statuses_still_go_out(
         agent.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="the sequence counter is written before the status is "
-                   "built; ENOSPC there aborts the whole report, so nothing is published "
-                   "while the disk is full (patch in the hardening report)")
 def test_a_full_state_directory_still_publishes_a_live_status(
     fleet_broker: Fleet, collector: CollectorService, tmp_path: Path, tmpfs_state: Path,
 ) -> None:

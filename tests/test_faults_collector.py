@@ -163,11 +163,6 @@ def flood(broker: Mosquitto, fleet_broker: Fleet) -> Iterator[Flood]:
     f.close()
 
 
-@pytest.mark.xfail(strict=True, reason="two product bugs: after a restart, statuses that "
-                   "arrive before the device's retained cert message are rejected as "
-                   "untrusted_cert (Ingestor._load_cert_from_store drops the chain's DER); and "
-                   "the collector PUBACKs a status once queued in memory, before it is stored, "
-                   "so kill -9 loses the queue (docs/reliability.md)")
 def test_kill9_mid_ingest_loses_nothing_and_stores_each_status_once(
     fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path
 ) -> None:
@@ -208,9 +203,6 @@ def test_kill9_mid_ingest_loses_nothing_and_stores_each_status_once(
         collector.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="after a restart, queued statuses arrive before the "
-                   "retained cert messages and Ingestor._load_cert_from_store rebuilds the "
-                   "chain without the intermediate's DER: untrusted_cert (docs/reliability.md)")
 def test_a_collector_down_for_a_while_receives_what_was_published_meanwhile(
     fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path
 ) -> None:
