@@ -136,8 +136,10 @@ class MqttLink:
             protocol=version,
             clean_session=None if version == paho.MQTTv5 else s.clean_start,
         )
-        # paho's own logger is not enabled: it reports routine events (a disconnect
-        # of an unconnected client at shutdown) as errors; certmon logs what matters.
+        # paho's own log only with -v (DEBUG): at other levels it reports routine
+        # events (a disconnect of an unconnected client at shutdown) as errors.
+        if log.isEnabledFor(logging.DEBUG):
+            client.enable_logger(logging.getLogger("certmon.mqtt.paho"))
         client.max_inflight_messages_set(s.max_inflight)
         client.manual_ack_set(s.manual_ack)
         # paho keeps unacknowledged QoS 1 messages and re-sends them after a reconnect.
