@@ -25,6 +25,7 @@ from .alerts.rules import (
     Scope,
     device_alerts,
     offline_alerts,
+    scan_alerts,
     shared_client_cert_alerts,
     trust_requirement_alerts,
 )
@@ -110,6 +111,10 @@ class CollectorAlerts:
         self.engine.evaluate(None, shared_client_cert_alerts(clients),
                              scope=Scope.SHARED_CERT, now=now)
         self.engine.renotify_due(now)
+
+    def on_scans(self, reports: Sequence[tuple[str, Sequence[pki.Finding]]]) -> None:
+        """Alerts for the endpoints the collector scans itself (scope SCAN)."""
+        self.engine.evaluate(None, scan_alerts(reports), scope=Scope.SCAN, now=self.now())
 
     def close(self) -> None:
         self.engine.close(10.0)

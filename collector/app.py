@@ -30,6 +30,11 @@ def build_collector(config: CollectorConfig, *, web: bool = True) -> CollectorSe
     service.jobs.append(("alerts.fleet", FLEET_SWEEP_S, alerts.sweep, True))
     service.on_close.append(alerts.close)
     service.alerts = alerts
+    if config.scan_targets:
+        from .scheduled_scan import make_scan_job
+
+        job = make_scan_job(config, service.store, service.clock.now, alerts.on_scans)
+        service.jobs.append(("scan", float(config.scan_interval_s), job, True))
     if web:
         from .web.app import start_web
 

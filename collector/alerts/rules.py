@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from certmon.pki import Policy, Severity
+from certmon.pki import Finding, Policy, Severity
 from certmon.protocol import FindingWire, cert_ref, format_instant
 from collector.aggregate import category
 
@@ -51,6 +51,7 @@ class Scope(enum.StrEnum):
     OFFLINE = "offline"  # offline_alerts: silence / LWT, per device
     TRUST = "trust"  # trust_requirement_alerts: fleet sweep
     SHARED_CERT = "shared_cert"  # shared_client_cert_alerts: fleet sweep
+    SCAN = "scan"  # scan_alerts: the collector's scheduled endpoint scans
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +240,27 @@ def trust_requirement_alerts(requirements: Iterable[RequiredCA],
                 TRUST_STORE_MISSING_CA, dev, sha, sha, severity, FLEET, Scope.TRUST,
                 f"{dev}: trust store lacks required CA \"{req.name}\" (sha256 {sha[:16]}…)"))
     return out
+
+
+def scan_alerts(reports: Iterable[tuple[str, Sequence[Finding]]], *,
+                rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
+    """Scope SCAN. One candidate per (finding code, endpoint, certificate) of the
+    collector's own scans, at least WARNING: the broker as certmon sees it, next to the
+    broker as each device sees it. A fleet alert; the endpoint is in the summary and
+    the key (reports are (target name, findings))."""
+    out: dict[str, AlertCandidate] = {}
+    for target, findings in reports:
+        for f in findings:
+            severity = rules_config.severity(str(f.code), f.severity)
+            if severity < Severity.WARNING:
+                continue
+            cand = _candidate(str(f.code), None, f"{target}|{f.cert_sha256 or '-'}",
+                              f.cert_sha256, severity, category(str(f.code)), Scope.SCAN,
+                              f"scan of {target}: {f.message}")
+            cand.labels["target"] = target
+            if cand.key not in out or severity > out[cand.key].severity:
+                out[cand.key] = cand
+    return list(out.values())
 
 
 def shared_client_cert_alerts(client_by_device: Mapping[str, str], *,
