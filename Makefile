@@ -43,7 +43,7 @@ mosquitto:
 	    else echo "make: mosquitto is missing: sudo apt-get install mosquitto" >&2; exit 1; fi; }
 
 demo: mosquitto install
-	$(PY) -m collector.demo --duration $(DURATION) $(DEMO_ARGS)
+	$(PY) bench/demo.py --duration $(DURATION) $(DEMO_ARGS)
 
 # Debian packages into dist/ (docs/packaging.md): a self-contained venv per package.
 deb: $(PY)

@@ -8,6 +8,8 @@ clock unsynced; world-readable key; one that goes offline — then prints the
 dashboard URL and the `certmon-collector report` table, and runs until interrupted
 (or for --duration seconds), cleaning up everything it started.
 
+It lives in bench/ (a tool, not part of the installed package) because it runs the
+agent and the collector in one process, which neither package may do (tests/test_layout).
 Everything runs the real code: real keys and signatures, real MQTT over mTLS. The
 two clock cases inject their clock readers (a shifted wall clock, chrony's answer):
 that is the only simulated part, since a demo must not change this machine's clock.
@@ -44,8 +46,8 @@ from agent.service import AgentService
 from certmon import clock as wallclock
 from certmon.config import loads
 
-from .config import CollectorConfig
-from .service import CollectorService, Periodic
+from collector.config import CollectorConfig
+from collector.service import CollectorService, Periodic
 
 log = logging.getLogger("certmon.demo")
 
@@ -322,7 +324,7 @@ status = "required"
 """
     (work / "collector.toml").write_text(config_text)
     config = loads(CollectorConfig, config_text, source=str(work / "collector.toml"))
-    from .app import build_collector
+    from collector.app import build_collector
 
     collector = build_collector(config)
     collector.periodic = Periodic(beacon_every_s=5.0, silence_every_s=2.0, summary_every_s=10.0)
@@ -440,7 +442,7 @@ def _port_free(port: int) -> bool:
 
 
 def print_overview(demo: Demo, ready: bool) -> None:
-    from .cli import build_report, render_report
+    from collector.cli import build_report, render_report
 
     time.sleep(1.0)  # the silence check and the alert engine catch up
     if demo.collector.alerts is not None:
