@@ -45,7 +45,6 @@ from agent.config import AgentConfig
 from agent.service import AgentService
 from certmon import clock as wallclock
 from certmon.config import loads
-
 from collector.config import CollectorConfig
 from collector.service import CollectorService, Periodic
 
