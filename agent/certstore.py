@@ -8,6 +8,7 @@ or serialises the private key.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,32 @@ class DeviceMaterial:
                 f"client={self.client.source if self.client else None!r}, key=<hidden>)")
 
 
+# Parsed bundles by (path, SHA-256 of the bytes). Files are re-read every cycle (a
+# renewed certificate must be noticed), but a 150-certificate system bundle that did
+# not change is not re-parsed: that parse was most of a report's CPU time.
+_PARSED: dict[tuple[str, str], pki.Bundle] = {}
+
+
+def read_bundle_cached(path: str | Path) -> pki.Bundle:
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return pki.read_bundle(path)  # the unreadable-file finding, said once, in pki
+    key = (source, hashlib.sha256(data).hexdigest())
+    bundle = _PARSED.get(key)
+    if bundle is None:
+        for stale in [k for k in _PARSED if k[0] == source]:
+            del _PARSED[stale]
+        bundle = _PARSED[key] = pki.parse_bundle(data, source)
+    return bundle
+
+
 def read_material(
     ca_bundle: str | Path, cert: str | Path | None = None, key: str | Path | None = None
 ) -> DeviceMaterial:
-    trust_store = pki.read_bundle(ca_bundle)
-    client = pki.read_bundle(cert) if cert is not None else None
+    trust_store = read_bundle_cached(ca_bundle)
+    client = read_bundle_cached(cert) if cert is not None else None
     key_facts: pki.KeyFacts | None = None
     key_findings: list[pki.Finding] = []
     private_key: object | None = None

@@ -107,7 +107,8 @@ def build_status(
     counters: AgentCounters,
     policy: pki.Policy,
 ) -> p.Status:
-    findings = [*check.findings, *clock_findings, *(broker.findings if broker else ())]
+    findings = [f for f in check.findings if _matters(f, check, broker)]
+    findings += [*clock_findings, *(broker.findings if broker else ())]
     findings.sort(key=lambda f: (-f.severity, f.code.value))
     return p.Status(
         device_id=device_id,
@@ -138,6 +139,23 @@ def build_status(
             spool_dropped=counters.spool_dropped,
         ),
     )
+
+
+TRUST_STORE_CODES = frozenset({pki.FindingCode.CA_EXPIRED, pki.FindingCode.CA_EXPIRING})
+
+
+def _matters(finding: pki.Finding, check: DeviceCheck, broker: BrokerObservation | None) -> bool:
+    """A trust-store CA's expiry is a finding of the device only when the device uses
+    that CA: on its client chain or the broker chain it saw. A system bundle carries a
+    few expired or expiring roots nobody here relies on; they travel as facts in
+    `trust_store.expiring` (the collector's readiness views use them), not as
+    findings that would mark every gateway as failing (`certmon-agent check` still
+    lists them all: it lints the file)."""
+    if finding.code not in TRUST_STORE_CODES:
+        return True
+    used = {f.sha256 for f in (check.chain_now.path if check.chain_now else ())}
+    used |= {f.sha256 for f in (broker.chain if broker else ())}
+    return finding.cert_sha256 in used
 
 
 def _client_summary(check: DeviceCheck) -> p.CertSummary | None:

@@ -598,7 +598,9 @@ def cert_summary_from_facts(
 
 
 def cert_brief_from_facts(facts: CertFacts) -> CertBrief:
-    return CertBrief(ref=cert_ref(facts.sha256), subject=facts.subject, not_after=facts.not_after)
+    # The CN (or the whole DN when there is none): a brief names a certificate for
+    # people; the full subject is in the inventory and on the collector.
+    return CertBrief(ref=cert_ref(facts.sha256), subject=facts.name, not_after=facts.not_after)
 
 
 def finding_to_wire(finding: Finding) -> FindingWire:
