@@ -242,3 +242,68 @@ def test_show_prints_the_unsigned_status_without_a_network(
     data = json.loads(done.stdout)
     assert data["device_id"] == "gw-show" and data["v"] == 1
     p.Status.from_json(data)
+
+
+def test_run_speaks_sd_notify_and_reloads_its_config_on_sighup(
+    fleet_broker: Fleet, tmp_path: Path
+) -> None:
+    """What systemd sees (a real AF_UNIX datagram socket as NOTIFY_SOCKET): READY once
+    running, WATCHDOG pings, STOPPING on SIGTERM; and SIGHUP re-reads the TOML file."""
+    import socket
+
+    creds = fleet_broker.device_credentials("gw-systemd", tmp_path)
+    config = tmp_path / "agent.toml"
+    body = f"""[mqtt]
+broker = "mqtts://127.0.0.1:{fleet_broker.mtls_port}"
+[tls]
+ca_bundle = "{creds.ca_bundle_path}"
+cert = "{creds.cert_path}"
+key = "{creds.key_path}"
+[agent]
+state_dir = "{tmp_path / 'state'}"
+interval_s = 60
+"""
+    config.write_text(body)
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            env["WATCHDOG_PID"] = str(agent.pid)
+            seen: list[bytes] = []
+            while b"WATCHDOG=1" not in seen:
+                seen.append(sock.recv(4096))
+            assert b"READY=1" in seen
+            assert agent.stdout is not None
+
+            def read_until(needle: str) -> None:
+                for line in agent.stdout:  # type: ignore[union-attr]
+                    lines.append(line)
+                    if needle in line:
+                        return
+
+            lines: list[str] = []
+            config.write_text(body.replace("interval_s = 60", "interval_s = 120"))
+            agent.send_signal(signal.SIGHUP)
+            read_until("configuration reloaded")
+            config.write_text(body + "bogus = 1\n")
+            agent.send_signal(signal.SIGHUP)
+            read_until("configuration not reloaded")
+            agent.send_signal(signal.SIGTERM)
+            while b"STOPPING=1" not in seen:
+                seen.append(sock.recv(4096))
+            rest, _ = agent.communicate(timeout=20)
+            out = "".join(lines) + rest
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.communicate()
+    assert agent.returncode == 0, out
+    assert "configuration reloaded" in out
+    # A broken file on reload keeps the running config and says exactly what is wrong.
+    assert "configuration not reloaded, keeping the running one" in out
+    assert f"{config}:10: agent.bogus: unknown key" in out
