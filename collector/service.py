@@ -83,7 +83,7 @@ class CollectorService:
         self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=20_000)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._published_state: dict[str, str] = {}
+        self._published_state: dict[str, tuple[object, ...]] = {}
         self._last_run: dict[str, float] = {}
         self.link = self._make_link()
         self.online_listeners: list[Callable[[str, bool, datetime], None]] = []
@@ -256,6 +256,13 @@ class CollectorService:
     def _on_stored(self, stored: Sequence[Stored]) -> None:
         for item in stored:
             record = item.record
+            # Published only when the device's state changed: dashboards subscribe to
+            # these retained topics, and the common case (nothing changed) must cost
+            # one tuple comparison, not a JSON document.
+            key = (record.severity, record.worst_code, tuple(f.code for f in record.findings))
+            if self._published_state.get(record.device_id) == key:
+                continue
+            self._published_state[record.device_id] = key
             state = aggregate.device_state(record.severity, record.worst_code, online=True)
             view = {"device_id": record.device_id, "state": str(state),
                     "severity": pki.Severity(record.severity).name,
@@ -265,11 +272,8 @@ class CollectorService:
                     "findings": [f.code for f in record.findings],
                     "clock_offset_lo_s": record.clock_offset_lo_s,
                     "clock_offset_hi_s": record.clock_offset_hi_s}
-            key = json.dumps({k: view[k] for k in ("state", "severity", "worst", "findings")})
-            if self._published_state.get(record.device_id) != key:
-                self._published_state[record.device_id] = key
-                self.publish(p.fleet_device_topic(self.prefix, record.device_id),
-                             json.dumps(view, sort_keys=True).encode(), retain=True)
+            self.publish(p.fleet_device_topic(self.prefix, record.device_id),
+                         json.dumps(view, sort_keys=True).encode(), retain=True)
         if self.alert_hook is not None:
             self.alert_hook(self, stored)
 

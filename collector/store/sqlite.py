@@ -65,9 +65,8 @@ _ORDER: dict[str, str] = {  # a literal map: order_by never reaches SQL as text
 
 def ts(when: datetime) -> str:
     """'2026-01-02T03:04:05.000000Z': fixed width, so text order is time order."""
-    u = utc(when)
-    return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
-            f"{u.second:02d}.{u.microsecond:06d}Z")
+    # isoformat is C; years < 1000 are still zero-padded to four digits by it.
+    return utc(when).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 _T = TypeVar("_T")
