@@ -108,9 +108,10 @@ class WebConfig:
 
 @schema
 class IngestConfig:
-    verify_workers: int = setting(default=0, ge=0, le=64, doc="Processes that verify "
-                                  "signatures in parallel (0: in the collector process). "
-                                  "Worth it from 2 cores and ~2,000 statuses/s.")
+    verify_workers: int = setting(default=1, ge=0, le=64, doc="Worker processes that "
+                                  "verify signatures alongside the collector process "
+                                  "(0: none). One is worth it from 2 cores: about +10 % "
+                                  "statuses/s here (docs/benchmarks.md).")
     max_payload_bytes: int = setting(default=65536, ge=1024,
                                      doc="Larger messages are rejected unread.")
     replay_window: int = setting(default=64, ge=1, doc="Sequence numbers remembered per "

@@ -80,6 +80,9 @@ class VerifierPool:
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         self._sent: list[set[str]] = []
+        self._max_bytes = max_bytes
+        self._local_keys: dict[str, Any] = {}
+        self._local_sent: set[str] = set()
         for i in range(workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, max_bytes),
@@ -95,22 +98,24 @@ class VerifierPool:
         return len(self._conns)
 
     def verify(self, jobs: Sequence[tuple[str, bytes, str, str | None, bytes]]) -> list[Outcome]:
-        """jobs: (topic_device, token, cert_sha256, identity, public_key_der)."""
-        n = len(self._conns)
+        """jobs: (topic_device, token, cert_sha256, identity, public_key_der).
+
+        The calling thread takes a share too instead of only waiting: it would
+        otherwise sit idle while the workers verify."""
+        n = len(self._conns) + 1
         chunks: list[list[Job]] = [[] for _ in range(n)]
         for i, (device, token, sha, identity, key_der) in enumerate(jobs):
             w = i % n
-            first = sha not in self._sent[w]
+            sent = self._sent[w] if w < n - 1 else self._local_sent
+            first = sha not in sent
             if first:
-                self._sent[w].add(sha)
+                sent.add(sha)
             chunks[w].append(Job(device, token, sha, identity, key_der if first else None))
-        for conn, chunk in zip(self._conns, chunks, strict=True):
+        for conn, chunk in zip(self._conns, chunks, strict=False):
             conn.send(chunk)
-        results = [conn.recv() for conn in self._conns]
-        out: list[Outcome] = []
-        for i in range(len(jobs)):
-            out.append(results[i % n][i // n])
-        return out
+        local = [_verify_one(job, self._local_keys, self._max_bytes) for job in chunks[-1]]
+        results = [conn.recv() for conn in self._conns] + [local]
+        return [results[i % n][i // n] for i in range(len(jobs))]
 
     def close(self) -> None:
         for conn in self._conns:
