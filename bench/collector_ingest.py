@@ -188,7 +188,7 @@ def main() -> int:
     parser.add_argument("--per-device", type=int, default=3)
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
-    parser.add_argument("--workers", default="0,2",
+    parser.add_argument("--workers", default="0,1",
                         help="verify_workers settings to measure (0: in-process)")
     args = parser.parse_args()
     now = datetime.now(UTC)

@@ -486,11 +486,13 @@ def test_realistic_status_size(keys: dict[str, Any], capsys: pytest.CaptureFixtu
     assert len(token) < P.MAX_STATUS_JWS_BYTES // 4
 
 
-@pytest.mark.xfail(reason="2 KB needs short keys or dropping finding messages: "
-                   "a lead decision (docs/protocol.md, Size)")
-def test_realistic_status_under_2k(keys: dict[str, Any]) -> None:
+def test_a_status_with_many_problems_stays_well_within_one_packet(keys: dict[str, Any]) -> None:
+    # Decision (docs/protocol.md, "Size"): a typical status — a healthy device, or one
+    # with a finding — is under 2 KB as JWS (measured by the agent tests and
+    # bench/agent_footprint.py); this one, with three findings, two expiring CAs and
+    # two chains, is allowed ~3 KB rather than giving up readable keys or messages.
     key, cert = keys["p256"]
-    assert len(P.sign_status(P.encode_status(golden_status()), key, cert)) < 2048
+    assert len(P.sign_status(P.encode_status(golden_status()), key, cert)) < 3500
 
 
 # --------------------------------------------------------------------------- siblings
