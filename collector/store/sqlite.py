@@ -131,6 +131,21 @@ class SqliteStore:
         if path != ":memory:" and mode != "wal":
             self._conn.close()
             raise StoreError(f"{path}: cannot switch to WAL (journal_mode is {mode})")
+        # Reads get their own connection: in WAL mode readers do not block the writer,
+        # so a dashboard snapshot of a 100,000-device fleet (seconds of SQL) does not
+        # stall ingest. An in-memory database is one connection's, so it shares.
+        self._read_lock = threading.Lock()
+        self._reader = self._conn
+        if path != ":memory:":
+            try:
+                self._reader = sqlite3.connect(path, timeout=busy_timeout_s,
+                                               isolation_level=None, check_same_thread=False)
+                self._reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            except sqlite3.Error as exc:
+                self._conn.close()
+                raise StoreError(f"cannot open SQLite database {path}: {exc}") from exc
+        else:
+            self._read_lock = self._lock
 
     @classmethod
     def from_url(cls, url: str, *, reject_sample_limit: int = 20) -> SqliteStore:
@@ -138,6 +153,8 @@ class SqliteStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._reader is not self._conn:
+                self._reader.close()
             self._conn.close()
 
     @contextlib.contextmanager
@@ -159,8 +176,23 @@ class SqliteStore:
                     c.execute("ROLLBACK")
                 raise
 
-    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return self._tx("BEGIN")  # one snapshot for multi-statement reads
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One snapshot for multi-statement reads, on the read connection."""
+        with self._read_lock:
+            c = self._reader
+            try:
+                c.execute("BEGIN")
+                yield c
+                c.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise StoreError(f"sqlite: {exc}") from exc
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
 
     def migrate(self) -> None:
         with self._tx() as c:
