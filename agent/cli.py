@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from certmon import __version__, pki
@@ -88,17 +87,11 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> AgentConfig:
-    from certmon.config import loads
+    from certmon.config import load_with_flags
 
     from .config import AgentConfig as Schema
-    from .config import load_agent_config
 
-    overrides = {key: getattr(args, flag, None) for flag, key in FLAG_KEYS.items()}
-    flag_names = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
-    if args.config:
-        return load_agent_config(Path(args.config), overrides=overrides, flag_names=flag_names)
-    return loads(Schema, "", source="<command line>", base_dir=Path.cwd(),
-                 overrides=overrides, flag_names=flag_names)
+    return load_with_flags(Schema, args.config, vars(args), FLAG_KEYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from certmon.config import (
+    BrokerEndpoint,
     PolicyConfig,
-    broker_endpoint,
     check_mqtt_url,
     load,
     schema,
@@ -28,7 +28,7 @@ DEFAULT_PATH = Path("/etc/certmon/agent.toml")
 
 
 @schema
-class MqttConfig:
+class MqttConfig(BrokerEndpoint):
     broker: str = setting(schemes=("mqtt", "mqtts"), check=check_mqtt_url,
                           doc="Broker URL, mqtts://host[:port] (port 8883 by default) or "
                           "mqtt://host[:port] (1883).")
@@ -41,17 +41,6 @@ class MqttConfig:
     keepalive_s: int = setting(default=60, ge=5, le=65535, doc="MQTT keepalive.")
     protocol: Literal["v5", "v311"] = setting(default="v5", doc="MQTT protocol version.")
 
-    @property
-    def host(self) -> str:
-        return broker_endpoint(self.broker)[0]
-
-    @property
-    def port(self) -> int:
-        return broker_endpoint(self.broker)[1]
-
-    @property
-    def is_tls(self) -> bool:
-        return broker_endpoint(self.broker)[2]
 
 
 @schema

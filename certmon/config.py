@@ -626,3 +626,40 @@ if __name__ == "__main__":  # python -m certmon.config agent.config:AgentConfig
 
     module, _, name = sys.argv[1].partition(":")
     sys.stdout.write(config.render_reference(getattr(importlib.import_module(module), name)))
+
+
+class BrokerEndpoint:
+    """For a schema with a `broker` URL: its host, port and whether it is TLS."""
+
+    __slots__ = ()
+    broker: str
+
+    @property
+    def host(self) -> str:
+        return broker_endpoint(self.broker)[0]
+
+    @property
+    def port(self) -> int:
+        return broker_endpoint(self.broker)[1]
+
+    @property
+    def is_tls(self) -> bool:
+        return broker_endpoint(self.broker)[2]
+
+
+def load_with_flags(schema_cls: type[T], config_path: str | None, flags: Mapping[str, object],
+                    flag_keys: Mapping[str, str], *, check_files: bool = True) -> T:
+    """A program's config: the TOML file when one is given, the command-line flags on
+    top (flag → dotted key in `flag_keys`; None means "not given"; a repeated flag's
+    list becomes a comma list), problems named by the flag the user typed."""
+    overrides: dict[str, object] = {}
+    for flag, key in flag_keys.items():
+        value = flags.get(flag)
+        overrides[key] = ",".join(value) if isinstance(value, list) else value
+    flag_names = {key: "--" + flag.replace("_", "-") for flag, key in flag_keys.items()}
+    if config_path:
+        return load(schema_cls, Path(config_path), overrides=overrides, flag_names=flag_names,
+                    check_files=check_files)
+    return loads(schema_cls, "", source="<command line>", base_dir=Path.cwd(),
+                 overrides=overrides, flag_names=flag_names, check_files=check_files)
+

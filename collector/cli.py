@@ -19,7 +19,7 @@ from typing import TextIO
 
 from certmon import __version__
 from certmon import clock as wallclock
-from certmon.config import loads
+from certmon.config import load_with_flags
 from certmon.errors import EX_CONFIG, ConfigError
 from certmon.pki import Severity
 
@@ -66,18 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> CollectorConfig:
-    overrides: dict[str, object] = {}
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if isinstance(value, list):
-            value = ",".join(value)
-        overrides[key] = value
-    flag_names = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
-    if args.config:
-        return load_collector_config(Path(args.config), overrides=overrides,
-                                     flag_names=flag_names)
-    return loads(CollectorConfig, "", source="<command line>", base_dir=Path.cwd(),
-                 overrides=overrides, flag_names=flag_names)
+    return load_with_flags(CollectorConfig, args.config, vars(args), FLAG_KEYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

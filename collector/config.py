@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from certmon.config import (
+    BrokerEndpoint,
     PolicyConfig,
-    broker_endpoint,
     check_mqtt_url,
     load,
     schema,
@@ -45,7 +45,7 @@ def _check_apprise(value: str) -> str | None:
 
 
 @schema
-class MqttConfig:
+class MqttConfig(BrokerEndpoint):
     broker: str = setting(schemes=("mqtt", "mqtts"), check=check_mqtt_url,
                           doc="Broker URL, mqtts://host[:port] (8883) or mqtt://host[:port].")
     client_id: str | None = setting(default=None, doc="MQTT client id; unset means "
@@ -61,17 +61,6 @@ class MqttConfig:
     topic_prefix: str = setting(default="certmon/v1", check=validate_topic_prefix,
                                 doc="Topic prefix; must match the agents'.")
 
-    @property
-    def host(self) -> str:
-        return broker_endpoint(self.broker)[0]
-
-    @property
-    def port(self) -> int:
-        return broker_endpoint(self.broker)[1]
-
-    @property
-    def is_tls(self) -> bool:
-        return broker_endpoint(self.broker)[2]
 
 
 @schema

@@ -108,6 +108,24 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError(f"incomplete SQL statement at the end of a migration: {buf[:80]!r}")
 
 
+@contextlib.contextmanager
+def _transaction(c: sqlite3.Connection, lock: threading.Lock,
+                 begin: str) -> Iterator[sqlite3.Connection]:
+    with lock:
+        try:
+            c.execute(begin)
+            yield c
+            c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise StoreError(f"sqlite: {exc}") from exc
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+
 class SqliteStore:
     """`Store` on one SQLite file. Construct with `from_url` or `open_store`."""
 
@@ -157,42 +175,15 @@ class SqliteStore:
                 self._reader.close()
             self._conn.close()
 
-    @contextlib.contextmanager
-    def _tx(self, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Connection]:
-        """One transaction under the lock. IMMEDIATE takes the write lock up front: a
-        deferred transaction that upgrades later can fail with SQLITE_BUSY at once."""
-        with self._lock:
-            c = self._conn
-            try:
-                c.execute(begin)
-                yield c
-                c.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise StoreError(f"sqlite: {exc}") from exc
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+    def _tx(self, begin: str = "BEGIN IMMEDIATE") -> contextlib.AbstractContextManager[
+            sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front: a deferred
+        transaction that upgrades later can fail with SQLITE_BUSY at once."""
+        return _transaction(self._conn, self._lock, begin)
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One snapshot for multi-statement reads, on the read connection."""
-        with self._read_lock:
-            c = self._reader
-            try:
-                c.execute("BEGIN")
-                yield c
-                c.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise StoreError(f"sqlite: {exc}") from exc
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+        return _transaction(self._reader, self._read_lock, "BEGIN")
 
     def migrate(self) -> None:
         with self._tx() as c:
