@@ -513,7 +513,9 @@ class FleetApi:
         if row is None:
             return None
         now = self.now()
-        fleet = aggregate.fleet_severities(a for a in self.store.active_alerts()
+        # Fleet-rule alerts from the cached snapshot: listing every active alert of a
+        # 100,000-device fleet for one device page would cost more than the page.
+        fleet = aggregate.fleet_severities(a for a in self.snapshot().alerts
                                            if a.device_id == device_id)
         state = aggregate.device_state(row.severity, row.worst_code, online=row.is_online,
                                        fleet_severity=fleet.get(device_id, 0))
