@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from certmon import pki
+from certmon.chain import chain_findings, verify_chain
 
 from .certstore import DeviceMaterial
 from .clocksync import ClockVerdict, explains_not_yet_valid
@@ -125,11 +126,11 @@ def _check(
             intermediates = [c.cert for c in shipped] + [c.cert for c in store_intermediates]
             roots = [c.cert for c in anchors]
             if roots:
-                chain_now = pki.verify_chain(leaf.cert, intermediates, roots, chain_at,
+                chain_now = verify_chain(leaf.cert, intermediates, roots, chain_at,
                                              purpose="client")
-                chain_later = pki.verify_chain(leaf.cert, intermediates, roots,
+                chain_later = verify_chain(leaf.cert, intermediates, roots,
                                                chain_at + policy.warn_window, purpose="client")
-                findings.extend(pki.chain_findings(leaf.facts, chain_now, chain_later, now,
+                findings.extend(chain_findings(leaf.facts, chain_now, chain_later, now,
                                                    policy, role="client"))
             if material.key is not None:
                 findings.extend(pki.key_findings(material.key, leaf.facts,

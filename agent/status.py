@@ -16,6 +16,7 @@ from cryptography import x509
 
 from certmon import __version__, pki
 from certmon import protocol as p
+from certmon.chain import chain_findings, earliest_expiry, verify_chain
 
 from .clocksync import ClockVerdict
 from .report import (
@@ -72,12 +73,12 @@ def observe_broker(
     judged_at = now
     if clock is not None and explained:
         judged_at = best_true_now(clock, now, max(f.not_before for f in facts))
-    now_r = pki.verify_chain(certs[0], intermediates, roots, judged_at, purpose="server")
-    later = pki.verify_chain(certs[0], intermediates, roots, judged_at + policy.warn_window,
+    now_r = verify_chain(certs[0], intermediates, roots, judged_at, purpose="server")
+    later = verify_chain(certs[0], intermediates, roots, judged_at + policy.warn_window,
                              purpose="server")
     findings = without_explained(
         [*pki.expiry_findings(facts[0], now, policy, "broker"),
-         *pki.chain_findings(facts[0], now_r, later, now, policy, role="broker")], explained)
+         *chain_findings(facts[0], now_r, later, now, policy, role="broker")], explained)
     return BrokerObservation(host, port, tls_version, facts, now_r.is_valid, later.is_valid,
                              error or now_r.error, now, tuple(findings))
 
@@ -172,7 +173,7 @@ def _chain_summary(check: DeviceCheck) -> p.ChainSummary | None:
     now_r, later = check.chain_now, check.chain_at_warn
     if now_r is None or later is None:
         return None
-    earliest = pki.earliest_expiry(now_r.path)
+    earliest = earliest_expiry(now_r.path)
     return p.ChainSummary(
         valid_now=now_r.is_valid,
         valid_at_warn=later.is_valid,

@@ -1,8 +1,9 @@
 """Certificate facts and findings: bundles → certificates → facts → findings.
 
-This module owns every certificate rule in certmon (the expiry rule, the chain rule,
-the weak-key rule …). It is pure: every judgement takes `now` (a tz-aware UTC
-datetime) and a `Policy`; the only I/O is the thin `read_*` shells at the bottom,
+This module owns the certificate facts and every per-certificate rule (the expiry rule,
+the weak-key rule, the key rules …); the chain rule is in certmon.chain, built on it.
+It is pure: every judgement takes `now` (a tz-aware UTC datetime) and a `Policy`;
+the only I/O is the thin `read_*` shells at the bottom,
 which turn an unreadable file into a finding instead of an exception.
 It must not import paho, the agent or the collector.
 """
@@ -17,18 +18,17 @@ import hashlib
 import re
 import stat
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509 import verification as xv
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 __all__ = [
     "Bundle",
@@ -540,7 +540,7 @@ def cert_spki_sha256(cert: x509.Certificate) -> str | None:
 # --------------------------------------------------------------------------- rules
 
 
-def _about(
+def finding_about(
     code: FindingCode, severity: Severity, message: str, facts: CertFacts,
     cert_sha256: str | None = None,
 ) -> Finding:
@@ -550,11 +550,11 @@ def _about(
                    subject=facts.subject, source=facts.source, not_after=facts.not_after)
 
 
-def _days(delta: timedelta) -> float:
+def days_of(delta: timedelta) -> float:
     return delta.total_seconds() / 86400.0
 
 
-def _fmt_days(days: float) -> str:
+def human_days(days: float) -> str:
     if abs(days) < 1:
         return f"{days * 24:.1f} hours"
     return f"{days:.1f} days"
@@ -569,16 +569,16 @@ def expiry_findings(facts: CertFacts, now: datetime, policy: Policy, role: str) 
     """
     label = _ROLE_LABEL.get(role, "certificate")
     if now < facts.not_before:
-        return [_about(FindingCode.CERT_NOT_YET_VALID, Severity.CRITICAL,
-                        f"{label} {facts.name} is not valid before "
-                        f"{_iso(facts.not_before)} ({_fmt_days(_days(facts.not_before - now))} "
-                        "from now)", facts)]
-    left = _days(facts.not_after - now)
+        ahead = human_days(days_of(facts.not_before - now))
+        return [finding_about(FindingCode.CERT_NOT_YET_VALID, Severity.CRITICAL,
+                              f"{label} {facts.name} is not valid before "
+                              f"{iso_utc(facts.not_before)} ({ahead} from now)", facts)]
+    left = days_of(facts.not_after - now)
     expired_code, expiring_code = _ROLE_CODES.get(role, _ROLE_CODES["client"])
     if left <= 0:
-        return [_about(expired_code, Severity.CRITICAL,
-                        f"{label} {facts.name} expired {_iso(facts.not_after)} "
-                        f"({_fmt_days(-left)} ago)", facts)]
+        return [finding_about(expired_code, Severity.CRITICAL,
+                        f"{label} {facts.name} expired {iso_utc(facts.not_after)} "
+                        f"({human_days(-left)} ago)", facts)]
     lifetime_s = facts.lifetime_s
     fraction = (facts.not_after - now).total_seconds() / lifetime_s if lifetime_s > 0 else 0.0
     severity = Severity.OK
@@ -590,9 +590,9 @@ def expiry_findings(facts: CertFacts, now: datetime, policy: Policy, role: str) 
         severity = Severity.WARNING
     if severity == Severity.OK:
         return []
-    return [_about(expiring_code, severity,
-                    f"{label} {facts.name} expires {_iso(facts.not_after)} "
-                    f"(in {_fmt_days(left)}, {fraction:.0%} of its lifetime left)",
+    return [finding_about(expiring_code, severity,
+                    f"{label} {facts.name} expires {iso_utc(facts.not_after)} "
+                    f"(in {human_days(left)}, {fraction:.0%} of its lifetime left)",
                     facts)]
 
 
@@ -608,7 +608,7 @@ _ROLE_CODES = {
 }
 
 
-def _iso(at: datetime) -> str:
+def iso_utc(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -622,11 +622,11 @@ def strength_findings(facts: CertFacts, policy: Policy) -> list[Finding]:
         or facts.key_type == "DSA"
     )
     if weak_key:
-        out.append(_about(FindingCode.WEAK_KEY, Severity.CRITICAL,
+        out.append(finding_about(FindingCode.WEAK_KEY, Severity.CRITICAL,
                            f"{facts.name} has a weak key ({facts.key_type}-{facts.key_bits}); "
                            "OpenSSL 3 at security level 2 refuses it", facts))
     if not facts.is_self_issued and facts.signature_hash in {"md2", "md4", "md5", "sha1"}:
-        out.append(_about(FindingCode.WEAK_SIGNATURE, Severity.CRITICAL,
+        out.append(finding_about(FindingCode.WEAK_SIGNATURE, Severity.CRITICAL,
                            f"{facts.name} is signed with {facts.signature_algorithm}; "
                            "current TLS stacks reject it", facts))
     return out
@@ -669,177 +669,6 @@ def key_findings(key: KeyFacts, cert: CertFacts | None, cert_spki: str | None) -
                            "it should be 0600 (or 0640 with a dedicated group)",
                            source=key.source))
     return out
-
-
-# --------------------------------------------------------------------------- chains
-
-
-def _eku_validator(purpose: str) -> object:
-    wanted = {
-        "client": ExtendedKeyUsageOID.CLIENT_AUTH,
-        "server": ExtendedKeyUsageOID.SERVER_AUTH,
-    }.get(purpose)
-
-    def check(_policy: object, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
-        # Private IoT PKIs often issue leaves with no EKU at all: that is accepted.
-        if eku is None or wanted is None:
-            return
-        if wanted not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
-            raise ValueError(f"extended key usage does not allow {purpose} authentication")
-
-    return check
-
-
-def _policies(purpose: str) -> tuple[xv.ExtensionPolicy, xv.ExtensionPolicy]:
-    # webpki's defaults require SANs and keyUsage bits that private fleet PKIs (and
-    # Mosquitto's own test PKI) do not have; we keep the chain-building and signature
-    # rules and relax only the extension requirements.
-    ee = xv.ExtensionPolicy.permit_all().may_be_present(
-        x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, _eku_validator(purpose)  # type: ignore[arg-type]
-    )
-    ca = xv.ExtensionPolicy.permit_all().require_present(
-        x509.BasicConstraints, xv.Criticality.AGNOSTIC, None
-    )
-    return ca, ee
-
-
-def verify_chain(
-    leaf: x509.Certificate,
-    intermediates: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    at: datetime,
-    *,
-    purpose: str = "any",
-) -> ChainResult:
-    """Validate `leaf` up to one of `anchors` at instant `at`.
-
-    cryptography's verifier first; it refuses RSA < 2048, SHA-1 and Ed25519-signed
-    chains by design, so when such a certificate is involved the verdict comes from
-    OpenSSL's X509Store through pyOpenSSL instead, and `method` says so.
-    """
-    if not anchors:
-        return ChainResult(False, at, "none", error="trust store is empty")
-    ca_policy, ee_policy = _policies(purpose)
-    try:
-        verifier = (
-            xv.PolicyBuilder()
-            .store(xv.Store(list(anchors)))
-            .time(at)
-            .max_chain_depth(8)
-            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-            .build_client_verifier()
-        )
-        verified = verifier.verify(leaf, list(intermediates))
-        path = tuple(facts_from_cert(c) for c in verified.chain)
-        return ChainResult(True, at, "cryptography", path=path)
-    except (xv.VerificationError, ValueError) as exc:
-        crypto_error = str(exc)
-    openssl = _verify_with_openssl(leaf, intermediates, anchors, at)
-    if openssl.is_valid and _needs_openssl(leaf, intermediates, anchors):
-        return openssl
-    return ChainResult(
-        False,
-        at,
-        "cryptography",
-        error=openssl.error or crypto_error,
-        failing_cert_sha256=openssl.failing_cert_sha256,
-        extra={"cryptography": crypto_error},
-    )
-
-
-def _needs_openssl(
-    leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-) -> bool:
-    for cert in (leaf, *intermediates, *anchors):
-        facts = facts_from_cert(cert)
-        if facts.key_type in {"Ed25519", "Ed448", "DSA"}:
-            return True
-        if facts.key_type == "RSA" and facts.key_bits < 2048:
-            return True
-        if facts.signature_hash in {"md5", "sha1"} or facts.signature_hash is None:
-            return True
-    return False
-
-
-def _verify_with_openssl(
-    leaf: x509.Certificate,
-    intermediates: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    at: datetime,
-) -> ChainResult:
-    from OpenSSL import crypto  # imported lazily: only the fallback path pays for it
-
-    store = crypto.X509Store()
-    for anchor in anchors:
-        store.add_cert(crypto.X509.from_cryptography(anchor))
-    # A store holding an intermediate (not a root) is a valid anchor for cryptography;
-    # PARTIAL_CHAIN makes OpenSSL agree.
-    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
-    store.set_time(at.astimezone(UTC).replace(tzinfo=None))
-    ctx = crypto.X509StoreContext(
-        store,
-        crypto.X509.from_cryptography(leaf),
-        [crypto.X509.from_cryptography(c) for c in intermediates],
-    )
-    try:
-        chain = ctx.get_verified_chain()
-    except crypto.X509StoreContextError as exc:
-        failing = exc.certificate.to_cryptography() if exc.certificate is not None else None
-        depth = exc.errors[1] if len(exc.errors) > 1 else "?"
-        subject = facts_from_cert(failing).subject if failing is not None else "?"
-        return ChainResult(
-            False,
-            at,
-            "pyopenssl",
-            error=f"{exc.errors[2] if len(exc.errors) > 2 else exc} (depth {depth}: {subject})",
-            failing_cert_sha256=failing.fingerprint(hashes.SHA256()).hex() if failing else None,
-        )
-    path = tuple(facts_from_cert(c.to_cryptography()) for c in chain)
-    return ChainResult(True, at, "pyopenssl", path=path)
-
-
-def chain_findings(
-    leaf: CertFacts,
-    now_result: ChainResult,
-    later_result: ChainResult,
-    now: datetime,
-    policy: Policy,
-    *,
-    role: str = "client",
-) -> list[Finding]:
-    """Findings about a validated (or not) chain: invalid now, and CAs on the path
-    that expire before the leaf does. `later_result` (validity at the end of the
-    warning window) stays a reported fact: whatever makes it fail is a certificate
-    on the path expiring, which the expiry rules already name precisely."""
-    out: list[Finding] = []
-    broker = role == "broker"
-    if not now_result.is_valid:
-        code = FindingCode.BROKER_CHAIN_INVALID if broker else FindingCode.CHAIN_INVALID
-        failing = now_result.failing_cert_sha256
-        out.append(_about(code, Severity.CRITICAL,
-                           f"chain of {leaf.name} does not validate: {now_result.error}",
-                           leaf, cert_sha256=failing))
-        return out
-    path = now_result.path
-    for ca in path[1:]:
-        if ca.not_after < leaf.not_after:
-            days_before = _days(leaf.not_after - ca.not_after)
-            out.append(Finding(
-                FindingCode.INTERMEDIATE_EXPIRES_BEFORE_LEAF,
-                Severity.WARNING,
-                f"{'root' if ca.is_self_issued else 'intermediate'} CA {ca.name} expires "
-                f"{_iso(ca.not_after)}, {_fmt_days(days_before)} before {leaf.name}: "
-                "the leaf stops validating then",
-                cert_sha256=ca.sha256, subject=ca.subject, source=ca.source,
-                not_after=ca.not_after))
-            out.extend(expiry_findings(ca, now, policy, "intermediate"))
-    return out
-
-
-def earliest_expiry(path: Sequence[CertFacts]) -> CertFacts | None:
-    """The certificate on a validated path that expires first (the one that matters)."""
-    return min(path, key=lambda f: f.not_after) if path else None
 
 
 def worst(findings: Iterable[Finding]) -> Severity:
@@ -893,23 +722,13 @@ def read_private_key(
     return facts, [], key
 
 
-def verify_signature_with(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether `issuer`'s key signed `cert` (used for diagnosis, not for validation)."""
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
-_ = padding  # re-exported for callers that sign with RSA-PSS
 
 
 def as_json(value: object) -> object:
     """Facts and findings as JSON-safe values: instants as RFC 3339 UTC strings with
     'Z', enums by name, dataclasses as dicts (the `--json` output of every command)."""
     if isinstance(value, datetime):
-        return _iso(value)
+        return iso_utc(value)
     if isinstance(value, Severity):
         return value.name
     if isinstance(value, enum.Enum):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from certmon import pki
+from certmon.chain import chain_findings, earliest_expiry, verify_chain
 from certmon.pki import CertFacts, Finding, FindingCode, LoadedCert, Policy, Severity
 from certmon.tlsprobe import ProbeResult, ProbeTarget, sni_for
 
@@ -139,7 +140,7 @@ def judge(
         presented=tuple(p.facts for p in presented), path=chain.path,
         path_status=chain.status, chain_valid=chain.valid, chain_valid_at_warn=chain.valid_later,
         chain_error=chain.error, hostname=hostname, hostname_match=match,
-        earliest_expiry=pki.earliest_expiry(chain.path), tls_version=result.tls_version,
+        earliest_expiry=earliest_expiry(chain.path), tls_version=result.tls_version,
         cipher=result.cipher, alpn=result.alpn, address=result.address,
         mqtt_connack=result.mqtt_connack, error=result.error, error_kind=result.error_kind,
         duration_s=duration_s, findings=tuple(unique),
@@ -182,13 +183,13 @@ def _judge_chain(
 ) -> _Chain:
     leaf, rest = presented[0], [p.cert for p in presented[1:]]
     anchors = [a.cert for a in trust.anchors]
-    now_result = pki.verify_chain(leaf.cert, rest, anchors, now, purpose="server")
-    later = pki.verify_chain(leaf.cert, rest, anchors, now + policy.warn_window, purpose="server")
+    now_result = verify_chain(leaf.cert, rest, anchors, now, purpose="server")
+    later = verify_chain(leaf.cert, rest, anchors, now + policy.warn_window, purpose="server")
     facts = leaf.facts
     # chain_findings knows "broker" (BROKER_CHAIN_INVALID) and otherwise CHAIN_INVALID.
     role = "broker" if role == "broker" else "server"
     if now_result.is_valid:
-        findings.extend(pki.chain_findings(facts, now_result, later, now, policy, role=role))
+        findings.extend(chain_findings(facts, now_result, later, now, policy, role=role))
         if facts.is_self_issued:
             findings.append(_about(FindingCode.SELF_SIGNED_LEAF, Severity.WARNING,
                                    f"self-signed leaf {facts.subject} is trusted only because "
@@ -205,7 +206,7 @@ def _judge_chain(
         # It would link up with intermediates the server did not send: incomplete chain.
         # Verified again with them so the path (and its earliest expiry) is a real one.
         extra = [b.cert for b in borrowed]
-        completed = pki.verify_chain(leaf.cert, rest + extra, anchors, now, purpose="server")
+        completed = verify_chain(leaf.cert, rest + extra, anchors, now, purpose="server")
         status = "completed"
         path = _relabel(completed.path, [*presented, *borrowed], trust) or path
         names = ", ".join(b.facts.subject for b in borrowed)
@@ -219,7 +220,7 @@ def _judge_chain(
     else:
         hint = _missing_issuer_hint(linked, trust)
         invalid = dataclasses.replace(now_result, error=f"{now_result.error}{hint}")
-        findings.extend(pki.chain_findings(facts, invalid, later, now, policy, role=role))
+        findings.extend(chain_findings(facts, invalid, later, now, policy, role=role))
     findings.extend(_order_findings(presented, path))
     return _Chain(path, status, False, later.is_valid, now_result.error)
 

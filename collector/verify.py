@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from certmon import pki
 from certmon import protocol as p
+from certmon.chain import verify_chain
 from certmon.errors import ProtocolError
 
 # Reasons added here on top of certmon.protocol's parsing reasons.
@@ -91,7 +92,7 @@ class CertCache:
         # the last instant it could have been valid, so "expired" stays a finding in
         # its status rather than a silent rejection of the device.
         at = min(now, facts.not_after - timedelta(seconds=1))
-        result = pki.verify_chain(leaf, rest, self.fleet_cas, at, purpose="client")
+        result = verify_chain(leaf, rest, self.fleet_cas, at, purpose="client")
         known = KnownCert(leaf, facts, tuple(chain), pki.identity_of(facts), result.is_valid,
                           result.error,
                           chain_facts=(facts, *(pki.facts_from_cert(c) for c in rest)),

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from pkifactory import PKIFactory, scenario, write_bundle
 
 from certmon import pki
+from certmon.chain import chain_findings, earliest_expiry, verify_chain
 from certmon.pki import FindingCode as C
 from certmon.pki import Severity as S
 
@@ -32,7 +33,7 @@ def facts(issued: object) -> pki.CertFacts:
 
 
 def chain(sc: object, at: datetime = NOW, anchors: list[object] | None = None) -> pki.ChainResult:
-    return pki.verify_chain(
+    return verify_chain(
         sc.leaf.cert,  # type: ignore[attr-defined]
         [i.cert for i in sc.intermediates],  # type: ignore[attr-defined]
         [a.cert for a in (anchors or sc.trust)],  # type: ignore[attr-defined]
@@ -179,19 +180,19 @@ def test_valid_chain_now_and_at_warn_window(factory: PKIFactory) -> None:
     assert result.is_valid and result.method == "cryptography"
     assert [p.common_name for p in result.path] == ["ok.test", "ok Intermediate CA", "ok Root CA"]
     later = chain(ok, NOW + POLICY.warn_window)
-    assert pki.chain_findings(facts(ok.leaf), result, later, NOW, POLICY) == []
+    assert chain_findings(facts(ok.leaf), result, later, NOW, POLICY) == []
 
 
 def test_intermediate_expiring_before_leaf_is_the_classic_outage(factory: PKIFactory) -> None:
     sc = scenario(factory, "expiring_intermediate")  # intermediate 10 days, leaf 300 days
     now_result, later = chain(sc), chain(sc, NOW + POLICY.warn_window)
     assert now_result.is_valid and not later.is_valid
-    found = pki.chain_findings(facts(sc.leaf), now_result, later, NOW, POLICY)
+    found = chain_findings(facts(sc.leaf), now_result, later, NOW, POLICY)
     assert codes(found) == {"INTERMEDIATE_EXPIRES_BEFORE_LEAF": "WARNING",
                             "INTERMEDIATE_EXPIRING": "WARNING"}
     inter_fp = facts(sc.intermediates[0]).sha256
     assert all(f.cert_sha256 == inter_fp for f in found)
-    assert pki.earliest_expiry(now_result.path).common_name == "expiring_intermediate Intermediate CA"  # type: ignore[union-attr]
+    assert earliest_expiry(now_result.path).common_name == "expiring_intermediate Intermediate CA"  # type: ignore[union-attr]
 
 
 def test_expired_intermediate_invalidates_chain_and_names_it(factory: PKIFactory) -> None:
@@ -200,7 +201,7 @@ def test_expired_intermediate_invalidates_chain_and_names_it(factory: PKIFactory
     assert not result.is_valid
     assert result.failing_cert_sha256 == facts(sc.intermediates[0]).sha256
     assert "expired" in (result.error or "")
-    found = pki.chain_findings(facts(sc.leaf), result, result, NOW, POLICY)
+    found = chain_findings(facts(sc.leaf), result, result, NOW, POLICY)
     assert codes(found) == {"CHAIN_INVALID": "CRITICAL"}
     assert found[0].cert_sha256 == facts(sc.intermediates[0]).sha256
 
@@ -217,11 +218,11 @@ def test_fake_root_with_same_subject_does_not_validate(factory: PKIFactory) -> N
 def test_chain_valid_now_but_not_at_warn_window(factory: PKIFactory) -> None:
     root = factory.root("Soon Root", name="soon-root", not_after=NOW + timedelta(days=20))
     leaf = factory.leaf(root, "soon", not_after=NOW + timedelta(days=15))
-    now_r = pki.verify_chain(leaf.cert, [], [root.cert], NOW)
-    later = pki.verify_chain(leaf.cert, [], [root.cert], NOW + POLICY.warn_window)
+    now_r = verify_chain(leaf.cert, [], [root.cert], NOW)
+    later = verify_chain(leaf.cert, [], [root.cert], NOW + POLICY.warn_window)
     assert now_r.is_valid and not later.is_valid
     # The leaf expires first: that is the leaf's expiry finding, not a chain finding.
-    assert pki.chain_findings(facts(leaf), now_r, later, NOW, POLICY) == []
+    assert chain_findings(facts(leaf), now_r, later, NOW, POLICY) == []
 
 
 def test_weak_chains_fall_back_to_openssl_and_say_so(factory: PKIFactory) -> None:
@@ -232,7 +233,7 @@ def test_weak_chains_fall_back_to_openssl_and_say_so(factory: PKIFactory) -> Non
     assert len(result.path) == 3
     weak_root = factory.root("Weak Root", key_type="rsa1024")
     leaf = factory.leaf(weak_root, "under-weak-root")
-    result = pki.verify_chain(leaf.cert, [], [weak_root.cert], NOW)
+    result = verify_chain(leaf.cert, [], [weak_root.cert], NOW)
     assert result.is_valid and result.method == "pyopenssl"
     # A 1024-bit leaf key under a strong CA signs nothing in the chain: cryptography
     # validates it, and WEAK_KEY reports the key.
@@ -242,21 +243,21 @@ def test_weak_chains_fall_back_to_openssl_and_say_so(factory: PKIFactory) -> Non
 def test_ed25519_chain_uses_the_openssl_path(factory: PKIFactory) -> None:
     root = factory.root("Ed Root", key_type="ed25519")
     leaf = factory.leaf(root, "ed-leaf", key_type="ed25519")
-    result = pki.verify_chain(leaf.cert, [], [root.cert], NOW)
+    result = verify_chain(leaf.cert, [], [root.cert], NOW)
     assert result.is_valid and result.method == "pyopenssl"
 
 
 def test_server_only_eku_is_not_a_client_certificate(factory: PKIFactory) -> None:
     root = factory.root("EKU Root")
     server = factory.leaf(root, "srv", usage="server")
-    assert not pki.verify_chain(server.cert, [], [root.cert], NOW, purpose="client").is_valid
-    assert pki.verify_chain(server.cert, [], [root.cert], NOW, purpose="server").is_valid
+    assert not verify_chain(server.cert, [], [root.cert], NOW, purpose="client").is_valid
+    assert verify_chain(server.cert, [], [root.cert], NOW, purpose="server").is_valid
     no_eku = factory.leaf(root, "plain", usage=None)
-    assert pki.verify_chain(no_eku.cert, [], [root.cert], NOW, purpose="client").is_valid
+    assert verify_chain(no_eku.cert, [], [root.cert], NOW, purpose="client").is_valid
 
 
 def test_empty_trust_store() -> None:
-    result = pki.verify_chain(None, [], [], NOW)  # type: ignore[arg-type]
+    result = verify_chain(None, [], [], NOW)  # type: ignore[arg-type]
     assert not result.is_valid and result.error == "trust store is empty"
 
 

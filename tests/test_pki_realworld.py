@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from certmon import pki
+from certmon.chain import verify_chain
 from certmon.pki import FindingCode as C
 from certmon.pki import Severity as S
 
@@ -61,11 +62,11 @@ def test_non_certificate_files_are_findings_not_tracebacks() -> None:
 def test_mosquitto_chains_resolve_as_the_inventory_says() -> None:
     root, signing = one(require(MOSQ) / "test-root-ca.crt"), one(MOSQ / "test-signing-ca.crt")
     for leaf in ("client.crt", "server.crt", "server-san.crt", "client-revoked.crt"):
-        result = pki.verify_chain(one(MOSQ / leaf).cert, [signing.cert], [root.cert],
+        result = verify_chain(one(MOSQ / leaf).cert, [signing.cert], [root.cert],
                                   INVENTORY_DAY)
         assert result.is_valid, (leaf, result.error)
         assert [p.common_name for p in result.path][1:] == ["Signing CA", "Root CA"]
-    expired = pki.verify_chain(one(MOSQ / "client-expired.crt").cert, [signing.cert],
+    expired = verify_chain(one(MOSQ / "client-expired.crt").cert, [signing.cert],
                                [root.cert], INVENTORY_DAY)
     assert not expired.is_valid and "expired" in (expired.error or "")
     assert expired.failing_cert_sha256 == one(MOSQ / "client-expired.crt").facts.sha256
@@ -75,7 +76,7 @@ def test_mosquitto_fake_root_does_not_validate_the_leaves() -> None:
     fake, signing = one(require(MOSQ) / "test-fake-root-ca.crt"), one(MOSQ / "test-signing-ca.crt")
     assert fake.facts.subject == one(MOSQ / "test-root-ca.crt").facts.subject
     for leaf in ("client.crt", "server.crt"):
-        result = pki.verify_chain(one(MOSQ / leaf).cert, [signing.cert], [fake.cert],
+        result = verify_chain(one(MOSQ / leaf).cert, [signing.cert], [fake.cert],
                                   INVENTORY_DAY)
         assert not result.is_valid
         assert result.failing_cert_sha256 == signing.facts.sha256
@@ -90,10 +91,10 @@ def test_legacy_2020_expired_signing_ca_is_critical_while_root_is_fine() -> None
     assert signing.facts.sha256.startswith("c431559a072ac5b3")
     assert root.facts.sha256.startswith("e3b6505cb8b1ac4a")
     leaf = one(LEGACY / "client.crt")
-    result = pki.verify_chain(leaf.cert, [signing.cert], [root.cert], INVENTORY_DAY)
+    result = verify_chain(leaf.cert, [signing.cert], [root.cert], INVENTORY_DAY)
     assert not result.is_valid and result.failing_cert_sha256 == signing.facts.sha256
     # Before 2025-02-23 the same chain was fine: the verdict is a function of `now`.
-    assert pki.verify_chain(leaf.cert, [signing.cert], [root.cert],
+    assert verify_chain(leaf.cert, [signing.cert], [root.cert],
                             datetime(2024, 6, 1, tzinfo=UTC)).is_valid
 
 
