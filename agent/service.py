@@ -146,6 +146,7 @@ class AgentService:
             host=mqtt.host, port=mqtt.port, client_id=mqtt.client_id or f"certmon-{device_id}",
             is_tls=mqtt.is_tls, ca_bundle=str(self.config.tls.ca_bundle),
             cert=str(self.config.tls.cert), key=str(self.config.tls.key), alpn=mqtt.alpn,
+            servername=mqtt.servername,
             keepalive_s=mqtt.keepalive_s, protocol=mqtt.protocol,
             will=Will(p.online_topic(self.prefix, device_id), OFFLINE_PAYLOAD, 1, True),
         )

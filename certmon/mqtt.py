@@ -49,6 +49,9 @@ class LinkSettings:
     cert: str | None = None
     key: str | None = None
     alpn: tuple[str, ...] = ()
+    # TLS SNI and the name the broker certificate must carry, when it is not `host`
+    # (a broker reached by IP address, or through a load balancer's name).
+    servername: str | None = None
     keepalive_s: int = 60
     protocol: str = "v5"  # "v5" or "v311"
     will: Will | None = None
@@ -159,7 +162,15 @@ class MqttLink:
 
     def _tls_context(self) -> ssl.SSLContext:
         s = self.settings
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=s.ca_bundle)
+        ctx = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies chain and hostname
+        ctx.servername = s.servername
+        try:
+            if s.ca_bundle:
+                ctx.load_verify_locations(cafile=s.ca_bundle)
+            else:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot load CA bundle {s.ca_bundle}: {exc}") from exc
         if s.cert is not None:
             try:
                 ctx.load_cert_chain(s.cert, s.key)
@@ -343,6 +354,18 @@ class MqttLink:
             func(*args)
         except Exception:  # never let a callback kill paho's network thread
             log.exception("certmon callback %s failed", getattr(func, "__name__", func))
+
+
+class _ServerNameContext(ssl.SSLContext):
+    """paho passes its connect host as server_hostname; this context sends the
+    configured name instead (SNI and the hostname check), when there is one."""
+
+    servername: str | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if self.servername:
+            kwargs["server_hostname"] = self.servername
+        return super().wrap_socket(sock, *args, **kwargs)
 
 
 def resolve_ok(host: str) -> bool:

@@ -307,3 +307,23 @@ interval_s = 60
     # A broken file on reload keeps the running config and says exactly what is wrong.
     assert "configuration not reloaded, keeping the running one" in out
     assert f"{config}:10: agent.bogus: unknown key" in out
+
+
+# paho 2.2 leaks the socket of a failed TLS handshake (its ResourceWarning is paho's).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("servername,connects", [("localhost", True), ("elsewhere.example", False)])
+def test_servername_sets_sni_and_the_name_the_broker_certificate_must_carry(
+    fleet_broker: Fleet, tmp_path: Path, servername: str, connects: bool
+) -> None:
+    from certmon.mqtt import LinkSettings, MqttLink
+
+    creds = fleet_broker.device_credentials(f"gw-sni-{connects}", tmp_path)
+    link = MqttLink(LinkSettings(
+        host="127.0.0.1", port=fleet_broker.mtls_port, client_id=f"sni-{connects}",
+        ca_bundle=str(creds.ca_bundle_path), cert=str(creds.cert_path),
+        key=str(creds.key_path), servername=servername, reconnect_min_s=5))
+    link.start()
+    try:
+        assert link.wait_connected(5 if connects else 1.5) is connects
+    finally:
+        link.stop()
