@@ -164,8 +164,10 @@ def build_snapshot(store: Store, now: datetime,
     brokers: dict[tuple[str, int, tuple[str, ...]], BrokerSeenAgg] = {}
     alerts = store.active_alerts()
     fleet = aggregate.fleet_severities(alerts)
+    fleet_rule = {a.device_id: a.rule for a in alerts
+                  if a.device_id and a.labels.get("scope") in aggregate.FLEET_SCOPES}
     for row in store.devices(order_by="device_id"):
-        briefs.append(_brief(row, fleet.get(row.device_id, 0)))
+        briefs.append(_brief(row, fleet.get(row.device_id, 0), fleet_rule.get(row.device_id)))
         seen = _broker_of(row.status_json)
         if seen is not None:
             chain = [c for c in seen.get("chain") or [] if isinstance(c, dict)]
@@ -202,11 +204,13 @@ def build_snapshot(store: Store, now: datetime,
                     alerts, scans)
 
 
-def _brief(row: DeviceRow, fleet_severity: int = 0) -> DeviceBrief:
+def _brief(row: DeviceRow, fleet_severity: int = 0, fleet_rule: str | None = None) -> DeviceBrief:
     state = aggregate.device_state(row.severity, row.worst_code, online=row.is_online,
                                    fleet_severity=fleet_severity)
     worst_msg = next((f.message for f in row.findings if f.code == row.worst_code), None)
-    return DeviceBrief(row.device_id, str(state), row.severity, row.worst_code, worst_msg,
+    # A device at risk only through a fleet rule (e.g. a missing required CA) names it.
+    worst = row.worst_code or (fleet_rule if fleet_severity else None)
+    return DeviceBrief(row.device_id, str(state), row.severity, worst, worst_msg,
                        row.is_online, row.last_received_at, row.clock_offset_lo_s,
                        row.clock_offset_hi_s, tuple((f.code, f.severity) for f in row.findings))
 
