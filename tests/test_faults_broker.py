@@ -14,7 +14,9 @@ hands it to every *connected, subscribed* collector. A broker without persistenc
 forgets sessions when it restarts, so statuses that reach it after the restart but
 before the collector has re-subscribed are not queued for anyone: of those, only the
 newest per device survives, as the retained message the collector receives when it
-subscribes. The last test shows that limit rather than hiding it.
+subscribes. The last test shows that limit rather than hiding it; the restart and
+kill tests run the broker as production should (persistence on, saved on every change)
+with a persistent collector session, where nothing is lost in any reconnect order.
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ from collector.service import CollectorService, Periodic
 DEVICES = ("gw-bf-1", "gw-bf-2", "gw-bf-3", "gw-bf-4")
 
 
-def private_broker(fleet: Fleet, factory: Any) -> Mosquitto:
-    """A private copy of the fleet's mTLS listener (same PKI, same ACL)."""
+def private_broker(fleet: Fleet, factory: Any, persist_in: Path | None = None) -> Mosquitto:
+    """A private copy of the fleet's mTLS listener (same PKI, same ACL). With
+    `persist_in`, it keeps sessions on disk as production brokers should
+    (docs/mosquitto.md), saving on every change so even a SIGKILL keeps them."""
     mtls = fleet.broker.listeners[2]
+    extra = ""
+    if persist_in is not None:
+        persist_in.mkdir(parents=True, exist_ok=True)
+        extra = (f"persistence true\npersistence_location {persist_in}/\n"
+                 "autosave_on_changes true\nautosave_interval 1\n")
     return factory(  # type: ignore[no-any-return]
         [Listener(tls=True, certfile=mtls.certfile, keyfile=mtls.keyfile, cafile=mtls.cafile,
                   require_certificate=True, use_identity_as_username=True)],
-        acl=FLEET_ACL)
+        acl=FLEET_ACL, extra_conf=extra)
 
 
 def start_collector(fleet: Fleet, broker: Mosquitto, tmp: Path, **overrides: str
@@ -91,9 +100,11 @@ class Fleet4:
 
 
 @pytest.fixture
-def fleet4(fleet_broker: Fleet, mosquitto_factory: Any, tmp_path: Path
-           ) -> Iterator[tuple[Mosquitto, Fleet4]]:
-    broker = private_broker(fleet_broker, mosquitto_factory)
+def fleet4(fleet_broker: Fleet, mosquitto_factory: Any, tmp_path: Path,
+           request: pytest.FixtureRequest) -> Iterator[tuple[Mosquitto, Fleet4]]:
+    persistent = request.node.get_closest_marker("persistent_broker") is not None
+    broker = private_broker(fleet_broker, mosquitto_factory,
+                            tmp_path / "broker-db" if persistent else None)
     agents = [make_agent(fleet_broker, broker, tmp_path, d) for d in DEVICES]
     yield broker, Fleet4(agents)
     for agent in agents:
@@ -109,12 +120,19 @@ def stored_seqs(collector: CollectorService, device_id: str) -> list[int]:
     return sorted(seq for _, seq in collector.store.seen_seqs(device_id))
 
 
+@pytest.mark.persistent_broker
 @pytest.mark.parametrize("how", ["restart", "kill9"])
 def test_broker_restart_mid_traffic_loses_no_status(
     fleet_broker: Fleet, fleet4: tuple[Mosquitto, Fleet4], tmp_path: Path, how: str
 ) -> None:
+    # The production set-up: a broker that persists sessions and a collector with a
+    # persistent session. Then the order in which agents and collector reconnect does
+    # not matter (paho re-sends an agent's in-flight statuses the moment it is back,
+    # possibly before the collector is): the broker queues them for the collector.
     broker, fleet = fleet4
-    collector = start_collector(fleet_broker, broker, tmp_path / "collector")
+    collector = start_collector(fleet_broker, broker, tmp_path / "collector",
+                                **{"mqtt.session_expiry_s": "3600",
+                                   "mqtt.client_id": f"collector-bf-{how}"})
     client_id = collector.link.settings.client_id
     try:
         for _ in range(3):  # steady traffic
