@@ -6,7 +6,19 @@ messages. Statuses are built from a template (a healthy device's facts) rather t
 running the agent's checks per device, so ten thousand devices cost seconds, not
 minutes; what the collector does with them — verify, store, evaluate — is the real work.
 
-Used by bench/collector_ingest.py and bench/load_test.py. Loopback only.
+Used by bench/collector_ingest.py and bench/load_test.py, and runnable on its own as
+the fleet simulator:
+
+    python bench/fleetsim.py --broker mqtt://127.0.0.1:1884 --devices 500 \
+        --interval-s 30 --expiring 0.1 --clock-behind 0.05 --duration-s 300 \
+        --ca-out sim-ca.pem
+
+It writes the simulated fleet's CA to --ca-out (give it to the collector as a
+--fleet-ca), publishes every device's cert message, then each device's signed status
+once per interval (spread evenly), a chosen fraction of them with an expiring
+certificate or a clock two days behind. It connects anonymously or with --cert/--key
+(a broker ACL that lets one client write every device's topics is a test set-up, not
+a production one). Loopback only.
 """
 
 from __future__ import annotations
@@ -136,9 +148,97 @@ def worker_presign(args: tuple[bytes, bytes, str, list[int], str]) -> list[tuple
     return presign([dev], seqs, now)
 
 
+def clock_behind_finding() -> p.FindingWire:
+    return p.FindingWire(code="CLOCK_BEHIND", severity=Severity.CRITICAL, cert=None,
+                         msg="device clock is 172800.000 s behind (2.00 days) per chrony")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import random
+    import time
+    import urllib.parse
+
+    import paho.mqtt.client as mqtt
+
+    parser = argparse.ArgumentParser(prog="fleetsim", description=__doc__.split("\n")[0])
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                        help="mqtt://host:port or mqtts://host:port (loopback)")
+    parser.add_argument("--ca-bundle", help="CA for an mqtts:// broker")
+    parser.add_argument("--cert", help="client certificate (mTLS listeners)")
+    parser.add_argument("--key")
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--interval-s", type=float, default=60.0)
+    parser.add_argument("--duration-s", type=float, default=300.0)
+    parser.add_argument("--expiring", type=float, default=0.0,
+                        help="fraction of devices whose certificate expires in 5 days")
+    parser.add_argument("--clock-behind", type=float, default=0.0,
+                        help="fraction of devices reporting a clock 2 days behind")
+    parser.add_argument("--prefix", default="sim")
+    parser.add_argument("--ca-out", default="fleetsim-ca.pem")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    url = urllib.parse.urlsplit(args.broker)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("the simulator only talks to a broker on this machine (loopback)")
+    rng = random.Random(args.seed)
+    now = utc_now()
+    root = make_ca("fleetsim Fleet Root", now)
+    devices_ca = make_ca("fleetsim devices", now, issuer=root)
+    with open(args.ca_out, "wb") as f:
+        f.write(root.cert.public_bytes(serialization.Encoding.PEM))
+    n_expiring = int(args.devices * args.expiring)
+    devices = (make_devices(devices_ca, n_expiring, now, prefix=f"{args.prefix}-exp", days=5)
+               + make_devices(devices_ca, args.devices - n_expiring, now, prefix=args.prefix))
+    behind = set(rng.sample(range(len(devices)), int(args.devices * args.clock_behind)))
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleetsim-{os.getpid()}",
+                         protocol=mqtt.MQTTv5)
+    if url.scheme == "mqtts":
+        client.tls_set(ca_certs=args.ca_bundle, certfile=args.cert, keyfile=args.key)
+    client.max_inflight_messages_set(100)
+    client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883))
+    client.loop_start()
+    for dev in devices:
+        client.publish(p.cert_topic(p.DEFAULT_PREFIX, dev.device_id), cert_message(dev),
+                       qos=1, retain=True)
+    print(f"fleetsim: {len(devices)} devices ({n_expiring} expiring, {len(behind)} clock "
+          f"behind), CA in {args.ca_out}, {args.interval_s:g} s interval", flush=True)
+    start, seq, sent = time.monotonic(), 0, 0
+    while time.monotonic() - start < args.duration_s:
+        seq += 1
+        round_start = time.monotonic()
+        for i, dev in enumerate(devices):
+            # Spread evenly over the interval, as a real fleet's jitter does.
+            time.sleep(max(0.0, round_start + i * args.interval_s / len(devices)
+                           - time.monotonic()))
+            at = utc_now()
+            findings: list[p.FindingWire] = []
+            if dev.device_id.startswith(f"{args.prefix}-exp"):
+                findings.append(expiring_finding((dev.cert.not_valid_after_utc - at)
+                                                 .total_seconds() / 86400, at))
+            if i in behind:
+                findings.append(clock_behind_finding())
+            token = signed_status(dev, seq, at, interval_s=int(args.interval_s),
+                                  findings=findings)
+            client.publish(p.status_topic(p.DEFAULT_PREFIX, dev.device_id), token, qos=1,
+                           retain=True)
+            sent += 1
+        time.sleep(max(0.0, round_start + args.interval_s - time.monotonic()))
+    client.disconnect()
+    client.loop_stop()
+    print(f"fleetsim: {sent} statuses published in {time.monotonic() - start:.0f} s")
+    return 0
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
