@@ -88,6 +88,7 @@ class AgentService:
         self.link: MqttLink | None = None
         self.last_publish_ok_at: datetime | None = None
         self._link_cert_sha: str | None = None
+        self._protocol: str | None = None  # "v311" once a broker refused v5
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self.refused = 0  # statuses the broker refused (ACL): never deliverable
         self._inflight: dict[int, Path] = {}
@@ -132,9 +133,16 @@ class AgentService:
     def _ensure_link(self, material: DeviceMaterial) -> None:
         client = material.client
         client_sha = client.certs[0].facts.sha256 if client and client.certs else None
-        if self.link is not None and client_sha == self._link_cert_sha:
+        refused = self.link is not None and self.link.state.protocol_refused
+        if self.link is not None and client_sha == self._link_cert_sha and not refused:
             return
-        if self.link is not None:
+        if refused:
+            # An MQTT 3.1.1 broker: the documented fallback, for this process's life.
+            log.warning("the broker does not speak MQTT v5: falling back to MQTT 3.1.1")
+            self._protocol = "v311"
+            self.link.stop()  # type: ignore[union-attr]
+            self._inflight.clear()
+        elif self.link is not None:
             # A renewed certificate: reconnect with it, no restart needed. A clean
             # DISCONNECT, so the broker does not fire the will for a planned switch.
             log.info("client certificate changed (now %s): reconnecting with it", client_sha)
@@ -147,11 +155,12 @@ class AgentService:
             is_tls=mqtt.is_tls, ca_bundle=str(self.config.tls.ca_bundle),
             cert=str(self.config.tls.cert), key=str(self.config.tls.key), alpn=mqtt.alpn,
             servername=mqtt.servername,
-            keepalive_s=mqtt.keepalive_s, protocol=mqtt.protocol,
+            keepalive_s=mqtt.keepalive_s, protocol=self._protocol or mqtt.protocol,
             will=Will(p.online_topic(self.prefix, device_id), OFFLINE_PAYLOAD, 1, True),
         )
         try:
             link = MqttLink(settings, on_message=self._on_message, on_connect=self._on_connect,
+                            on_disconnect=lambda _reason: self._wake.set(),
                             on_published=lambda mid, ok: self._acks.put((mid, ok)),
                             monotonic=self.clock.monotonic)
         except TransportError as exc:
@@ -287,6 +296,9 @@ class AgentService:
     def flush(self) -> None:
         """Hand spooled messages to the link in order; forget those PUBACKed."""
         self._drain_acks()
+        if self.link is not None and self.link.state.protocol_refused:
+            tls = self.config.tls
+            self._ensure_link(read_material(tls.ca_bundle, tls.cert, tls.key))
         link = self.link
         if link is None or not link.is_connected:
             return

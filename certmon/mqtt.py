@@ -97,6 +97,9 @@ class LinkState:
     tls_version: str | None = None
     connack_reason: str | None = None
     protocol: str = "v5"
+    # The broker answered an MQTT v5 CONNECT with "unsupported protocol version": the
+    # owner should rebuild the link with protocol "v311" (the fallback).
+    protocol_refused: bool = False
     subscriptions: dict[str, int] = field(default_factory=dict)
 
 
@@ -292,6 +295,11 @@ class MqttLink:
         self.state.connack_reason = str(reason)
         if reason.is_failure:
             self.state.last_error = f"broker refused the connection: {reason}"
+            # 132 in v5 terms; a v3.1.1-only broker answers its own "1, unacceptable
+            # protocol version", which paho reads as exactly this reason code.
+            if self.settings.protocol == "v5" and getattr(reason, "value", None) == 132:
+                self.state.protocol_refused = True
+                self._call(self._on_disconnect, "protocol refused")
             log.warning("broker %s:%s refused the connection: %s",
                         self.settings.host, self.settings.port, reason)
             return
