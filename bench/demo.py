@@ -267,22 +267,25 @@ class Demo:
     fleet: list[DemoDevice]
 
     def stop(self) -> None:
-        # The collector first: agents saying goodbye must not page anyone.
-        self.collector.stop()
-        self.threads[0].join(timeout=15)  # collector.run() closes it, web server included
-        for agent in self.agents:
-            agent.request_stop()
-        for thread in self.threads:
-            thread.join(timeout=10)
-        for proc in self.subprocesses:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        self.broker.terminate()
         try:
-            self.broker.wait(10)
-        except subprocess.TimeoutExpired:
-            self.broker.kill()
+            # The collector first: agents saying goodbye must not page anyone.
+            self.collector.stop()
+            self.threads[0].join(timeout=15)  # collector.run() closes it, web server too
+            for agent in self.agents:
+                agent.request_stop()
+            for thread in self.threads:
+                thread.join(timeout=10)
+        finally:
+            # Whatever failed above, nothing the demo started is left running.
+            for proc in self.subprocesses:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            self.broker.terminate()
+            try:
+                self.broker.wait(10)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
 
 
 def start_demo(work: Path, *, interval_s: int = 10, listen: str = "127.0.0.1:0") -> Demo:

@@ -102,9 +102,24 @@ class Ingestor:
     def _verify_in_pool(self, signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]],
                         pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
         assert self.pool is not None
-        outcomes = self.pool.verify([
-            (device_id, msg.payload, known.facts.sha256, known.identity, known.public_key_der)
-            for msg, device_id, _parsed, known in signed])
+        try:
+            outcomes = self.pool.verify([
+                (device_id, msg.payload, known.facts.sha256, known.identity, known.public_key_der)
+                for msg, device_id, _parsed, known in signed])
+        except (OSError, EOFError) as exc:
+            # A worker died (killed, out of memory): verify in this process from now on
+            # rather than fail every batch.
+            log.error("verification worker lost (%s): verifying in the collector process",
+                      exc)
+            self.pool = None
+            for msg, device_id, _parsed, _known in signed:
+                try:
+                    verified = self._verify(device_id, msg.payload, self.now())
+                    pending.append((verified, self._status_record(verified, msg, self.now()),
+                                    msg))
+                except ProtocolError as err:
+                    self.reject(err.reason, msg, str(err))
+            return
         now = self.now()
         for (msg, _device, _parsed, known), outcome in zip(signed, outcomes, strict=True):
             if outcome.status is None or outcome.payload is None:

@@ -12,6 +12,7 @@ Results come back in order. No store, no MQTT in the workers.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -43,6 +44,11 @@ class Outcome:
 
 
 def _worker(conn: Connection, max_bytes: int) -> None:  # pragma: no cover - child process
+    # Ctrl-C and systemd's SIGTERM reach the whole process group; the collector decides
+    # when its workers end (it closes the pipe), so a worker must not die first and take
+    # the batch in flight with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     keys: dict[str, Any] = {}
     while True:
         try:
