@@ -102,8 +102,7 @@ class CollectorAlerts:
             for req in self.requirements:
                 holders[req.sha256] = {dev for dev, role in self.store.holders(req.sha256)
                                        if role == CertRole.TRUST}
-            with_inventory = {d.device_id for d in devices
-                              if self.store.inventory(d.device_id) is not None}
+            with_inventory = self.store.devices_with_inventory()
             self.engine.evaluate_fleet(
                 trust_requirement_alerts(self.requirements, holders, with_inventory),
                 scope=Scope.TRUST, now=now)

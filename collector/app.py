@@ -7,6 +7,8 @@ and its sinks, the web server) and nothing else; each part is built in its own m
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 from .alerting import CollectorAlerts
 from .config import CollectorConfig
@@ -34,7 +36,7 @@ def build_collector(config: CollectorConfig, *, web: bool = True) -> CollectorSe
         from .scheduled_scan import make_scan_job
 
         job = make_scan_job(config, service.store, service.clock.now, alerts.on_scans)
-        service.jobs.append(("scan", float(config.scan_interval_s), job, True))
+        service.jobs.append(("scan", float(config.scan_interval_s), in_background(job), True))
     if web:
         from .web.app import start_web
 
@@ -42,6 +44,28 @@ def build_collector(config: CollectorConfig, *, web: bool = True) -> CollectorSe
         service.web = server
         service.on_close.append(server.stop)
     return service
+
+
+def in_background(job: Callable[[], None]) -> Callable[[], None]:
+    """Run a slow periodic job (scans wait for timeouts) in its own thread, one at a
+    time, so the service tick (beacon, silence, summary) is never held up by it."""
+    running = threading.Lock()
+
+    def start() -> None:
+        if not running.acquire(blocking=False):
+            return  # the previous run is still going: skip this period
+
+        def run() -> None:
+            try:
+                job()
+            except Exception:  # the next period tries again
+                log.exception("background job failed")
+            finally:
+                running.release()
+
+        threading.Thread(target=run, name="certmon-scan", daemon=True).start()
+
+    return start
 
 
 def _basic_auth(config: CollectorConfig) -> tuple[str, str] | None:

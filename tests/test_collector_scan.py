@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker import wait_until
 from conftest import Fleet, ScenarioBroker
 
 from certmon.config import loads
@@ -45,7 +46,10 @@ mqtt = true  # a broker: also a clean MQTT CONNECT, and its leaf judged as a bro
     service = build_collector(config)
     try:
         scan = next(job for name, _every, job, _claimed in service.jobs if name == "scan")
-        scan()
+        scan()  # starts the scan in its own thread, as the service's tick does
+        assert wait_until(lambda: len(service.store.scans()) == 2, 30)
+        assert wait_until(lambda: any(a.labels.get("scope") == "scan"
+                                      for a in service.store.active_alerts()), 10)
         scans = {s.target: s for s in service.store.scans()}
         ok = scans[f"localhost@127.0.0.1:{fleet_broker.tls_port}"]
         soon = scans[f"localhost@127.0.0.1:{scenario_broker.ports['expiring_leaf_3d']}"]

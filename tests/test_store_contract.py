@@ -276,6 +276,7 @@ def test_certificates_expiring_before_with_role_filter(store: Store) -> None:
     assert store.holders(old_ca.sha256) == [("dev2", CertRole.TRUST)]
     inv = store.inventory("dev3")
     assert inv is not None and inv.digest == "a" * 64
+    assert store.devices_with_inventory() == {"dev2", "dev3"}
 
 
 def test_set_online_and_mark_silent(store: Store) -> None:

@@ -495,6 +495,9 @@ class PostgresStore:
                           " WHERE device_id = %s", (device_id,))
         return InventoryRecord(device_id, rows[0][0], rows[0][1], _dt(rows[0][2])) if rows else None
 
+    def devices_with_inventory(self) -> set[str]:
+        return {str(dev) for (dev,) in self._rows("SELECT device_id FROM inventories", ())}
+
     def scans(self) -> list[ScanRecord]:
         rows = self._rows("SELECT target, scanned_at, severity, result_json FROM scans"
                           " ORDER BY target")

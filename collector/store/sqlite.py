@@ -541,6 +541,10 @@ class SqliteStore:
                             " WHERE device_id = ?", (device_id,)).fetchone()
         return None if row is None else InventoryRecord(device_id, row[0], row[1], dt(row[2]))
 
+    def devices_with_inventory(self) -> set[str]:
+        with self._read() as c:
+            return {dev for (dev,) in c.execute("SELECT device_id FROM inventories")}
+
     def scans(self) -> list[ScanRecord]:
         with self._read() as c:
             rows = c.execute("SELECT target, scanned_at, severity, result_json FROM scans"
