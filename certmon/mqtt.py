@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -374,12 +373,3 @@ class _ServerNameContext(ssl.SSLContext):
         if self.servername:
             kwargs["server_hostname"] = self.servername
         return super().wrap_socket(sock, *args, **kwargs)
-
-
-def resolve_ok(host: str) -> bool:
-    """Whether `host` resolves (used for a clear start-up message, not for connecting)."""
-    try:
-        socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return True

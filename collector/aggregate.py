@@ -110,11 +110,3 @@ def device_state(severity: int, worst_code: str | None, *, online: bool,
     if severity == Severity.WARNING:
         return DeviceState.WARNING
     return DeviceState.OK
-
-
-def is_overdue(last_received_at: datetime | None, interval_s: int | None, now: datetime,
-               factor: float = 3.0) -> bool:
-    """Silent for longer than `factor` intervals: the device is offline."""
-    if last_received_at is None or not interval_s:
-        return False
-    return now - last_received_at > timedelta(seconds=factor * interval_s)

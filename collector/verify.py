@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from certmon import pki
 from certmon import protocol as p
@@ -171,7 +171,3 @@ def verify_status(cache: CertCache, topic_device: str, token: bytes, now: dateti
     parsed, known = resolve_signer(cache, token, now, max_bytes=max_bytes)
     status = check_signed(parsed, known.cert.public_key(), known.identity, topic_device)
     return Verified(status, known, len(token), parsed.payload)
-
-
-def cert_sha256(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
