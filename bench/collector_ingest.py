@@ -35,10 +35,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import paho.mqtt.client as mqtt  # noqa: E402
-from broker import Listener, Mosquitto, wait_until  # noqa: E402
-from conftest import FLEET_ACL  # noqa: E402
-from fleetsim import SimCA, cert_message, make_ca, make_devices, signed_status  # noqa: E402
-from pkifactory import PKIFactory  # noqa: E402
+from broker import wait_until  # noqa: E402
+from fleetsim import bench_site, cert_message, make_devices, signed_status  # noqa: E402
 
 from certmon import protocol as p  # noqa: E402
 from certmon.config import loads  # noqa: E402
@@ -195,19 +193,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        factory = PKIFactory(now)
-        fleet_root = factory.root("bench Fleet Root", name="bench-fleet-root")
-        services = factory.intermediate(fleet_root, "bench services")
-        collector_leaf = factory.leaf(services, "collector")
-        broker_ca = factory.root("bench Broker CA", name="bench-broker-ca")
-        server = factory.leaf(broker_ca, "localhost", usage="server",
-                              sans=("localhost", "127.0.0.1"))
-        server_cert, server_key = server.write(work)
-        collector_cert, collector_key = collector_leaf.write(work, chain=True)
-        (work / "ca.pem").write_bytes(broker_ca.cert_pem())
-        (work / "fleet-root.pem").write_bytes(fleet_root.cert_pem())
-        root = SimCA(fleet_root.cert, fleet_root.key)  # type: ignore[arg-type]
-        devices_ca = make_ca("bench devices", now, issuer=root)
+        site = bench_site(work, now, "bench")
+        devices_ca = site.devices_ca
         devices = make_devices(devices_ca, args.devices, now, prefix="bench")
         certs = [(p.cert_topic(p.DEFAULT_PREFIX, d.device_id), cert_message(d)) for d in devices]
         t1 = time.perf_counter()
@@ -216,15 +203,9 @@ def main() -> int:
         t2 = time.perf_counter()
         print(f"fleet: {args.devices} devices ({t1 - t0:.1f} s to issue), {len(statuses)} "
               f"signed statuses ({t2 - t1:.1f} s to sign, {len(statuses[0][1])} bytes each)")
-        creds = {"ca": work / "ca.pem", "cert": collector_cert, "key": collector_key,
-                 "fleet_ca": work / "fleet-root.pem"}
-        broker = Mosquitto(work / "broker", [
-            Listener(),
-            Listener(tls=True, certfile=server_cert, keyfile=server_key,
-                     cafile=work / "fleet-root.pem", require_certificate=True,
-                     use_identity_as_username=True),
-        ], acl=FLEET_ACL, extra_conf="max_queued_messages 1000000\nmax_queued_bytes 0\n"
-                                    "max_inflight_messages 1000\n")
+        creds = {"ca": site.ca_bundle, "cert": site.collector_cert, "key": site.collector_key,
+                 "fleet_ca": site.fleet_ca}
+        broker = site.broker
         with broker:
             plain, mtls = broker.ports
             ceiling = bare_subscriber_rate(mtls, plain, creds, [*certs, *statuses])

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -130,22 +132,46 @@ def expiring_finding(days_left: float, now: datetime) -> p.FindingWire:
                          not_after=now + timedelta(days=days_left))
 
 
-def presign(devices: Iterable[SimDevice], seqs: Sequence[int], now: datetime,
-            prefix: str = p.DEFAULT_PREFIX) -> list[tuple[str, bytes]]:
-    """(topic, JWS) for every device and seq, device-interleaved as a fleet sends."""
-    devs = list(devices)
-    return [(p.status_topic(prefix, d.device_id), signed_status(d, s, now))
-            for s in seqs for d in devs]
+@dataclass(frozen=True)
+class BenchSite:
+    """A broker and the credentials a benchmark's collector needs (not started)."""
+
+    devices_ca: SimCA  # issues the simulated devices
+    ca_bundle: Path  # the broker's CA, for the collector's connection
+    fleet_ca: Path  # the fleet root, for the collector's verification
+    collector_cert: Path
+    collector_key: Path
+    broker: Any  # tests/broker.py Mosquitto: listeners [plain, mTLS]
 
 
-def worker_presign(args: tuple[bytes, bytes, str, list[int], str]) -> list[tuple[str, bytes]]:
-    """For multiprocessing: (key PEM, cert PEM+chain PEM, device_id, seqs, now ISO)."""
-    key_pem, certs_pem, device_id, seqs, now_iso = args
-    key = serialization.load_pem_private_key(key_pem, None)
-    certs = x509.load_pem_x509_certificates(certs_pem)
-    dev = SimDevice(device_id, key, certs[0], tuple(certs[1:]))  # type: ignore[arg-type]
-    now = datetime.fromisoformat(now_iso)
-    return presign([dev], seqs, now)
+def bench_site(work: Path, now: datetime, label: str) -> BenchSite:
+    """The PKI and Mosquitto the ingest and load benchmarks share: a fleet root with a
+    services CA (the collector) and a devices CA, a broker CA, and one broker with a
+    plain listener (the publisher) and an mTLS listener (the collector), its queue
+    limits raised as docs/mosquitto.md recommends. Needs tests/ on sys.path."""
+    from broker import Listener, Mosquitto
+    from conftest import FLEET_ACL
+    from pkifactory import PKIFactory
+
+    factory = PKIFactory(now)
+    fleet_root = factory.root(f"{label} Fleet Root", name=f"{label}-fleet-root")
+    services = factory.intermediate(fleet_root, f"{label} services")
+    broker_ca = factory.root(f"{label} Broker CA", name=f"{label}-broker-ca")
+    server = factory.leaf(broker_ca, "localhost", usage="server",
+                          sans=("localhost", "127.0.0.1"))
+    server_cert, server_key = server.write(work)
+    collector_cert, collector_key = factory.leaf(services, "collector").write(work, chain=True)
+    ca_bundle, fleet_ca = work / "ca.pem", work / "fleet-root.pem"
+    ca_bundle.write_bytes(broker_ca.cert_pem())
+    fleet_ca.write_bytes(fleet_root.cert_pem())
+    broker = Mosquitto(work / "broker", [
+        Listener(),
+        Listener(tls=True, certfile=server_cert, keyfile=server_key, cafile=fleet_ca,
+                 require_certificate=True, use_identity_as_username=True),
+    ], acl=FLEET_ACL, extra_conf="max_queued_messages 1000000\nmax_queued_bytes 0\n"
+                                "max_inflight_messages 1000\n")
+    devices_ca = make_ca(f"{label} devices", now, issuer=SimCA(fleet_root.cert, fleet_root.key))  # type: ignore[arg-type]
+    return BenchSite(devices_ca, ca_bundle, fleet_ca, collector_cert, collector_key, broker)
 
 
 def clock_behind_finding() -> p.FindingWire:
@@ -232,10 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

@@ -41,10 +41,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
-from broker import Listener, Mosquitto, wait_until  # noqa: E402
-from conftest import FLEET_ACL  # noqa: E402
-from fleetsim import SimCA, SimDevice, cert_message, make_ca, make_devices, signed_status  # noqa: E402
-from pkifactory import PKIFactory  # noqa: E402
+from broker import Mosquitto, wait_until  # noqa: E402
+from fleetsim import (  # noqa: E402
+    SimDevice,
+    bench_site,
+    cert_message,
+    make_devices,
+    signed_status,
+)
 
 from certmon import protocol as p  # noqa: E402
 
@@ -118,31 +122,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        factory = PKIFactory(now)
-        fleet_root = factory.root("load Fleet Root", name="load-fleet-root")
-        services = factory.intermediate(fleet_root, "load services")
-        collector_leaf = factory.leaf(services, "collector")
-        broker_ca = factory.root("load Broker CA", name="load-broker-ca")
-        server = factory.leaf(broker_ca, "localhost", usage="server",
-                              sans=("localhost", "127.0.0.1"))
-        server_cert, server_key = server.write(work)
-        collector_cert, collector_key = collector_leaf.write(work, chain=True)
-        (work / "ca.pem").write_bytes(broker_ca.cert_pem())
-        (work / "fleet-root.pem").write_bytes(fleet_root.cert_pem())
-        root = SimCA(fleet_root.cert, fleet_root.key)  # type: ignore[arg-type]
-        devices_ca = make_ca("load devices", now, issuer=root)
+        site = bench_site(work, now, "load")
+        devices_ca = site.devices_ca
         devices = make_devices(devices_ca, args.devices, now, prefix="load")
         print(f"fleet: {args.devices} devices issued in {time.perf_counter() - t0:.1f} s; "
               f"{rounds} round(s) of {args.interval_s:g} s = "
               f"{args.devices / args.interval_s:.0f} statuses/s for {args.minutes:g} min",
               flush=True)
-        broker = Mosquitto(work / "broker", [
-            Listener(),
-            Listener(tls=True, certfile=server_cert, keyfile=server_key,
-                     cafile=work / "fleet-root.pem", require_certificate=True,
-                     use_identity_as_username=True),
-        ], acl=FLEET_ACL, extra_conf="max_queued_messages 1000000\nmax_queued_bytes 0\n"
-                                    "max_inflight_messages 1000\n")
+        broker = site.broker
         db = work / "load.db"
         with broker:
             plain, mtls = broker.ports
@@ -150,9 +137,9 @@ def main() -> int:
             with log_path.open("wb") as log:
                 collector = subprocess.Popen(
                     [sys.executable, "-m", "collector.cli", "run",
-                     "--broker", f"mqtts://127.0.0.1:{mtls}", "--ca-bundle", str(work / "ca.pem"),
-                     "--cert", str(collector_cert), "--key", str(collector_key),
-                     "--fleet-ca", str(work / "fleet-root.pem"), "--db", f"sqlite:///{db}",
+                     "--broker", f"mqtts://127.0.0.1:{mtls}", "--ca-bundle", str(site.ca_bundle),
+                     "--cert", str(site.collector_cert), "--key", str(site.collector_key),
+                     "--fleet-ca", str(site.fleet_ca), "--db", f"sqlite:///{db}",
                      "--client-id", "load-collector", "--listen", "127.0.0.1:0"],
                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
