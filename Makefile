@@ -26,7 +26,7 @@ install: $(PY)
 	$(PIP) install -q ".[collector,test]"
 
 lint: install
-	$(VENV)/bin/ruff check certmon agent collector tests bench
+	$(VENV)/bin/ruff check certmon agent collector scanner tests bench
 	$(VENV)/bin/mypy
 
 test: lint

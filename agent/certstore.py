@@ -1,9 +1,10 @@
 """Reading the device's certificate material from disk: the thin I/O shell.
 
-Owns: turning the configured paths (CA bundle, client certificate, private key) into
-`DeviceMaterial`. A missing or unreadable file becomes a finding inside the material,
-never an exception. Must not judge anything (that is `agent.report`) and never logs
-or serialises the private key.
+Owns: turning the configured paths (CA bundle, client certificate, private key, and
+the dedicated status-signing certificate and key when configured) into
+`DeviceMaterial`, and which certificate and key sign statuses. A missing or
+unreadable file becomes a finding inside the material, never an exception. Must not
+judge anything (that is `agent.report`) and never logs or serialises a private key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from certmon import pki
 
 
 @dataclass(frozen=True, slots=True)
+class SigningMaterial:
+    """A dedicated status-signing certificate (bundle: leaf first) and its key."""
+
+    bundle: pki.Bundle
+    key: pki.KeyFacts | None
+    key_findings: tuple[pki.Finding, ...]
+    private_key: object | None = None
+
+    def __repr__(self) -> str:
+        return f"SigningMaterial(cert={self.bundle.source!r}, key=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceMaterial:
     trust_store: pki.Bundle
     client: pki.Bundle | None
@@ -23,10 +37,23 @@ class DeviceMaterial:
     key_findings: tuple[pki.Finding, ...]
     # The key object itself, for signing; excluded from repr so it never reaches a log.
     private_key: object | None = None
+    signing: SigningMaterial | None = None  # tls.signing_cert / tls.signing_key
 
     def __repr__(self) -> str:
         return (f"DeviceMaterial(trust_store={self.trust_store.source!r}, "
-                f"client={self.client.source if self.client else None!r}, key=<hidden>)")
+                f"client={self.client.source if self.client else None!r}, key=<hidden>, "
+                f"signing={self.signing!r})")
+
+    def signer(self) -> tuple[object, pki.Bundle] | None:
+        """(private key, certificate bundle) that sign statuses and inventories: the
+        dedicated signing pair when configured, else the client pair; None when the
+        configured pair cannot be read (never a silent fall-back to the other pair)."""
+        if self.signing is not None:
+            pair = self.signing.private_key, self.signing.bundle
+        else:
+            pair = self.private_key, self.client  # type: ignore[assignment]
+        key, bundle = pair
+        return None if key is None or bundle is None or not bundle.certs else (key, bundle)
 
 
 # Parsed bundles by (path, SHA-256 of the bytes). Files are re-read every cycle (a
@@ -51,7 +78,8 @@ def read_bundle_cached(path: str | Path) -> pki.Bundle:
 
 
 def read_material(
-    ca_bundle: str | Path, cert: str | Path | None = None, key: str | Path | None = None
+    ca_bundle: str | Path, cert: str | Path | None = None, key: str | Path | None = None,
+    *, signing_cert: str | Path | None = None, signing_key: str | Path | None = None,
 ) -> DeviceMaterial:
     trust_store = read_bundle_cached(ca_bundle)
     client = read_bundle_cached(cert) if cert is not None else None
@@ -60,4 +88,10 @@ def read_material(
     private_key: object | None = None
     if key is not None:
         key_facts, key_findings, private_key = pki.read_private_key(key)
-    return DeviceMaterial(trust_store, client, key_facts, tuple(key_findings), private_key)
+    signing = None
+    if signing_cert is not None and signing_key is not None:
+        s_facts, s_findings, s_key = pki.read_private_key(signing_key)
+        signing = SigningMaterial(read_bundle_cached(signing_cert), s_facts, tuple(s_findings),
+                                  s_key)
+    return DeviceMaterial(trust_store, client, key_facts, tuple(key_findings), private_key,
+                          signing)

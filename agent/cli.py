@@ -1,47 +1,58 @@
 """`certmon-agent`: the device program's command line.
 
-Owns argument parsing, output formatting (human table or `--json`) and the mapping
-of outcomes to exit codes: Nagios codes for checks (0 OK, 1 WARNING, 2 CRITICAL,
-3 UNKNOWN), 78 for configuration errors. Everything it shows is computed elsewhere.
+Owns its commands' flags, output formatting (human table or `--json`) and the
+mapping of their outcomes to exit codes: Nagios codes for `check` (0 OK, 1 WARNING,
+2 CRITICAL, 3 UNKNOWN), delivery for `once`. The skeleton around the commands
+(logging, 78 on a config error, one line instead of a traceback, stop signals) is
+`certmon.cli`'s; everything it shows is computed elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from certmon import __version__, pki
+from certmon import pki
+from certmon.cli import (
+    Program,
+    add_threshold_flags,
+    add_verbose,
+    new_parser,
+    on_stop_signals,
+    with_thresholds,
+    write_json,
+)
 from certmon.clock import utc_now
-from certmon.errors import EX_CONFIG, ConfigError
+from certmon.errors import ConfigError
 
 from .certstore import read_material
 from .report import DeviceCheck, check_device
 
 if TYPE_CHECKING:
     from .config import AgentConfig
+    from .service import AgentService
 
 UNREADABLE = {pki.FindingCode.FILE_UNREADABLE, pki.FindingCode.KEY_UNREADABLE}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certmon-agent", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"certmon {__version__}")
+    parser = new_parser("certmon-agent", __doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="one-shot local check of CA bundle, cert and key")
     check.add_argument("--ca-bundle", help="CA bundle (PEM or DER, several certificates)")
     check.add_argument("--cert", help="client certificate (may carry its intermediates)")
     check.add_argument("--key", help="private key of the client certificate")
-    check.add_argument("--warn-days", type=float, default=None)
-    check.add_argument("--crit-days", type=float, default=None)
+    add_threshold_flags(check)
     check.add_argument("--config", help="agent TOML config (flags override it)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    add_verbose(check)
     run = sub.add_parser("run", help="the service: report every interval, forever")
     add_service_flags(run)
     once = sub.add_parser("once", help="publish one status, wait for PUBACK, exit")
@@ -83,7 +94,7 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpn", help="ALPN protocols, comma-separated")
     parser.add_argument("--mqtt-protocol", choices=["v5", "v311"], help="MQTT version")
     parser.add_argument("--sntp-server", help="SNTP servers to measure offset against")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_verbose(parser)
 
 
 def load_config(args: argparse.Namespace) -> AgentConfig:
@@ -95,32 +106,18 @@ def load_config(args: argparse.Namespace) -> AgentConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        if args.command == "check":
-            return cmd_check(args, sys.stdout)
-        config = load_config(args)
-        if args.command == "check-config":
-            print(f"{args.config or '<command line>'}: OK")
-            return 0
-        return SERVICE_COMMANDS[args.command](config, args)
-    except ConfigError as exc:
-        print(f"certmon-agent: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    return PROGRAM.main(argv)
 
 
 def cmd_show(config: AgentConfig, args: argparse.Namespace) -> int:
-    from certmon import protocol
+    from certmon import wire as protocol
 
     from .service import AgentService
 
     result = AgentService(config).cycle(sign=False)
     data = result.status.to_json()
     data["v"] = protocol.SCHEMA_VERSION
-    json.dump(data, sys.stdout, indent=2, sort_keys=True, ensure_ascii=False)
-    sys.stdout.write("\n")
+    write_json(data, sys.stdout, sort_keys=True, ensure_ascii=False)
     return 0
 
 
@@ -149,20 +146,18 @@ def cmd_once(config: AgentConfig, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     if args.json:
-        json.dump({"seq": result.status.seq, "device_id": result.status.device_id,
-                   "delivered": True}, sys.stdout)
-        sys.stdout.write("\n")
+        write_json({"seq": result.status.seq, "device_id": result.status.device_id,
+                    "delivered": True}, sys.stdout, indent=None)
     else:
         print(f"delivered status seq={result.status.seq} for {result.status.device_id}")
     return 0
 
 
-def _leave(service: object) -> None:
+def _leave(service: AgentService) -> None:
     # `once` is not a session end for the device: stay "online" (no offline message,
     # a clean DISCONNECT so the will does not fire either).
-    link = getattr(service, "link", None)
-    if link is not None:
-        link.stop()
+    if service.link is not None:
+        service.link.stop()
 
 
 def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -172,13 +167,9 @@ def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
         logging.getLogger("certmon.agent").warning(
             "running as root: the agent needs no privileges; use the packaged unit's user")
     service = AgentService(config, reloader=lambda: load_config(args))
-    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+    on_stop_signals(service.request_stop)
     signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     return service.run()
-
-
-SERVICE_COMMANDS = {"run": cmd_run, "once": cmd_once, "show": cmd_show}
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
@@ -187,25 +178,17 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     if args.config:
         from .config import load_agent_config
 
-        config = load_agent_config(args.config, check_files=False)
+        config = load_agent_config(Path(args.config), check_files=False)
         ca_bundle = ca_bundle or str(config.tls.ca_bundle)
         cert = cert or (str(config.tls.cert) if config.tls.cert else None)
         key = key or (str(config.tls.key) if config.tls.key else None)
         policy = pki.Policy(**dataclasses.asdict(config.policy))
     if ca_bundle is None:
         raise ConfigError("check: --ca-bundle (or --config with tls.ca_bundle) is required")
-    if args.warn_days is not None or args.crit_days is not None:
-        policy = pki.Policy(
-            warn_days=args.warn_days if args.warn_days is not None else policy.warn_days,
-            crit_days=args.crit_days if args.crit_days is not None else policy.crit_days,
-            warn_fraction=policy.warn_fraction,
-            crit_fraction=policy.crit_fraction,
-            ca_horizon_days=policy.ca_horizon_days,
-        )
+    policy = with_thresholds(policy, args)
     result = check_device(read_material(ca_bundle, cert, key), utc_now(), policy)
     if args.json:
-        json.dump(check_to_json(result), out, indent=2)
-        out.write("\n")
+        write_json(check_to_json(result), out)
     else:
         render_check(result, out)
     return exit_code(result)
@@ -261,6 +244,10 @@ def render_check(result: DeviceCheck, out: TextIO) -> None:
     out.write(f"{result.severity.name}: {len(findings)} finding(s)\n")
     for f in findings:
         out.write(f"  {f.severity.name:8} {f.code.value:32} {f.message}\n")
+
+
+PROGRAM = Program("certmon-agent", build_parser, load_config, checks={"check": cmd_check},
+                  configured={"run": cmd_run, "once": cmd_once, "show": cmd_show})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,11 @@
 """Device clock health: what the kernel, chrony, timesyncd and SNTP say, and the verdict.
 
-Owns the clock rules (CLOCK_UNSYNCED, CLOCK_IMPLAUSIBLE, CLOCK_BEHIND, CLOCK_AHEAD) and
-the rule that turns a "not yet valid" certificate into a clock problem. Readers are
-thin I/O shells with injectable seams (a command runner, a proc root, a `Clock`);
-everything that judges is a pure function of the collected `ClockState`.
+Owns the clock rules (CLOCK_UNSYNCED, CLOCK_IMPLAUSIBLE, CLOCK_BEHIND, CLOCK_AHEAD),
+the rule that turns a "not yet valid" certificate into a clock problem, and
+`collect_clock_state`, which asks every source through injectable seams (a command
+runner, a proc root, a `Clock`, the adjtimex reader). The readers have homes of their
+own: `agent.kernelclock` (adjtimex), `agent.timedaemons` (chrony, timesyncd) and
+`agent.sntp`; everything that judges is a pure function of the collected `ClockState`.
 
 It must not change any clock: `adjtimex` is called with modes=0 (read-only), chrony
 and timedatectl are only queried. It must not read the wall clock directly (that is
@@ -15,344 +17,39 @@ offset means the device clock is *behind* (chrony prints this as "seconds slow")
 
 from __future__ import annotations
 
-import csv
-import ctypes
 import enum
 import os
-import re
-import secrets
-import socket
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from certmon.clock import Clock, SystemClock, boot_id, monotonic_s
+from certmon.clock import Clock, boot_id
 from certmon.pki import Finding, FindingCode, Severity
+
+from .kernelclock import TIMEX_SIZE, KernelClock, _Timex, parse_timex, read_adjtimex
+from .sntp import SntpSample, ntp_to_unix_s, parse_sntp_reply, sntp_offset, unix_to_ntp
+from .timedaemons import (
+    ChronyTracking,
+    TimesyncdStatus,
+    parse_chrony_tracking,
+    parse_timespan_s,
+    timesyncd_from_outputs,
+)
+
+# The readers' names that callers (and their tests) import from here, where they lived.
+__all__ = [
+    "TIMEX_SIZE", "ChronyTracking", "ClockSource", "ClockState", "ClockVerdict",
+    "KernelClock", "Runner", "SntpSample", "TimesyncdStatus", "_Timex",
+    "collect_clock_state", "evaluate_clock", "explains_not_yet_valid", "ntp_to_unix_s",
+    "parse_chrony_tracking", "parse_sntp_reply", "parse_timespan_s", "parse_timex",
+    "read_adjtimex", "rfc3339", "run_command", "sntp_offset", "timesyncd_from_outputs",
+    "unix_to_ntp",
+]
 
 Runner = Callable[[Sequence[str]], str | None]
 """Runs argv, returns stdout, or None when the command is missing or fails."""
-
-# ---------------------------------------------------------------- kernel (adjtimex)
-
-# systemd's rule (src/basic/time-util.c, ntp_synced(), also behind timedated's
-# NTPSynchronized): synced iff adjtimex() succeeds and maxerror < 16 s. It deliberately
-# ignores STA_UNSYNC ("it may have been set to prevent the kernel from touching the
-# RTC") and the TIME_ERROR return state. 16 s is the kernel's NTP_PHASE_LIMIT: the
-# kernel grows maxerror by 500 µs/s with no NTP daemon updating it and clamps it there.
-SYSTEMD_MAXERROR_LIMIT_US = 16_000_000
-
-_TIME_STATES = {0: "TIME_OK", 1: "TIME_INS", 2: "TIME_DEL", 3: "TIME_OOP", 4: "TIME_WAIT",
-                5: "TIME_ERROR"}
-_STA_FLAGS = ("STA_PLL", "STA_PPSFREQ", "STA_PPSTIME", "STA_FLL", "STA_INS", "STA_DEL",
-              "STA_UNSYNC", "STA_FREQHOLD", "STA_PPSSIGNAL", "STA_PPSJITTER",
-              "STA_PPSWANDER", "STA_PPSERROR", "STA_CLOCKERR", "STA_NANO", "STA_MODE",
-              "STA_CLK")  # bit i of `status` is _STA_FLAGS[i] (<sys/timex.h>)
-STA_UNSYNC, STA_NANO = 0x0040, 0x2000
-
-
-class _Timeval(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long))
-
-
-class _Timex(ctypes.Structure):
-    """glibc's `struct timex`. C `long` follows the ABI, so this is 208 bytes on LP64
-    (x86_64, aarch64: an int `modes` padded to 8, longs, a 16-byte timeval, an `int
-    tai` and eleven reserved ints) and 128 bytes on 32-bit, where glibc's legacy
-    `adjtimex` symbol still uses 32-bit longs."""
-
-    _fields_ = (
-        ("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-        ("constant", ctypes.c_long), ("precision", ctypes.c_long),
-        ("tolerance", ctypes.c_long), ("time", _Timeval), ("tick", ctypes.c_long),
-        ("ppsfreq", ctypes.c_long), ("jitter", ctypes.c_long), ("shift", ctypes.c_int),
-        ("stabil", ctypes.c_long), ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long),
-        ("errcnt", ctypes.c_long), ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int),
-        ("_reserved", ctypes.c_int * 11),
-    )
-
-
-TIMEX_SIZE = ctypes.sizeof(_Timex)
-
-
-@dataclass(frozen=True, slots=True)
-class KernelClock:
-    """The kernel's NTP state as `adjtimex(modes=0)` reports it."""
-
-    is_synced: bool  # systemd's rule, see SYSTEMD_MAXERROR_LIMIT_US
-    state: str  # TIME_OK … TIME_ERROR (the return value)
-    status: int
-    flags: tuple[str, ...]
-    maxerror_us: int
-    esterror_us: int
-    offset_ns: int  # the PLL's remaining offset; the kernel gives µs unless STA_NANO
-    freq_ppm: float
-    tai_s: int
-
-
-def parse_timex(raw: bytes, rc: int) -> KernelClock:
-    """Decode a native `struct timex` and adjtimex's return value (pure)."""
-    if len(raw) != TIMEX_SIZE:
-        raise ValueError(f"struct timex is {TIMEX_SIZE} bytes here, got {len(raw)}")
-    tx = _Timex.from_buffer_copy(raw)
-    status = int(tx.status)
-    offset = int(tx.offset)
-    return KernelClock(
-        is_synced=rc >= 0 and int(tx.maxerror) < SYSTEMD_MAXERROR_LIMIT_US,
-        state=_TIME_STATES.get(rc, f"UNKNOWN({rc})"),
-        status=status,
-        flags=tuple(name for bit, name in enumerate(_STA_FLAGS) if status & (1 << bit)),
-        maxerror_us=int(tx.maxerror),
-        esterror_us=int(tx.esterror),
-        offset_ns=offset if status & STA_NANO else offset * 1000,
-        freq_ppm=int(tx.freq) / 65536.0,  # "scaled ppm": ppm with a 16-bit fraction
-        tai_s=int(tx.tai),
-    )
-
-
-def read_adjtimex() -> KernelClock | None:
-    """Read the kernel clock state; None off Linux or when the syscall is refused.
-
-    modes=0 changes nothing and needs no privilege, but systemd's ProtectClock=yes
-    denies the adjtimex syscall outright via seccomp, so the unit must not set it.
-    """
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        adjtimex: Any = libc.adjtimex
-    except (OSError, AttributeError):
-        return None
-    adjtimex.argtypes = (ctypes.POINTER(_Timex),)
-    adjtimex.restype = ctypes.c_int
-    tx = _Timex()  # zeroed: modes == 0 means "read only"
-    rc = int(adjtimex(ctypes.byref(tx)))
-    if rc < 0:
-        return None
-    return parse_timex(bytes(tx), rc)
-
-
-# ---------------------------------------------------------------- systemd-timesyncd
-
-@dataclass(frozen=True, slots=True)
-class TimesyncdStatus:
-    ntp_synchronized: bool | None  # timedated's NTPSynchronized: the kernel rule again
-    ntp_enabled: bool | None
-    server_name: str | None = None
-    server_address: str | None = None
-    leap: str | None = None
-    stratum: int | None = None
-    # The last NTP sample's offset *before* timesyncd corrected the clock.
-    offset_s: float | None = None
-    delay_s: float | None = None
-    packet_count: int | None = None
-
-
-# systemd's format_timespan() units; longest first so "min" is not read as "m"+"in".
-_TIMESPAN_UNITS_S = {"y": 31_557_600.0, "month": 2_629_800.0, "w": 604_800.0,
-                     "d": 86_400.0, "h": 3_600.0, "min": 60.0, "s": 1.0, "ms": 1e-3,
-                     "us": 1e-6, "μs": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_TIMESPAN_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(month|min|ms|us|μs|µs|ns|y|w|d|h|s)")
-
-
-def parse_timespan_s(text: str) -> float | None:
-    """systemd timespan ("+2d 3h", "-1.234ms", "34min 8s", "0") → seconds."""
-    text = text.strip()
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-").strip()
-    if body == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    for m in _TIMESPAN_RE.finditer(body):
-        if body[pos:m.start()].strip():
-            return None
-        total += float(m.group(1)) * _TIMESPAN_UNITS_S[m.group(2)]
-        pos = m.end()
-    return sign * total if pos and not body[pos:].strip() else None
-
-
-def _yes_no(value: str | None) -> bool | None:
-    return {"yes": True, "no": False}.get(value or "")
-
-
-def parse_key_values(text: str) -> dict[str, str]:
-    """`timedatectl show` lines "Key=value"."""
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-
-def parse_timesync_status(text: str) -> dict[str, str]:
-    """`timedatectl timesync-status`: a right-aligned "Field: value" table."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition(": ")
-        if sep:
-            out[key] = value.strip()
-    return out
-
-
-def timesyncd_from_outputs(show: str | None, status: str | None) -> TimesyncdStatus | None:
-    """Combine `timedatectl show` and `timedatectl timesync-status` (either may be None)."""
-    if show is None and status is None:
-        return None
-    kv = parse_key_values(show or "")
-    st = parse_timesync_status(status or "")
-    address = name = None
-    if server := st.get("Server"):  # "192.0.2.1 (ntp.example.net)"; "n/a (n/a)" if none
-        m = re.fullmatch(r"(\S+)(?: \((.*)\))?", server)
-        if m:
-            address = None if m.group(1) == "n/a" else m.group(1)
-            name = None if m.group(2) in (None, "n/a") else m.group(2)
-    packets = int(st["Packet count"]) if st.get("Packet count", "").isdigit() else None
-    stratum = int(st["Stratum"]) if st.get("Stratum", "").isdigit() else None
-    return TimesyncdStatus(
-        ntp_synchronized=_yes_no(kv.get("NTPSynchronized")),
-        ntp_enabled=_yes_no(kv.get("NTP")),
-        server_name=name,
-        server_address=address,
-        leap=st.get("Leap"),
-        stratum=stratum,
-        # "Offset: +2d" is printed with the sign of ((T2−T1)+(T3−T4))/2: + = device behind.
-        offset_s=parse_timespan_s(st["Offset"]) if packets and "Offset" in st else None,
-        delay_s=parse_timespan_s(st["Delay"]) if packets and "Delay" in st else None,
-        packet_count=packets,
-    )
-
-
-# ---------------------------------------------------------------- chrony
-
-CHRONY_LOCAL_REFID = "7F7F0101"  # chronyd's "local" directive: synced to itself
-
-
-@dataclass(frozen=True, slots=True)
-class ChronyTracking:
-    ref_id: str
-    ref_name: str
-    stratum: int
-    ref_at: datetime | None
-    offset_s: float  # "System time": + = slow of NTP time = device behind
-    last_offset_s: float
-    rms_offset_s: float
-    freq_ppm: float
-    residual_freq_ppm: float
-    skew_ppm: float
-    root_delay_s: float
-    root_dispersion_s: float
-    update_interval_s: float
-    leap_status: str  # Normal, Insert second, Delete second, Not synchronised
-
-    @property
-    def is_synced(self) -> bool:
-        # A "local" reference is a free-running clock that chrony serves as if it
-        # were right: synced to nothing outside the device.
-        return (self.leap_status != "Not synchronised" and self.stratum > 0
-                and self.ref_id not in ("00000000", CHRONY_LOCAL_REFID))
-
-
-def parse_chrony_tracking(text: str) -> ChronyTracking | None:
-    """`chronyc -c tracking`: one CSV line of 14 fields (pure); None if malformed."""
-    rows = [r for r in csv.reader(text.splitlines()) if r]
-    if len(rows) != 1 or len(rows[0]) != 14:
-        return None
-    f = rows[0]
-    try:
-        ref_s = float(f[3])
-        return ChronyTracking(
-            ref_id=f[0].upper(), ref_name=f[1], stratum=int(f[2]),
-            # 0.0 is chrony's "never": print it as None, not 1970.
-            ref_at=datetime.fromtimestamp(ref_s, UTC) if ref_s > 0 else None,
-            offset_s=float(f[4]), last_offset_s=float(f[5]), rms_offset_s=float(f[6]),
-            freq_ppm=float(f[7]), residual_freq_ppm=float(f[8]), skew_ppm=float(f[9]),
-            root_delay_s=float(f[10]), root_dispersion_s=float(f[11]),
-            update_interval_s=float(f[12]), leap_status=f[13],
-        )
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------- SNTP (RFC 4330)
-
-NTP_UNIX_DELTA_S = 2_208_988_800  # 1900-01-01 → 1970-01-01
-
-
-@dataclass(frozen=True, slots=True)
-class SntpSample:
-    server: str
-    offset_s: float  # ((t2 − t1) + (t3 − t4)) / 2: + = device behind
-    delay_s: float  # (t4 − t1) − (t3 − t2)
-    stratum: int
-    measured_at: datetime  # t4 on the device's (possibly wrong) clock
-
-
-def ntp_to_unix_s(raw: bytes) -> float:
-    secs, frac = int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big")
-    if secs < 0x8000_0000:  # RFC 4330 §3: MSB 0 means era 1, i.e. after 2036-02-07
-        secs += 1 << 32
-    return secs - NTP_UNIX_DELTA_S + frac / (1 << 32)
-
-
-def unix_to_ntp(unix_s: float) -> bytes:
-    secs = int(unix_s // 1) + NTP_UNIX_DELTA_S
-    frac = int((unix_s % 1) * (1 << 32))
-    return (secs % (1 << 32)).to_bytes(4, "big") + frac.to_bytes(4, "big")
-
-
-def sntp_request(nonce: bytes) -> bytes:
-    """LI 0, version 4, mode 3 (client). The transmit timestamp is a random nonce, not
-    our clock: it leaks nothing about the device and a spoofed reply must echo it."""
-    return bytes([0x23]) + bytes(39) + nonce
-
-
-def parse_sntp_reply(data: bytes, nonce: bytes, *, server: str, t1: datetime,
-                     t4: datetime) -> SntpSample | None:
-    """Validate a reply (RFC 4330 §5) and compute offset and delay (pure)."""
-    if len(data) < 48:
-        return None
-    leap, mode, stratum = data[0] >> 6, data[0] & 7, data[1]
-    # Mode 4 = server; stratum 0 = kiss-o'-death; leap 3 = the server itself is unsynced;
-    # the origin must echo our nonce or the reply is not an answer to our request.
-    if mode != 4 or not 0 < stratum < 16 or leap == 3 or data[24:32] != nonce:
-        return None
-    if data[40:48] == bytes(8):
-        return None
-    t2, t3 = ntp_to_unix_s(data[32:40]), ntp_to_unix_s(data[40:48])
-    t1_s, t4_s = t1.timestamp(), t4.timestamp()
-    return SntpSample(server=server, offset_s=((t2 - t1_s) + (t3 - t4_s)) / 2,
-                      delay_s=(t4_s - t1_s) - (t3 - t2), stratum=stratum, measured_at=t4)
-
-
-def sntp_offset(server: str, port: int = 123, timeout_s: float = 1.0, *,
-                clock: Clock | None = None) -> SntpSample | None:
-    """One SNTP exchange; None on timeout, network error or an invalid reply."""
-    clock = clock or SystemClock()
-    try:
-        infos = socket.getaddrinfo(server, port, type=socket.SOCK_DGRAM)
-    except OSError:
-        return None
-    family, _, _, _, addr = infos[0]
-    nonce = secrets.token_bytes(8)
-    deadline = monotonic_s() + timeout_s
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(addr)  # the kernel then drops datagrams from other peers
-            t1, m1 = clock.now(), clock.monotonic()
-            sock.send(sntp_request(nonce))
-            while (left := deadline - monotonic_s()) > 0:
-                sock.settimeout(left)
-                data = sock.recv(512)
-                # t4 = t1 + monotonic elapsed: a clock step during the exchange (NTP
-                # daemon stepping at boot) would otherwise show up as a huge delay.
-                t4 = t1 + timedelta(seconds=clock.monotonic() - m1)
-                if len(data) >= 48 and data[24:32] != nonce:
-                    continue  # a late reply to an earlier request: keep waiting
-                return parse_sntp_reply(data, nonce, server=server, t1=t1, t4=t4)
-        except OSError:  # includes TimeoutError and ICMP port unreachable
-            return None
-    return None
-
 
 # ---------------------------------------------------------------- evaluation (pure)
 

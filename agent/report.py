@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from certmon import pki
 from certmon.chain import chain_findings, verify_chain
 
-from .certstore import DeviceMaterial
+from .certstore import DeviceMaterial, SigningMaterial
 from .clocksync import ClockVerdict, explains_not_yet_valid
 
 
@@ -34,7 +34,7 @@ class DeviceCheck:
 
     @property
     def severity(self) -> pki.Severity:
-        return pki.worst(self.findings)
+        return pki.worst_severity(self.findings)
 
 
 def split_trust_store(
@@ -138,6 +138,8 @@ def _check(
     findings.extend(material.key_findings)
     if material.key is not None and material.client is None:
         findings.extend(pki.key_findings(material.key, None, None))
+    if material.signing is not None:
+        findings.extend(_signing_findings(material.signing, now, policy))
     return DeviceCheck(
         now=now,
         trust_store=material.trust_store.facts,
@@ -148,6 +150,20 @@ def _check(
         chain_at_warn=chain_later,
         findings=tuple(_dedupe(findings)),
     )
+
+
+def _signing_findings(signing: SigningMaterial, now: datetime,
+                      policy: pki.Policy) -> list[pki.Finding]:
+    """The dedicated signing pair: readable, matching, private, and not expiring (the
+    collector keeps verifying an expired one, but the operator must renew it)."""
+    findings = [*signing.bundle.findings, *signing.key_findings]
+    leaf = signing.bundle.certs[0] if signing.bundle.certs else None
+    if leaf is not None:
+        findings.extend(pki.expiry_findings(leaf.facts, now, policy, "signing"))
+    if signing.key is not None:
+        findings.extend(pki.key_findings(signing.key, leaf.facts if leaf else None,
+                                         pki.cert_spki_sha256(leaf.cert) if leaf else None))
+    return findings
 
 
 def _dedupe(findings: list[pki.Finding]) -> list[pki.Finding]:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 
 from certmon import __version__, pki
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.chain import chain_findings, earliest_expiry, verify_chain
 
 from .clocksync import ClockVerdict

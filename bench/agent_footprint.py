@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
 import psutil  # noqa: E402
-from broker import Listener, Mosquitto, MqttProbe, wait_until  # noqa: E402
-from conftest import FLEET_ACL  # noqa: E402
-from pkifactory import PKIFactory, write_bundle  # noqa: E402
+from kit.broker import FLEET_ACL, Listener, Mosquitto, wait_until  # noqa: E402
+from kit.mqttprobe import MqttProbe  # noqa: E402
+from kit.pki import PKIFactory, write_bundle  # noqa: E402
 
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 

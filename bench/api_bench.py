@@ -1,6 +1,6 @@
 """Dashboard API latency on a large fleet: every endpoint the page calls, over real HTTP.
 
-Seeds SQLite with `tests/fleetseed.seed_fleet` (default 100,000 devices: each holds a
+Seeds SQLite with `tests/kit/seed.seed_fleet` (default 100,000 devices: each holds a
 client cert, the fleet intermediate, two broker certs and 1-3 trust-store CAs, i.e.
 ~630k device_certs rows over ~100k certificate rows), kept in --db between runs, then
 reports the cold cost (the first request, which builds the fleet snapshot from the
@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
-from fleetseed import Pki, device_ids, seed_fleet  # noqa: E402
+from kit.seed import Pki, device_ids, seed_fleet  # noqa: E402
 
 from collector.store import Store, open_store  # noqa: E402
 from collector.web import TrustRequirementView, start_web  # noqa: E402

@@ -23,25 +23,23 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
 import paho.mqtt.client as mqtt  # noqa: E402
-from broker import wait_until  # noqa: E402
-from fleetsim import bench_site, cert_message, make_devices, signed_status  # noqa: E402
+from fleetsim import bench_fleet  # noqa: E402
+from kit.broker import wait_until  # noqa: E402
+from kit.fleet import cert_message, signed_status  # noqa: E402
 
-from certmon import protocol as p  # noqa: E402
+from certmon import wire as p  # noqa: E402
 from certmon.config import loads  # noqa: E402
 from collector.config import CollectorConfig  # noqa: E402
-from collector.service import CollectorService  # noqa: E402
+from collector.wiring import build_collector  # noqa: E402
 
 
 def publish_all(port: int, messages: Sequence[tuple[str, bytes]], ready: mp.Event,
@@ -141,11 +139,12 @@ def collector_rate(mtls_port: int, plain_port: int, creds: dict[str, Path], url:
         "ingest.verify_workers": str(workers)})
     _session(mtls_port, client_id, tls={k: str(v) for k, v in creds.items()})
     publish_and_wait(plain_port, [*certs, *statuses])
-    service = CollectorService(config)
+    # As `certmon-collector run` wires it (alert driver included), without the web face.
+    service = build_collector(config, web=False)
     service.start()
     # The cert messages come first in the backlog (once per device, retained, rare in
     # steady state); the clock starts when the collector knows every certificate.
-    wait_until(lambda: len(service.certs) >= len(certs), 600, step_s=0.001)
+    wait_until(lambda: len(service.ingestor.certs) >= len(certs), 600, step_s=0.001)
     start = time.perf_counter()
     total = len(statuses)
     ok = wait_until(lambda: service.ingestor.accepted >= total, 600)
@@ -189,13 +188,9 @@ def main() -> int:
     parser.add_argument("--workers", default="0,1",
                         help="verify_workers settings to measure (0: in-process)")
     args = parser.parse_args()
-    now = datetime.now(UTC)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        t0 = time.perf_counter()
-        site = bench_site(work, now, "bench")
-        devices_ca = site.devices_ca
-        devices = make_devices(devices_ca, args.devices, now, prefix="bench")
+    t0 = time.perf_counter()
+    with bench_fleet("bench", args.devices) as (site, devices):
+        work, now = site.work, site.now
         certs = [(p.cert_topic(p.DEFAULT_PREFIX, d.device_id), cert_message(d)) for d in devices]
         t1 = time.perf_counter()
         statuses = [(p.status_topic(p.DEFAULT_PREFIX, d.device_id), signed_status(d, s, now))

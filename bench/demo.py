@@ -10,6 +10,8 @@ dashboard URL and the `certmon-collector report` table, and runs until interrupt
 
 It lives in bench/ (a tool, not part of the installed package) because it runs the
 agent and the collector in one process, which neither package may do (tests/test_layout).
+Its certificates and its broker come from the test kit (tests/kit/pki.py,
+tests/kit/broker.py; bench/README.md says why bench may import it).
 Everything runs the real code: real keys and signatures, real MQTT over mTLS. The
 two clock cases inject their clock readers (a shifted wall clock, chrony's answer):
 that is the only simulated part, since a demo must not change this machine's clock.
@@ -18,11 +20,8 @@ that is the only simulated part, since a demo must not change this machine's clo
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
-import os
-import pwd
 import shutil
 import signal
 import socket
@@ -36,10 +35,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kit.broker import FLEET_ACL, BrokerStartError, Listener, Mosquitto, find_mosquitto
+from kit.pki import Issued, PKIFactory, write_bundle
 
 from agent.config import AgentConfig
 from agent.service import AgentService
@@ -60,76 +60,8 @@ CHRONY_BEHIND_2D = ("C0000201,192.0.2.1,3,1795737544.123456789,172800.000123456,
 CHRONY_UNSYNCED = ("00000000,,0,0.000000000,0.000000000,0.000000000,0.000000000,0.000,"
                    "0.000,0.000,1.000000000,1.000000000,0.0,Not synchronised\n")
 
-ACL = """\
-user collector
-topic read certmon/v1/#
-topic write certmon/v1/fleet/#
-topic write certmon/v1/alerts/#
-topic write certmon/v1/_collector/#
 
-pattern write certmon/v1/%u/#
-pattern read certmon/v1/_collector/#
-"""
-
-
-# --------------------------------------------------------------------------- PKI
-
-
-@dataclass(frozen=True)
-class Issued:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-    chain: tuple[x509.Certificate, ...] = ()  # intermediates to ship with it
-
-    def write(self, directory: Path, name: str, key_mode: int = 0o600) -> tuple[Path, Path]:
-        cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-        cert_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
-                                       for c in (self.cert, *self.chain)))
-        key_path.write_bytes(self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        os.chmod(key_path, key_mode)
-        return cert_path, key_path
-
-
-def issue(cn: str, now: datetime, *, issuer: Issued | None = None, days: float = 365,
-          not_before: datetime | None = None, is_ca: bool = False,
-          server: bool = False) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = not_before or now - timedelta(hours=1)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    builder = (x509.CertificateBuilder().subject_name(name)
-               .issuer_name(issuer.cert.subject if issuer else name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(start + timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                              critical=False))
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False)
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    elif not is_ca:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
-    # What the certificate ships with: its issuer and that one's chain, without roots.
-    chain = () if issuer is None else (issuer.cert, *issuer.chain)
-    return Issued(cert, key, tuple(c for c in chain if not _self_signed(c)))
-
-
-def _self_signed(cert: x509.Certificate) -> bool:
-    return cert.subject == cert.issuer
-
-
-def pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+# --------------------------------------------------------------------------- fleet
 
 
 @dataclass(frozen=True)
@@ -146,27 +78,26 @@ class DemoDevice:
 
 
 def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
-    root = issue("certmon demo Fleet Root", now, days=3650, is_ca=True,
-                 not_before=now - timedelta(days=400))
-    devices_ca = issue("demo devices", now, issuer=root, days=1825, is_ca=True,
-                       not_before=now - timedelta(days=300))
-    short_ca = issue("demo devices (old CA)", now, issuer=root, days=30, is_ca=True,
-                     not_before=now - timedelta(days=18))  # 12 days left
-    services_ca = issue("demo services", now, issuer=root, days=1825, is_ca=True)
-    broker_ca = issue("demo Broker Root 2020", now, days=3650, is_ca=True,
-                      not_before=now - timedelta(days=2000))
-    new_broker_ca = issue("demo Broker Root 2026", now, days=3650, is_ca=True)
+    pki = PKIFactory(now)
+    root = pki.root("certmon demo Fleet Root", not_before=now - timedelta(days=400))
+    devices_ca = pki.intermediate(root, "demo devices", not_before=now - timedelta(days=300))
+    short_ca = pki.intermediate(root, "demo devices (old CA)", days=30,
+                                not_before=now - timedelta(days=18))  # 12 days left
+    services_ca = pki.intermediate(root, "demo services")
+    broker_ca = pki.root("demo Broker Root 2020", not_before=now - timedelta(days=2000))
+    new_broker_ca = pki.root("demo Broker Root 2026")
     cas = {"root": root, "devices": devices_ca, "services": services_ca,
            "broker_ca": broker_ca, "new_broker_ca": new_broker_ca,
-           "server": issue("localhost", now, issuer=broker_ca, days=200, server=True),
-           "collector": issue("collector", now, issuer=services_ca, days=365)}
+           "server": pki.leaf(broker_ca, "localhost", days=200, usage="server",
+                              sans=("localhost", "127.0.0.1")),
+           "collector": pki.leaf(services_ca, "collector")}
     full_trust = (root.cert, broker_ca.cert, new_broker_ca.cert)
 
     def dev(device_id: str, intended: str, story: str, *, issuer: Issued = devices_ca,
             days: float = 365, trust: tuple[x509.Certificate, ...] = full_trust,
             not_before: datetime | None = None, **kw: object) -> DemoDevice:
         return DemoDevice(device_id, intended, story,
-                          issue(device_id, now, issuer=issuer, days=days, not_before=not_before),
+                          pki.leaf(issuer, device_id, days=days, not_before=not_before),
                           trust, **kw)  # type: ignore[arg-type]
 
     fleet = [
@@ -197,55 +128,22 @@ def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
-        None)
-    if found is None:
+def start_broker(work: Path, cas: dict[str, Issued]) -> Mosquitto:
+    """Mosquitto on a free loopback port: mTLS only (client certificates from the fleet
+    root, CN as username), the certmon ACL, no anonymous clients."""
+    if find_mosquitto() is None:
         raise SystemExit("certmon demo: mosquitto is not installed "
                          "(Debian: sudo apt-get install mosquitto)")
-    return found
-
-
-def start_broker(work: Path, cas: dict[str, Issued]) -> tuple[subprocess.Popen[bytes], int]:
-    server_cert, server_key = cas["server"].write(work, "broker")
-    (work / "fleet-root.pem").write_bytes(pem(cas["root"].cert))
-    (work / "acl").write_text(ACL)
-    port = free_port()
-    user = pwd.getpwuid(os.getuid()).pw_name
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"""\
-per_listener_settings false
-allow_anonymous false
-acl_file {work / 'acl'}
-persistence false
-log_dest file {work / 'mosquitto.log'}
-user {user}
-listener {port} 127.0.0.1
-cafile {work / 'fleet-root.pem'}
-certfile {server_cert}
-keyfile {server_key}
-require_certificate true
-use_identity_as_username true
-""")
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    log_text = (work / "mosquitto.log").read_text() if (work / "mosquitto.log").exists() else ""
-    raise SystemExit(f"certmon demo: mosquitto did not start:\n{log_text}")
+    server_cert, server_key = cas["server"].write(work)
+    fleet_root = write_bundle(work / "fleet-root.pem", [cas["root"]])
+    broker = Mosquitto(work / "broker", [
+        Listener(tls=True, certfile=server_cert, keyfile=server_key, cafile=fleet_root,
+                 require_certificate=True, use_identity_as_username=True),
+    ], acl=FLEET_ACL, allow_anonymous=False)
+    try:
+        return broker.start()
+    except BrokerStartError as exc:
+        raise SystemExit(f"certmon demo: mosquitto did not start:\n{exc}") from None
 
 
 def runner_for(chrony: str) -> Callable[[Sequence[str]], str | None]:
@@ -257,8 +155,7 @@ def runner_for(chrony: str) -> Callable[[Sequence[str]], str | None]:
 @dataclass
 class Demo:
     work: Path
-    broker: subprocess.Popen[bytes]
-    port: int
+    broker: Mosquitto
     collector: CollectorService
     web_url: str | None
     agents: list[AgentService]
@@ -281,11 +178,7 @@ class Demo:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            self.broker.terminate()
-            try:
-                self.broker.wait(10)
-            except subprocess.TimeoutExpired:
-                self.broker.kill()
+            self.broker.stop(timeout_s=10)
 
 
 def start_demo(work: Path, *, interval_s: int = 10, listen: str = "127.0.0.1:0") -> Demo:
@@ -293,11 +186,21 @@ def start_demo(work: Path, *, interval_s: int = 10, listen: str = "127.0.0.1:0")
     cas, fleet = demo_fleet(now)
     (work / "fleet.json").write_text(json.dumps(
         {d.device_id: {"intended": d.intended, "story": d.story} for d in fleet}, indent=2))
-    broker, port = start_broker(work, cas)
-    collector_cert, collector_key = cas["collector"].write(work, "collector")
-    (work / "broker-ca.pem").write_bytes(pem(cas["broker_ca"].cert))
-    new_ca = work / "new-broker-root.pem"
-    new_ca.write_bytes(pem(cas["new_broker_ca"].cert))
+    broker = start_broker(work, cas)
+    try:
+        return _start_fleet(work, broker, cas, fleet, interval_s=interval_s, listen=listen)
+    except BaseException:
+        broker.stop()  # whatever failed, the broker the demo started does not outlive it
+        raise
+
+
+def _start_fleet(work: Path, broker: Mosquitto, cas: dict[str, Issued],
+                 fleet: list[DemoDevice], *, interval_s: int, listen: str) -> Demo:
+    """The collector and the agents, on a running broker."""
+    port = broker.port
+    collector_cert, collector_key = cas["collector"].write(work, chain=True)
+    write_bundle(work / "broker-ca.pem", [cas["broker_ca"]])
+    new_ca = write_bundle(work / "new-broker-root.pem", [cas["new_broker_ca"]])
     config_text = f"""\
 [mqtt]
 broker = "mqtts://127.0.0.1:{port}"
@@ -326,24 +229,21 @@ status = "required"
 """
     (work / "collector.toml").write_text(config_text)
     config = loads(CollectorConfig, config_text, source=str(work / "collector.toml"))
-    from collector.app import build_collector
+    from collector.wiring import build_collector
 
-    collector = build_collector(config)
-    collector.periodic = Periodic(beacon_every_s=5.0, silence_every_s=2.0, summary_every_s=10.0)
     # Fleet rules (required CAs, shared certificates) every few seconds, not every
     # minute: a demo should show them before the visitor loses interest.
-    collector.jobs = [(name, min(every_s, 3.0), job, claimed)
-                      for name, every_s, job, claimed in collector.jobs]
+    collector = build_collector(config, periodic=Periodic(
+        beacon_every_s=5.0, silence_every_s=2.0, summary_every_s=10.0, fleet_sweep_every_s=3.0))
     collector_thread = threading.Thread(target=collector.run, name="collector", daemon=True)
     collector_thread.start()
     collector.link.wait_connected(10)
-    web = getattr(collector, "web", None)
     agents, threads, procs = [], [collector_thread], []
     for device in fleet:
         directory = work / device.device_id
         directory.mkdir()
-        cert, key = device.issued.write(directory, "device", key_mode=device.key_mode)
-        (directory / "ca.pem").write_bytes(pem(*device.trust))
+        cert, key = device.issued.write(directory, chain=True, key_mode=device.key_mode)
+        write_bundle(directory / "ca.pem", device.trust)
         agent_toml = directory / "agent.toml"
         agent_toml.write_text(f"""\
 [mqtt]
@@ -374,7 +274,7 @@ state_dir = "{directory / 'state'}"
         thread.start()
         agents.append(agent)
         threads.append(thread)
-    return Demo(work, broker, port, collector, web.url if web else None, agents, threads,
+    return Demo(work, broker, collector, collector.web_url, agents, threads,
                 procs, fleet)
 
 
@@ -447,8 +347,8 @@ def print_overview(demo: Demo, ready: bool) -> None:
     from collector.cli import build_report, render_report
 
     time.sleep(1.0)  # the silence check and the alert engine catch up
-    if demo.collector.alerts is not None:
-        demo.collector.alerts.sweep()  # fleet rules now, not at the next period
+    # Fleet rules now, not at the next period.
+    next(j for j in demo.collector.jobs if j.name == "alerts.fleet").run()
     print()
     for device in demo.fleet:
         print(f"  {device.device_id:9} should show {device.intended:9} {device.story}")

@@ -25,17 +25,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
-from fleetsim import SimDevice, make_ca, make_devices, status  # noqa: E402
+from kit.fleet import SimDevice, make_ca, make_devices, status  # noqa: E402
+from kit.mutate import b64url, json_paths  # noqa: E402
 
-from certmon import protocol as p  # noqa: E402
+from certmon import wire as p  # noqa: E402
 from certmon.mqtt import Incoming  # noqa: E402
 from collector.ingest import Ingestor  # noqa: E402
 from collector.store import open_store  # noqa: E402
@@ -45,21 +46,6 @@ PREFIX = p.DEFAULT_PREFIX
 KNOWN_REASONS = {*REASONS, "oversized"}
 UNICODE_SAMPLES = ["gw-ünïcødé", "☃", "設備-01", "\u202egw", "a\u0301", "\U0001f600" * 20,
                    "fleet", "_x", "a/b", "+", "#", "x" * 65, "gw\x00", " ", "\ufeff", "é" * 64]
-
-
-def b64url(raw: bytes) -> bytes:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=")
-
-
-def json_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            yield (*prefix, key)
-            yield from json_paths(value, (*prefix, key))
-    elif isinstance(doc, list):
-        for i, value in enumerate(doc):
-            yield (*prefix, i)
-            yield from json_paths(value, (*prefix, i))
 
 
 class Campaign:
@@ -84,7 +70,7 @@ class Campaign:
         return json.loads(p.encode_status(status(dev, self.seq, self.now)))  # type: ignore[no-any-return]
 
     def sign(self, dev: SimDevice, body: bytes) -> bytes:
-        return p.sign_status(body, dev.key, dev.cert)
+        return p.sign_jws(body, dev.key, dev.cert)
 
     def valid(self) -> tuple[str, bytes, str]:
         dev = self.rng.choice(self.devices)

@@ -1,6 +1,6 @@
 """Load test: a paced fleet against one collector on SQLite, through a real Mosquitto.
 
-N simulated devices (real P-256 keys and certificates, bench/fleetsim.py) each publish
+N simulated devices (real P-256 keys and certificates, tests/kit/fleet.py) each publish
 one signed status per interval, spread evenly over the interval, for M minutes; one
 collector runs as a real subprocess (`python -m collector.cli run`, SQLite in WAL) on
 the broker's mTLS listener. The publisher (a child process, on the plain listener)
@@ -29,28 +29,21 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
-from broker import Mosquitto, wait_until  # noqa: E402
-from fleetsim import (  # noqa: E402
-    SimDevice,
-    bench_site,
-    cert_message,
-    make_devices,
-    signed_status,
-)
+from fleetsim import bench_fleet  # noqa: E402
+from kit.broker import Mosquitto, wait_until  # noqa: E402
+from kit.fleet import SimDevice, cert_message, signed_status  # noqa: E402
 
-from certmon import protocol as p  # noqa: E402
+from certmon import wire as p  # noqa: E402
 
 
 def publisher(port: int, devices: list[SimDevice], interval_s: float, rounds: int,
@@ -118,13 +111,9 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=None, help="copy the database here")
     args = parser.parse_args()
     rounds = max(1, round(args.minutes * 60 / args.interval_s))
-    now = datetime.now(UTC)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        t0 = time.perf_counter()
-        site = bench_site(work, now, "load")
-        devices_ca = site.devices_ca
-        devices = make_devices(devices_ca, args.devices, now, prefix="load")
+    t0 = time.perf_counter()
+    with bench_fleet("load", args.devices) as (site, devices):
+        work = site.work
         print(f"fleet: {args.devices} devices issued in {time.perf_counter() - t0:.1f} s; "
               f"{rounds} round(s) of {args.interval_s:g} s = "
               f"{args.devices / args.interval_s:.0f} statuses/s for {args.minutes:g} min",

@@ -2,7 +2,7 @@
 
 Starts ONE mosquitto with N (default 200) TLS listeners on 127.0.0.1, all serving the
 same leaf + intermediate from a small generated PKI, then times:
-  1. `collector.scan.scan_targets` over all N (probe + full verdict, concurrency 64);
+  1. `certmon.scan.scan_targets` over all N (probe + full verdict, concurrency 64);
   2. a sequential shell loop of
      `openssl s_client -connect 127.0.0.1:PORT -servername localhost </dev/null 2>/dev/null
       | openssl x509 -noout -dates` (dates of the leaf only: no chain, no verdict);
@@ -28,14 +28,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test suite's PKI factory and broker runner
+sys.path.insert(0, str(ROOT / "tests"))  # the test kit's PKI and broker (bench/README.md)
 
-from broker import Listener, Mosquitto, free_port, wait_until  # noqa: E402
-from pkifactory import PKIFactory, write_bundle  # noqa: E402
+from kit.broker import Listener, Mosquitto, free_port, wait_until  # noqa: E402
+from kit.pki import PKIFactory, write_bundle  # noqa: E402
 
 from certmon.pki import Policy, Severity  # noqa: E402
+from certmon.scan import load_trust, scan_targets  # noqa: E402
 from certmon.tlsprobe import ProbeTarget  # noqa: E402
-from collector.scan import load_trust, scan_targets  # noqa: E402
 
 
 def raise_nofile(needed: int) -> None:

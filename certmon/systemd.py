@@ -1,4 +1,4 @@
-"""sd_notify in a few lines of stdlib: readiness, watchdog pings, status text.
+"""sd_notify in a few lines of stdlib: readiness, watchdog pings, stopping.
 
 Owns the datagram to $NOTIFY_SOCKET (a path, or an abstract socket when it starts
 with '@') and reading the watchdog interval systemd hands us. Outside systemd every
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_interval_s"]
+__all__ = ["notify", "ready", "stopping", "watchdog", "watchdog_interval_s"]
 
 
 def notify(state: str) -> bool:
@@ -44,11 +44,6 @@ def watchdog() -> bool:
 def stopping() -> bool:
     """Shutdown began."""
     return notify("STOPPING=1")
-
-
-def status(text: str) -> bool:
-    """One line for `systemctl status`, e.g. "published 12 s ago; spool 0"."""
-    return notify("STATUS=" + " ".join(text.splitlines()))
 
 
 def watchdog_interval_s() -> float | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.pki import Severity
 
 CLOCK_CODES = frozenset({"CLOCK_UNSYNCED", "CLOCK_IMPLAUSIBLE", "CLOCK_BEHIND", "CLOCK_AHEAD"})
@@ -71,8 +71,9 @@ def clock_offset(status: p.Status, received_at: datetime, *, retained: bool) -> 
     return OffsetInterval(lo, hi)
 
 
-def worst(findings: Iterable[p.FindingWire]) -> tuple[Severity, str | None]:
-    """The worst severity and its finding code (ties: certificate before clock)."""
+def headline(findings: Iterable[p.FindingWire]) -> tuple[Severity, str | None]:
+    """The worst severity and the finding code a device is shown by (ties: certificate
+    before clock): what a dashboard line and `report` lead with."""
     best: tuple[Severity, str | None] = (Severity.OK, None)
     for f in findings:
         if f.severity > best[0] or (f.severity == best[0] and best[1] is not None

@@ -1,26 +1,24 @@
 """`certmon-collector`: run | report | check-config.
 
-Owns argument parsing, flags-over-config merging, the `report` table and its Nagios
-exit code, and signal handling for `run`. Computation lives in the service, the
-store and collector.aggregate.
+Owns its commands' flags, flags-over-config merging, the `report` table and its
+Nagios exit code. The skeleton around the commands (logging, 78 on a config error,
+one line instead of a traceback for store/web/transport errors, stop signals) is
+`certmon.cli`'s; computation lives in the service, the store and collector.aggregate.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-from certmon import __version__
 from certmon import clock as wallclock
+from certmon.cli import Program, add_verbose, new_parser, on_stop_signals, write_json
 from certmon.config import load_with_flags
-from certmon.errors import EX_CONFIG, ConfigError
+from certmon.errors import ConfigError
 from certmon.pki import Severity
 
 from . import aggregate
@@ -48,12 +46,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-id", help="MQTT client id")
     parser.add_argument("--topic-prefix", help="topic prefix (default certmon/v1)")
     parser.add_argument("--webhook-url", action="append", help="Alertmanager-style webhook")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_verbose(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certmon-collector")
-    parser.add_argument("--version", action="version", version=f"certmon {__version__}")
+    parser = new_parser("certmon-collector")
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_flags(sub.add_parser("run", help="verify, store, alert, serve"))
     add_config_flags(sub.add_parser("check-config", help="validate config and flags"))
@@ -62,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--config", help="read store.url from this config")
     report.add_argument("--within-days", type=float, default=30.0)
     report.add_argument("--json", action="store_true")
+    add_verbose(report)
     return parser
 
 
@@ -70,28 +68,14 @@ def load_config(args: argparse.Namespace) -> CollectorConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        if args.command == "report":
-            return cmd_report(args, sys.stdout)
-        config = load_config(args)
-        if args.command == "check-config":
-            print(f"{args.config or '<command line>'}: OK")
-            return 0
-        return cmd_run(config)
-    except ConfigError as exc:
-        print(f"certmon-collector: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    return PROGRAM.main(argv)
 
 
-def cmd_run(config: CollectorConfig) -> int:
-    from .app import build_collector
+def cmd_run(config: CollectorConfig, _args: argparse.Namespace) -> int:
+    from .wiring import build_collector
 
     service = build_collector(config)
-    signal.signal(signal.SIGTERM, lambda *_: service.stop())
-    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    on_stop_signals(service.stop)
     return service.run()
 
 
@@ -159,8 +143,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         store.close()
     if args.json:
-        json.dump(report, out, indent=2, sort_keys=True)
-        out.write("\n")
+        write_json(report, out, sort_keys=True)
     else:
         render_report(report, out)
     return report_exit_code(report)
@@ -200,6 +183,10 @@ def _offset_text(lo: float | None, hi: float | None) -> str:
     def fmt(v: float | None) -> str:
         return "?" if v is None else f"{v:+.0f}s"
     return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+PROGRAM = Program("certmon-collector", build_parser, load_config, checks={"report": cmd_report},
+                  configured={"run": cmd_run})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 """The collector's configuration schema (/etc/certmon/collector.toml) and its loader.
 
-Owns which keys the collector (and certmon-scan) accept, their defaults and docs.
+Owns which keys the collector accepts, their defaults and docs (the scan keys are
+`certmon.scanconfig`'s, which `certmon-scan --config` reads too).
 Parsing, validation and messages belong to `certmon.config`; this module only
 declares. Must not open the store, the broker or any URL at load time.
 """
@@ -23,6 +24,7 @@ from certmon.config import (
     validate_topic_level,
     validate_topic_prefix,
 )
+from certmon.scanconfig import ScanTarget
 
 DEFAULT_PATH = Path("/etc/certmon/collector.toml")
 
@@ -103,8 +105,6 @@ class IngestConfig:
                                   "statuses/s here (docs/benchmarks.md).")
     max_payload_bytes: int = setting(default=65536, ge=1024,
                                      doc="Larger messages are rejected unread.")
-    replay_window: int = setting(default=64, ge=1, doc="Sequence numbers remembered per "
-                                 "device, so reordered deliveries are not replays.")
     reject_samples: int = setting(default=20, ge=0, doc="Rejected messages kept per reason "
                                   "for inspection.")
     offline_after_intervals: float = setting(default=3.0, ge=1, doc="A device is offline "
@@ -136,15 +136,6 @@ class TrustRequirement:
     def cross_check(self) -> Iterator[tuple[str, str]]:
         if (self.ca_file is None) == (self.sha256 is None):
             yield "ca_file", "set exactly one of ca_file and sha256"
-
-
-@schema
-class ScanTarget:
-    host: str = setting(doc="Endpoint to probe.")
-    port: int = setting(default=8883, ge=1, le=65535, doc="TCP port.")
-    servername: str | None = setting(default=None, doc="SNI; unset means host.")
-    alpn: tuple[str, ...] = setting(default=(), doc="ALPN protocols to offer.")
-    mqtt: bool = setting(default=False, doc="Also do a clean MQTT CONNECT/DISCONNECT.")
 
 
 @schema

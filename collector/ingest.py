@@ -20,7 +20,8 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from certmon import protocol as p
+from certmon import pki
+from certmon import wire as p
 from certmon.errors import ProtocolError
 from certmon.mqtt import Incoming
 
@@ -49,7 +50,6 @@ class Stored:
 
     status: p.Status
     record: StatusRecord
-    retained: bool
 
 
 class Ingestor:
@@ -104,17 +104,17 @@ class Ingestor:
         assert self.pool is not None
         try:
             outcomes = self.pool.verify([
-                (device_id, msg.payload, known.facts.sha256, known.identity, known.public_key_der)
-                for msg, device_id, _parsed, known in signed])
+                (device_id, parsed, known.identity, known.public_key_der)
+                for _msg, device_id, parsed, known in signed])
         except (OSError, EOFError) as exc:
             # A worker died (killed, out of memory): verify in this process from now on
             # rather than fail every batch.
             log.error("verification worker lost (%s): verifying in the collector process",
                       exc)
             self.pool = None
-            for msg, device_id, _parsed, _known in signed:
+            for msg, device_id, parsed, known in signed:
                 try:
-                    verified = self._verify(device_id, msg.payload, self.now())
+                    verified = self._verify(device_id, parsed, known)
                     pending.append((verified, self._status_record(verified, msg, self.now()),
                                     msg))
                 except ProtocolError as err:
@@ -125,7 +125,7 @@ class Ingestor:
             if outcome.status is None or outcome.payload is None:
                 self.reject(outcome.reason or "internal_error", msg, outcome.detail or "")
                 continue
-            verified = Verified(outcome.status, known, len(msg.payload), outcome.payload)
+            verified = Verified(outcome.status, known, outcome.payload)
             pending.append((verified, self._status_record(verified, msg, now), msg))
 
     def _one(self, msg: Incoming, pending: list[tuple[Verified, StatusRecord, Incoming]],
@@ -141,11 +141,13 @@ class Ingestor:
         if kind == p.TopicKind.STATUS:
             if not msg.payload:
                 return  # a cleared retained topic
+            # Parsed once here; the signature is checked in this thread or a worker.
+            parsed_jws = p.parse_jws(msg.payload, self.max_payload_bytes)
+            known = self._signer(device_id, parsed_jws, now)
             if self.pool is not None:
-                parsed_jws, known = self._signer(device_id, msg.payload, now)
                 signed.append((msg, device_id, parsed_jws, known))
                 return
-            verified = self._verify(device_id, msg.payload, now)
+            verified = self._verify(device_id, parsed_jws, known)
             pending.append((verified, self._status_record(verified, msg, now), msg))
         elif kind == p.TopicKind.CERT and msg.payload:
             accept_cert_message(self.certs, device_id, msg.payload, now)
@@ -156,25 +158,23 @@ class Ingestor:
 
     # ------------------------------------------------------------ statuses
 
-    def _verify(self, device_id: str, token: bytes, now: datetime) -> Verified:
-        parsed, known = self._signer(device_id, token, now)
+    @staticmethod
+    def _verify(device_id: str, parsed: p.ParsedJWS, known: KnownCert) -> Verified:
         status = check_signed(parsed, known.cert.public_key(), known.identity, device_id)
-        return Verified(status, known, len(token), parsed.payload)
+        return Verified(status, known, parsed.payload)
 
-    def _signer(self, device_id: str, token: bytes,
-                now: datetime) -> tuple[p.ParsedJWS, KnownCert]:
+    def _signer(self, device_id: str, parsed: p.ParsedJWS, now: datetime) -> KnownCert:
         try:
-            return resolve_signer(self.certs, token, now, max_bytes=self.max_payload_bytes)
+            return resolve_signer(self.certs, parsed, now)
         except ProtocolError as exc:
             if exc.reason != "unknown_cert" or not self._load_cert_from_store(
-                    device_id, token, now):
+                    device_id, parsed.cert_sha256, now):
                 raise
-        return resolve_signer(self.certs, token, now, max_bytes=self.max_payload_bytes)
+        return resolve_signer(self.certs, parsed, now)
 
-    def _load_cert_from_store(self, device_id: str, token: bytes, now: datetime) -> bool:
+    def _load_cert_from_store(self, device_id: str, sha: str, now: datetime) -> bool:
         # Another collector of the share group may have seen the cert message; the
         # store keeps the DER of every device certificate and its chain.
-        sha = p.parse_jws(token, self.max_payload_bytes).cert_sha256
         row = self.store.certificate(sha)
         if row is None or row.der is None:
             return False
@@ -191,7 +191,7 @@ class Ingestor:
 
     def _status_record(self, verified: Verified, msg: Incoming, now: datetime) -> StatusRecord:
         status, signer = verified.status, verified.signer
-        severity, worst_code = aggregate.worst(status.findings)
+        severity, worst_code = aggregate.headline(status.findings)
         offset = aggregate.clock_offset(status, now, retained=msg.retained)
         # Certificate rows are written when a device's certificate changes (or first
         # seen by this process), not with every status: at thousands of statuses per
@@ -199,12 +199,7 @@ class Ingestor:
         links: tuple[CertLink, ...] = ()
         roles: frozenset[CertRole] = frozenset()
         if self._last_client.get(status.device_id) != signer.facts.sha256:
-            links = tuple(
-                CertLink(CertRow.from_facts(facts, der),
-                         CertRole.CLIENT if i == 0 else CertRole.CHAIN)
-                for i, (facts, der) in enumerate(zip(signer.chain_facts, signer.chain_der,
-                                                     strict=True)))
-            roles = frozenset({CertRole.CLIENT, CertRole.CHAIN})
+            links, roles = _cert_links(signer, status)
         return StatusRecord(
             device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
             device_ts=status.ts, received_at=now, interval_s=status.interval_s,
@@ -226,7 +221,7 @@ class Ingestor:
                 self._last_client[record.device_id] = verified.signer.facts.sha256
             if is_new:
                 self.accepted += 1
-                stored.append(Stored(verified.status, record, msg.retained))
+                stored.append(Stored(verified.status, record))
             elif msg.retained or msg.dup:
                 # Seen again for a benign reason: the retained copy after a (re)subscribe,
                 # or the broker re-sending what a crashed collector had not acknowledged.
@@ -242,16 +237,11 @@ class Ingestor:
     def _online(self, device_id: str, msg: Incoming, now: datetime) -> None:
         if not msg.payload:
             return
-        try:
-            data = json.loads(msg.payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError("not_json", f"online payload is not JSON: {exc}") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("online"), bool):
-            raise ProtocolError("bad_schema", 'online payload must be {"online": true|false}')
+        online = p.parse_online(msg.payload)
         # Unsigned, but broker-attested: the ACL lets only this device (or the broker,
         # for its will) write this topic (docs/mosquitto.md).
-        if self.store.set_online(device_id, data["online"], now) and self.on_online:
-            self.on_online(device_id, data["online"], now)
+        if self.store.set_online(device_id, online, now) and self.on_online:
+            self.on_online(device_id, online, now)
 
     def _inventory(self, device_id: str, token: bytes, now: datetime) -> None:
         parsed = p.parse_jws(token, p.MAX_INVENTORY_JWS_BYTES, typ=p.INVENTORY_TYP)
@@ -290,3 +280,26 @@ class Ingestor:
             log.warning("rejected %s from %s: %s", reason, msg.topic[:120], detail[:300])
 
 
+
+
+def _cert_links(signer: KnownCert, status: p.Status
+                ) -> tuple[tuple[CertLink, ...], frozenset[CertRole]]:
+    """The certificate rows a status implies, and the roles they replace."""
+    def chain(facts: Sequence[pki.CertFacts], der: Sequence[bytes]) -> list[CertLink]:
+        return [CertLink(CertRow.from_facts(f, d), CertRole.CLIENT if i == 0 else CertRole.CHAIN)
+                for i, (f, d) in enumerate(zip(facts, der, strict=True))]
+
+    client_sha = status.client.sha256 if status.client else None
+    if client_sha is None or client_sha == signer.facts.sha256:
+        # Signed with the TLS key: the signing chain is the client chain.
+        return (tuple(chain(signer.chain_facts, signer.chain_der)),
+                frozenset({CertRole.CLIENT, CertRole.CHAIN}))
+    # A dedicated signing key: the signing certificate in its own role, and the client
+    # chain from the cert message when it names the client certificate of this status.
+    links = [CertLink(CertRow.from_facts(signer.facts, signer.chain_der[0]), CertRole.SIGNING)]
+    roles = {CertRole.SIGNING}
+    facts = signer.client_chain_facts
+    if facts and facts[0].sha256 == client_sha:
+        links += chain(facts, signer.client_chain_der)
+        roles |= {CertRole.CLIENT, CertRole.CHAIN}
+    return tuple(links), frozenset(roles)

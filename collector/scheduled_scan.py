@@ -1,8 +1,10 @@
 """The collector's scheduled scans of its configured broker endpoints.
 
-Owns turning `[[scan_targets]]` into probes on a schedule, storing each endpoint's
-verdict (`store.put_scan`, the same JSON `certmon-scan --json` prints) and handing
-the findings to the alert rules. Probing and judging are collector.scan's.
+Owns turning the config into a scan job: which endpoints (`[[scan_targets]]`), with
+which trust and policy, storing each endpoint's verdict (`store.put_scan`, the same
+JSON `certmon-scan --json` prints) and handing the findings to the alert rules.
+Probing and judging are the core's (`certmon.scan`, `certmon.scanverdict`), shared
+with the `scanner` role; this module must not import that role.
 """
 
 from __future__ import annotations
@@ -14,25 +16,20 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from certmon import pki
+from certmon.scan import load_trust, probe_targets, scan_targets
 from certmon.tlsprobe import ProbeTarget
 
 from .config import CollectorConfig
-from .scan import load_trust, scan_targets
 from .store import ScanRecord, Store
 
 log = logging.getLogger("certmon.collector.scan")
 
 
-def probe_targets(config: CollectorConfig) -> list[ProbeTarget]:
-    return [ProbeTarget(host=t.host, port=t.port, servername=t.servername, alpn=t.alpn,
-                        mqtt=t.mqtt, timeout_s=config.scan_timeout_s)
-            for t in config.scan_targets]
-
-
 def make_scan_job(config: CollectorConfig, store: Store, now: Callable[[], datetime],
                   on_reports: Callable[[Sequence[tuple[str, Sequence[pki.Finding]]]], None]
                   ) -> Callable[[], None]:
-    targets = probe_targets(config)
+    targets = probe_targets(config.scan_targets,
+                            ProbeTarget(host="", timeout_s=config.scan_timeout_s))
     # The broker endpoints are judged with the CA bundle the collector uses for its own
     # broker connection: the one the fleet's brokers are expected to chain to.
     trust = load_trust(str(config.tls.ca_bundle))

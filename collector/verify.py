@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certmon import pki
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.chain import verify_chain
 from certmon.errors import ProtocolError
 
@@ -45,13 +45,18 @@ class KnownCert:
     chain_facts: tuple[pki.CertFacts, ...] = ()
     chain_der: tuple[bytes, ...] = ()
     public_key_der: bytes = b""  # SubjectPublicKeyInfo, what verifier workers receive
+    # With a dedicated signing key, the device's client (TLS) chain as its cert message
+    # carried it (`client_x5c`), leaf first: recorded as the device's client
+    # certificate, while `cert` above is the signing certificate. Empty otherwise.
+    client_chain: tuple[x509.Certificate, ...] = ()
+    client_chain_facts: tuple[pki.CertFacts, ...] = ()
+    client_chain_der: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Verified:
     status: p.Status
     signer: KnownCert
-    token_bytes: int
     payload: bytes  # the signed JSON, canonical as the agent encoded it
 
 
@@ -81,11 +86,13 @@ class CertCache:
             self._entries.move_to_end(sha256)
         known, judged_at = entry
         if now - judged_at > self.ttl:
-            return self.add(known.chain, now)
+            return self.add(known.chain, now, client_chain=known.client_chain)
         return known
 
-    def add(self, chain: Sequence[x509.Certificate], now: datetime) -> KnownCert:
-        """Judge a device chain (leaf first) and remember it under the leaf's SHA-256."""
+    def add(self, chain: Sequence[x509.Certificate], now: datetime, *,
+            client_chain: Sequence[x509.Certificate] = ()) -> KnownCert:
+        """Judge a device's signing chain (leaf first) and remember it under the leaf's
+        SHA-256; `client_chain` is its TLS chain when it signs with a dedicated key."""
         leaf, *rest = chain
         facts = pki.facts_from_cert(leaf)
         # An expired device certificate must still be reported: judge the chain at
@@ -100,7 +107,11 @@ class CertCache:
                                           for c in chain),
                           public_key_der=leaf.public_key().public_bytes(
                               serialization.Encoding.DER,
-                              serialization.PublicFormat.SubjectPublicKeyInfo))
+                              serialization.PublicFormat.SubjectPublicKeyInfo),
+                          client_chain=tuple(client_chain),
+                          client_chain_facts=tuple(pki.facts_from_cert(c) for c in client_chain),
+                          client_chain_der=tuple(c.public_bytes(serialization.Encoding.DER)
+                                                 for c in client_chain))
         with self._lock:
             self._entries[facts.sha256] = (known, now)
             self._entries.move_to_end(facts.sha256)
@@ -118,8 +129,8 @@ def accept_cert_message(cache: CertCache, device_id: str, payload: bytes,
     if msg.device_id != device_id:
         raise ProtocolError("topic_mismatch", f"cert message for {msg.device_id!r} on the "
                             f"topic of {device_id!r}")
-    chain = msg.certificates()
-    known = cache.add(chain, now)
+    client_chain = msg.certificates(client=True) if msg.client_x5c else []
+    known = cache.add(msg.certificates(), now, client_chain=client_chain)
     if not known.trusted:
         raise ProtocolError("untrusted_cert", f"{device_id}: certificate {known.facts.subject} "
                             f"does not chain to a fleet CA: {known.trust_error}")
@@ -129,10 +140,8 @@ def accept_cert_message(cache: CertCache, device_id: str, payload: bytes,
     return known
 
 
-def resolve_signer(cache: CertCache, token: bytes, now: datetime,
-                   *, max_bytes: int = p.MAX_STATUS_JWS_BYTES) -> tuple[p.ParsedJWS, KnownCert]:
-    """The cheap half: parse the JWS and find its certificate, trusted or refused."""
-    parsed = p.parse_jws(token, max_bytes)
+def resolve_signer(cache: CertCache, parsed: p.ParsedJWS, now: datetime) -> KnownCert:
+    """The cheap half: the certificate a parsed JWS names, trusted, or refused."""
     known = cache.get(parsed.cert_sha256, now)
     if known is None and parsed.x5c:
         # The first message after a change may carry its chain in x5c.
@@ -147,7 +156,7 @@ def resolve_signer(cache: CertCache, token: bytes, now: datetime,
     if not known.trusted:
         raise ProtocolError("untrusted_cert", f"signing certificate {known.facts.subject} "
                             f"does not chain to a fleet CA: {known.trust_error}")
-    return parsed, known
+    return known
 
 
 def check_signed(parsed: p.ParsedJWS, public_key: object, identity: str | None,
@@ -164,10 +173,3 @@ def check_signed(parsed: p.ParsedJWS, public_key: object, identity: str | None,
                             f"the topic of {topic_device!r}")
     return status
 
-
-def verify_status(cache: CertCache, topic_device: str, token: bytes, now: datetime,
-                  *, max_bytes: int = p.MAX_STATUS_JWS_BYTES) -> Verified:
-    """Everything but replay: raises ProtocolError(reason) or returns the status."""
-    parsed, known = resolve_signer(cache, token, now, max_bytes=max_bytes)
-    status = check_signed(parsed, known.cert.public_key(), known.identity, topic_device)
-    return Verified(status, known, len(token), parsed.payload)

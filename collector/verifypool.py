@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.errors import ProtocolError
 
 from .verify import check_signed
@@ -29,8 +29,7 @@ from .verify import check_signed
 @dataclass(frozen=True, slots=True)
 class Job:
     topic_device: str
-    token: bytes
-    cert_sha256: str
+    parsed: p.ParsedJWS  # parsed once, in the collector thread that found the signer
     identity: str | None
     public_key_der: bytes | None  # sent once per worker and certificate
 
@@ -43,7 +42,7 @@ class Outcome:
     detail: str | None = None
 
 
-def _worker(conn: Connection, max_bytes: int) -> None:  # pragma: no cover - child process
+def _worker(conn: Connection) -> None:  # pragma: no cover - child process
     # Ctrl-C and systemd's SIGTERM reach the whole process group; the collector decides
     # when its workers end (it closes the pipe), so a worker must not die first and take
     # the batch in flight with it.
@@ -57,19 +56,19 @@ def _worker(conn: Connection, max_bytes: int) -> None:  # pragma: no cover - chi
             return
         if jobs is None:
             return
-        conn.send([_verify_one(job, keys, max_bytes) for job in jobs])
+        conn.send([_verify_one(job, keys) for job in jobs])
 
 
-def _verify_one(job: Job, keys: dict[str, Any], max_bytes: int) -> Outcome:
+def _verify_one(job: Job, keys: dict[str, Any]) -> Outcome:
+    sha = job.parsed.cert_sha256
     try:
         if job.public_key_der is not None:
-            keys[job.cert_sha256] = serialization.load_der_public_key(job.public_key_der)
-        parsed = p.parse_jws(job.token, max_bytes)
-        key = keys.get(parsed.cert_sha256)
-        if key is None or parsed.cert_sha256 != job.cert_sha256:
+            keys[sha] = serialization.load_der_public_key(job.public_key_der)
+        key = keys.get(sha)
+        if key is None:
             raise ProtocolError("unknown_cert", "worker has no key for this certificate")
-        status = check_signed(parsed, key, job.identity, job.topic_device)
-        return Outcome(status, parsed.payload)
+        status = check_signed(job.parsed, key, job.identity, job.topic_device)
+        return Outcome(status, job.parsed.payload)
     except ProtocolError as exc:
         return Outcome(None, None, exc.reason, str(exc))
     except Exception as exc:  # noqa: BLE001 - a worker must answer for every job
@@ -79,19 +78,18 @@ def _verify_one(job: Job, keys: dict[str, Any], max_bytes: int) -> Outcome:
 class VerifierPool:
     """N worker processes; `verify(jobs)` splits a batch among them, keeps order."""
 
-    def __init__(self, workers: int, max_bytes: int) -> None:
+    def __init__(self, workers: int) -> None:
         # spawn, not fork: the collector has paho and worker threads running, and a
         # forked copy of a process with threads may inherit a held lock.
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         self._sent: list[set[str]] = []
-        self._max_bytes = max_bytes
         self._local_keys: dict[str, Any] = {}
         self._local_sent: set[str] = set()
         for i in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, max_bytes),
+            proc = ctx.Process(target=_worker, args=(child,),
                                name=f"certmon-verify-{i}", daemon=True)
             proc.start()
             child.close()
@@ -103,23 +101,25 @@ class VerifierPool:
     def size(self) -> int:
         return len(self._conns)
 
-    def verify(self, jobs: Sequence[tuple[str, bytes, str, str | None, bytes]]) -> list[Outcome]:
-        """jobs: (topic_device, token, cert_sha256, identity, public_key_der).
+    def verify(self, jobs: Sequence[tuple[str, p.ParsedJWS, str | None, bytes]]
+               ) -> list[Outcome]:
+        """jobs: (topic_device, parsed JWS, signer identity, signer public key DER).
 
         The calling thread takes a share too instead of only waiting: it would
         otherwise sit idle while the workers verify."""
         n = len(self._conns) + 1
         chunks: list[list[Job]] = [[] for _ in range(n)]
-        for i, (device, token, sha, identity, key_der) in enumerate(jobs):
+        for i, (device, parsed, identity, key_der) in enumerate(jobs):
+            sha = parsed.cert_sha256
             w = i % n
             sent = self._sent[w] if w < n - 1 else self._local_sent
             first = sha not in sent
             if first:
                 sent.add(sha)
-            chunks[w].append(Job(device, token, sha, identity, key_der if first else None))
+            chunks[w].append(Job(device, parsed, identity, key_der if first else None))
         for conn, chunk in zip(self._conns, chunks, strict=False):
             conn.send(chunk)
-        local = [_verify_one(job, self._local_keys, self._max_bytes) for job in chunks[-1]]
+        local = [_verify_one(job, self._local_keys) for job in chunks[-1]]
         results = [conn.recv() for conn in self._conns] + [local]
         return [results[i % n][i // n] for i in range(len(jobs))]
 

@@ -41,7 +41,7 @@ TARGET_PYTHON = f"/usr/bin/python{PYTHON_VERSION}"
 ARCHES = {"amd64": "x86_64", "arm64": "aarch64"}
 GLIBC_MAX_MINOR = 36
 MAINTAINER = "certmon developers <certmon@example.invalid>"
-SOURCE_FILES = ("pyproject.toml", "README.md", "certmon", "agent", "collector")
+SOURCE_FILES = ("pyproject.toml", "README.md", "certmon", "agent", "collector", "scanner")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ ROLES = {
     ),
     "collector": Role(
         name="certmon-collector", extra="collector",
-        scripts={"certmon-collector": "collector.cli:main", "certmon-scan": "collector.scan:main"},
+        scripts={"certmon-collector": "collector.cli:main", "certmon-scan": "scanner.cli:main"},
         units=("certmon-collector.service", "certmon-scan.service", "certmon-scan.timer"),
         config="collector.example.toml",
         description="fleet TLS certificate monitoring collector and scanner\n"

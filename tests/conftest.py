@@ -1,4 +1,8 @@
-"""Shared fixtures: the test PKI and real Mosquitto brokers.
+"""Shared fixtures: the test PKI and real Mosquitto brokers, built on the test kit.
+
+Owns: pytest fixtures and hooks. Must not: hold helpers a benchmark could need (they
+live in tests/kit/, which tests import as `kit.*`: pyproject's pytest `pythonpath`
+puts tests/ on sys.path).
 
 - `pki_now`, `pki` (session): one `PKIFactory` whose `now` is the session start.
 - `mosquitto_bin` (session): the binary, or skip — or *fail* when `CI` is set, so a
@@ -16,43 +20,18 @@ Tests that use a broker fixture get the `broker` marker automatically.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # `from pkifactory import …` in any mode
-
-from broker import Listener, Mosquitto, find_mosquitto
-from pkifactory import SCENARIOS, Issued, PKIFactory, Scenario, scenario, write_bundle
+from kit.broker import FLEET_ACL, Listener, Mosquitto, find_mosquitto
+from kit.pki import Issued, PKIFactory, write_bundle
+from kit.scenarios import SCENARIOS, Scenario, scenario
 
 _BROKER_FIXTURES = {"fleet_broker", "scenario_broker", "mosquitto_factory", "mosquitto_bin"}
-
-# The certmon ACL (DESIGN §4). Leading `topic` lines apply to anonymous clients only;
-# anonymous clients exist only on the plain and TLS listeners (the mTLS listener makes
-# every client's username its certificate CN). They may do anything: they play "anyone
-# with broker access", which is what lets a test inject a forged or unsigned status
-# into a device topic — the threat the signatures exist for.
-FLEET_ACL = """\
-# anonymous (plain / TLS-server-auth listeners only)
-topic readwrite #
-
-user collector
-topic read certmon/v1/#
-topic write certmon/v1/fleet/#
-topic write certmon/v1/alerts/#
-topic write certmon/v1/_collector/#
-
-# every authenticated client, i.e. every device (username = certificate CN). A
-# `pattern` without %u is the only way to grant all users; mosquitto logs a harmless
-# warning for it.
-pattern write certmon/v1/%u/#
-pattern read certmon/v1/_collector/#
-"""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,11 +54,16 @@ def pki(pki_now: datetime) -> PKIFactory:
 def mosquitto_bin() -> str:
     binary = find_mosquitto()
     if binary is None:
-        reason = "mosquitto not found on PATH or in /usr/sbin (apt install mosquitto)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
-        pytest.skip(reason)
+        missing("mosquitto not found on PATH or in /usr/sbin (apt install mosquitto)")
     return binary
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip for want of a tool — or fail when CI is set: CI must never go green by
+    skipping what it was meant to run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
+    pytest.skip(reason)
 
 
 @dataclass(frozen=True)
@@ -264,11 +248,11 @@ def collector_config(fleet: Fleet, tmp_path: Path, **overrides: str) -> Any:
 @pytest.fixture
 def collector(fleet_broker: Fleet, tmp_path: Path) -> Iterator[Any]:
     """A running collector (service threads, no web server) with fast periodic jobs."""
-    from collector.app import build_collector
     from collector.service import Periodic
+    from collector.wiring import build_collector
 
-    service = build_collector(collector_config(fleet_broker, tmp_path))
-    service.periodic = Periodic(beacon_every_s=0.2, silence_every_s=0.2, summary_every_s=0.2)
+    service = build_collector(collector_config(fleet_broker, tmp_path), periodic=Periodic(
+        beacon_every_s=0.2, silence_every_s=0.2, summary_every_s=0.2))
     service.start()
     assert service.link.wait_connected(10)
     yield service

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pkifactory import PKIFactory, write_bundle
+from kit.pki import PKIFactory, write_bundle
 
 NOW = datetime.now(UTC)
 
@@ -83,3 +83,24 @@ def test_expired_ca_in_bundle_is_critical(tmp_path: Path) -> None:
     old = factory.root("Old CA", not_before=NOW - timedelta(days=800), not_after=NOW - timedelta(days=1))
     done = check("--ca-bundle", write_bundle(tmp_path / "old.pem", [old]))
     assert done.returncode == 2 and "CA_EXPIRED" in done.stdout
+
+
+def test_threshold_flags_keep_the_rest_of_the_configured_policy(tmp_path: Path) -> None:
+    """--warn-days replaces warn_days only: the config's min_rsa_bits still judges the key."""
+    factory = PKIFactory(NOW)
+    root = factory.root("Policy Root")
+    inter = factory.intermediate(root, "Policy Devices")
+    leaf = factory.leaf(inter, "gw-rsa", days=20, key_type="rsa2048")
+    bundle = write_bundle(tmp_path / "ca.pem", [root, inter])
+    cert, key = leaf.write(tmp_path, chain=True)
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+policy = {{ min_rsa_bits = 4096 }}
+mqtt = {{ broker = "mqtts://broker.invalid:8883" }}
+tls = {{ ca_bundle = "{bundle}", cert = "{cert}", key = "{key}" }}
+""")
+    done = check("--config", config, "--warn-days", "10", "--json")
+    assert done.returncode == 2, done.stdout + done.stderr
+    findings = json.loads(done.stdout)["findings"]
+    # 20 days left is fine with --warn-days 10; the 2048-bit key is weak under 4096.
+    assert [(f["code"], f["subject"]) for f in findings] == [("WEAK_KEY", "CN=gw-rsa")]

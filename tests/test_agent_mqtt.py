@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Listener, MqttProbe, wait_until
-from conftest import FLEET_ACL, DeviceCreds, Fleet
+from conftest import DeviceCreds, Fleet
 from cryptography import x509
+from kit.broker import FLEET_ACL, Listener, wait_until
+from kit.mqttprobe import MqttProbe
 
 from agent.config import AgentConfig
 from agent.service import AgentService
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.config import loads
 
 
@@ -55,6 +56,17 @@ def last_payload(probe: MqttProbe, topic: str) -> bytes | None:
     return found[-1] if found else None
 
 
+def run_once(fleet: Fleet, creds: DeviceCreds, state: Path, *extra: str,
+             timeout_s: int = 20) -> subprocess.CompletedProcess[str]:
+    """`certmon-agent once` as a user runs it, against the fleet broker's mTLS port."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "once", "--broker",
+         f"mqtts://127.0.0.1:{fleet.mtls_port}", "--ca-bundle", str(creds.ca_bundle_path),
+         "--cert", str(creds.cert_path), "--key", str(creds.key_path),
+         "--state-dir", str(state), "--timeout-s", str(timeout_s), *extra],
+        capture_output=True, text=True, timeout=60)
+
+
 def stop(probe: MqttProbe) -> None:
     probe.client.disconnect()
     probe.client.loop_stop()
@@ -66,12 +78,7 @@ def test_once_delivers_a_status_that_verifies_with_the_published_cert(
     creds = fleet_broker.device_credentials("gw-once", tmp_path, days=200)
     probe = watcher(fleet_broker, tmp_path)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "once", "--broker",
-             f"mqtts://127.0.0.1:{fleet_broker.mtls_port}", "--ca-bundle", str(creds.ca_bundle_path),
-             "--cert", str(creds.cert_path), "--key", str(creds.key_path),
-             "--state-dir", str(tmp_path / "state"), "--timeout-s", "20"],
-            capture_output=True, text=True, timeout=60)
+        done = run_once(fleet_broker, creds, tmp_path / "state")
         assert done.returncode == 0, done.stderr
         assert "delivered status seq=1 for gw-once" in done.stdout
         status_topic = p.status_topic("certmon/v1", "gw-once")
@@ -109,12 +116,8 @@ def test_a_device_cannot_publish_under_another_devices_topic(
     creds = fleet_broker.device_credentials("gw-honest", tmp_path)
     probe = watcher(fleet_broker, tmp_path)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "once", "--broker",
-             f"mqtts://127.0.0.1:{fleet_broker.mtls_port}", "--ca-bundle", str(creds.ca_bundle_path),
-             "--cert", str(creds.cert_path), "--key", str(creds.key_path),
-             "--device-id", "gw-victim", "--state-dir", str(tmp_path / "s"), "--timeout-s", "10"],
-            capture_output=True, text=True, timeout=60)
+        done = run_once(fleet_broker, creds, tmp_path / "s", "--device-id", "gw-victim",
+                        timeout_s=10)
         assert done.returncode == 2
         assert "the broker refused status seq=1 for gw-victim" in done.stderr
         assert last_payload(probe, p.status_topic("certmon/v1", "gw-victim")) is None

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker import wait_until
 from conftest import Fleet
+from kit.broker import wait_until
 
 from agent.config import AgentConfig
 from agent.service import AgentService
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.config import loads
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pkifactory import PKIFactory, write_bundle
+from kit.pki import PKIFactory, write_bundle
 
 from agent.certstore import read_material
 from agent.clocksync import ChronyTracking, ClockState, evaluate_clock

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from certmon.pki import Policy, Severity
-from certmon.protocol import FindingWire
+from certmon.wire import FindingWire
 from collector.alerts import Notification
-from collector.alerts.engine import AlertEngine
+from collector.alerts.engine import DEVICE_ROWS_MAX, AlertEngine
 from collector.alerts.rules import (
     DEVICE_OFFLINE,
     OFFLINE_CERT_EXPIRING,
@@ -258,6 +258,11 @@ class MemoryAlertStore:
         with self._lock:
             return [r for r in self.rows.values() if r.state == "firing"]
 
+    def alert_history(self, device_id: str | None = None, limit: int = 100) -> list[AlertRow]:
+        with self._lock:
+            rows = [r for r in self.rows.values() if device_id is None or r.device_id == device_id]
+        return sorted(rows, key=lambda r: (r.updated_at, r.alert_key), reverse=True)[:limit]
+
 
 class Recorder:
     def __init__(self) -> None:
@@ -405,6 +410,38 @@ def test_renotify_due_resends_what_a_crash_lost(engine: Env) -> None:
     assert eng.renotify_due(NOW + timedelta(hours=1)) == 0  # claimed: sent once
     [n] = rec.wait_for(1)
     assert (n.reason, n.starts_at, n.labels["scope"]) == ("repeat", NOW, "findings")
+
+
+class FleetReadCounting(MemoryAlertStore):
+    """Counts reads of the whole fleet's firing alerts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fleet_reads = 0
+
+    def active_alerts(self) -> list[AlertRow]:
+        self.fleet_reads += 1
+        return super().active_alerts()
+
+
+def test_a_device_evaluation_reads_that_device_only() -> None:
+    # Other devices' alerts are not read on the ingest path: the device's own rows come
+    # by its index (alert_history); only a device with more rows than that falls back.
+    store = FleetReadCounting()
+    with AlertEngine(store, {}, renotify_interval_s=3600, clock=lambda: NOW) as eng:
+        for i in range(50):
+            eng.evaluate(f"gw-{i}", expiring(f"gw-{i}"), scope=Scope.FINDINGS)
+        resolved = eng.evaluate_device("gw-1", {Scope.FINDINGS: [], Scope.OFFLINE: []})
+        assert resolved.resolved == (f"CERT_EXPIRING|gw-1|{REF}",)
+        assert store.fleet_reads == 0
+        assert len(store.active_alerts()) == 49
+        for i in range(DEVICE_ROWS_MAX):
+            store.alert_fire(f"OLD|gw-2|{i}", rule="OLD", device_id="gw-2", cert_sha256=None,
+                             severity=2, summary="s", labels={"scope": "findings"}, now=NOW,
+                             renotify_interval_s=None)
+        store.fleet_reads = 0
+        assert len(eng.evaluate("gw-2", [], scope=Scope.FINDINGS).resolved) == DEVICE_ROWS_MAX + 1
+        assert store.fleet_reads == 1
 
 
 def test_two_engines_on_one_store_notify_once(engine: Env) -> None:

@@ -181,6 +181,9 @@ class NoStore:
     def active_alerts(self) -> list[AlertRow]:
         return []
 
+    def alert_history(self, device_id: str | None = None, limit: int = 100) -> list[AlertRow]:
+        return []
+
 
 class Recorder:
     def __init__(self) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import BrokerStartError, Listener, Mosquitto, MqttProbe, wait_until
 from conftest import DeviceCreds, Fleet, MosquittoFactory, ScenarioBroker
 from cryptography.hazmat.primitives.serialization import Encoding
-from pkifactory import PKIFactory
+from kit.broker import BrokerStartError, Listener, Mosquitto, wait_until
+from kit.mqttprobe import MqttProbe
+from kit.pki import PKIFactory
 
 TIMEOUT_S = 5.0
 

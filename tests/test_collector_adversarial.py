@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MqttProbe, wait_until
 from conftest import Fleet
 from cryptography.hazmat.primitives import hashes, serialization
+from kit.broker import wait_until
+from kit.mqttprobe import MqttProbe
 
-from certmon import protocol as p
+from certmon import wire as p
 
 PREFIX = "certmon/v1"
 
@@ -56,7 +57,7 @@ def status_payload(device_id: str, seq: int, *, boot_id: str = "boot-1") -> byte
 
 
 def signed(dev: dict[str, Any], payload: bytes) -> bytes:
-    return p.sign_status(payload, dev["key"], dev["cert"])
+    return p.sign_jws(payload, dev["key"], dev["cert"])
 
 
 def publish(attacker: MqttProbe, topic: str, payload: bytes) -> None:
@@ -97,7 +98,7 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
                        signed(alice, b'{"v":1,"device_id":"gw-alice"}')),
         "oversized": (p.status_topic(PREFIX, "gw-alice"), b"A" * (10 * 1024 * 1024)),
         "unknown_cert": (p.status_topic(PREFIX, "gw-carol"),
-                         p.sign_status(status_payload("gw-carol", 1), unknown_key.key,
+                         p.sign_jws(status_payload("gw-carol", 1), unknown_key.key,
                                        unknown_key.cert)),
         # a reserved id: matches the subscription, is no device's topic
         "bad_topic": (f"{PREFIX}/_collector/status", good),
@@ -129,3 +130,24 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
     assert store.seen_count("gw-alice") == 1 and store.seen_count("gw-bob") == 1
     assert store.device("gw-mallory") is None
     assert collector.link.is_connected and collector._worker.is_alive()
+
+
+def test_reject_samples_sets_how_many_rejected_messages_are_kept(
+    fleet_broker: Fleet, tmp_path: Path
+) -> None:
+    from conftest import collector_config
+
+    from certmon.mqtt import Incoming
+    from collector.wiring import build_collector
+
+    service = build_collector(collector_config(fleet_broker, tmp_path,
+                                               **{"ingest.reject_samples": "3"}), web=False)
+    try:
+        topic = p.status_topic("certmon/v1", "gw-noisy")
+        service.ingestor.process([Incoming(topic, b"not a jws %d" % i, False, 1)
+                                  for i in range(10)])
+        assert service.ingestor.rejected["not_jws"] == 10  # every one counted
+        kept = service.store.rejection_samples("not_jws")
+        assert [s.sample for s in kept] == [b"not a jws 9", b"not a jws 8", b"not a jws 7"]
+    finally:
+        service.close()

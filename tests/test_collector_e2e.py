@@ -16,8 +16,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from broker import wait_until
 from conftest import DeviceCreds, Fleet
+from kit.broker import wait_until
 
 from agent.config import AgentConfig
 from agent.service import AgentService

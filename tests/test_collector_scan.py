@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker import wait_until
 from conftest import Fleet, ScenarioBroker
+from kit.broker import wait_until
 
 from certmon.config import loads
-from collector.app import build_collector
 from collector.config import CollectorConfig
+from collector.wiring import build_collector
 
 
 def test_scheduled_scan_stores_verdicts_and_alerts_on_an_expiring_broker(
@@ -45,7 +45,7 @@ mqtt = true  # a broker: also a clean MQTT CONNECT, and its leaf judged as a bro
         "mqtt.client_id": f"scan-{tmp_path.name}"})
     service = build_collector(config)
     try:
-        scan = next(job for name, _every, job, _claimed in service.jobs if name == "scan")
+        scan = next(job.run for job in service.jobs if job.name == "scan")
         scan()  # starts the scan in its own thread, as the service's tick does
         assert wait_until(lambda: len(service.store.scans()) == 2, 30)
         assert wait_until(lambda: any(a.labels.get("scope") == "scan"

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from broker import wait_until
 from conftest import Fleet
+from kit.broker import wait_until
 
 from agent.config import AgentConfig
 from agent.service import AgentService

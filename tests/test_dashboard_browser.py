@@ -10,21 +10,17 @@ Chromium missing: skipped, or a failure when CI is set.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from fleetseed import Pki, seed_fleet
+from conftest import missing
+from kit.seed import Pki, seed_fleet
 
 from collector.store import open_store
 from collector.web import TrustRequirementView, WebServer, start_web
@@ -40,10 +36,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        reason = "chromium not found (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
-        pytest.skip(reason)
+        missing("chromium not found (apt-get install -y chromium)")
     return path
 
 

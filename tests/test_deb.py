@@ -11,10 +11,12 @@ is built and its native code checked for AArch64, but never executed here.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,31 @@ def test_agent_deb_control_and_layout(amd64_deb: Path, tmp_path: Path) -> None:
         (REPO / "packaging/agent.example.toml").read_bytes()
     assert "certmon-collector" not in (root / "usr/lib/tmpfiles.d/certmon-agent.conf").read_text()
     assert elf_machines(root) == {ELF_MACHINE["amd64"]}
+    # One certmon wheel for both packages: it carries every role package, so the
+    # collector's certmon-scan (scanner.cli) has its code, as a console script of it.
+    site = root / "opt/certmon/agent/lib/python3.11/site-packages"
+    for package in ("certmon", "agent", "collector", "scanner"):
+        assert (site / package / "py.typed").is_file(), package
+
+
+def test_every_packaged_command_is_built_from_shipped_sources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each role's console scripts name a module of a package the build copies, and
+    match pyproject's [project.scripts] (the installed commands)."""
+    spec = importlib.util.spec_from_file_location("build_deb", REPO / "packaging/build_deb.py")
+    assert spec is not None and spec.loader is not None
+    build_deb = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "build_deb", build_deb)  # its dataclasses look it up
+    spec.loader.exec_module(build_deb)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    packaged = {c: t for role in build_deb.ROLES.values() for c, t in role.scripts.items()}
+    assert packaged == scripts
+    for target in packaged.values():
+        module = target.split(":")[0]
+        assert module.split(".")[0] in build_deb.SOURCE_FILES, target
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), target
+    assert build_deb.ROLES["collector"].scripts["certmon-scan"] == "scanner.cli:main"
 
 
 def test_agent_deb_installs_runs_and_purges(amd64_deb: Path) -> None:

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Listener, Mosquitto, wait_until
-from conftest import FLEET_ACL, Fleet, collector_config
+from conftest import Fleet, collector_config
+from kit.broker import FLEET_ACL, Listener, Mosquitto, wait_until
 
 from agent.config import AgentConfig
 from agent.service import AgentService
 from certmon.config import loads
-from collector.app import build_collector
 from collector.service import CollectorService, Periodic
+from collector.wiring import build_collector
 
 DEVICES = ("gw-bf-1", "gw-bf-2", "gw-bf-3", "gw-bf-4")
 
@@ -58,8 +58,8 @@ def start_collector(fleet: Fleet, broker: Mosquitto, tmp: Path, **overrides: str
                     ) -> CollectorService:
     config = collector_config(fleet, tmp, **{
         "mqtt.broker": f"mqtts://127.0.0.1:{broker.port}", **overrides})
-    service = build_collector(config, web=False)
-    service.periodic = Periodic(beacon_every_s=3600, silence_every_s=3600, summary_every_s=3600)
+    service = build_collector(config, web=False, periodic=Periodic(
+        beacon_every_s=3600, silence_every_s=3600, summary_every_s=3600))
     service.start()
     assert service.link.wait_connected(10), service.link.state.last_error
     return service

@@ -12,8 +12,9 @@ every status is stored once (`status_seen` is the replay guard); and no publishe
 (device, seq) is missing — what was published while the collector was down is
 delivered from the persistent session.
 
-Alerts: the alert engine (collector/alerts/) is not wired into `collector.app` yet,
-so "alerts neither lost nor re-sent" is not tested here (docs/reliability.md).
+Alerts (wired by `collector.wiring`) are not checked here: "alerts neither lost nor
+re-sent" across a kill is the engine's re-notify guarantee (docs/alerts.md,
+"Delivery"; docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -31,14 +32,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import Listener, Mosquitto, wait_until
-from conftest import FLEET_ACL, Fleet
+from conftest import Fleet
+from kit.broker import FLEET_ACL, Listener, Mosquitto, wait_until
+from kit.fleet import SimCA, SimDevice, cert_message, make_devices, signed_status
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from fleetsim import SimCA, SimDevice, cert_message, make_devices, signed_status
-
-from certmon import protocol as p
+from certmon import wire as p
 from collector.store import open_store
 
 DEVICES = 20
@@ -76,6 +74,12 @@ class Collector:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_subscribed(self, broker: Mosquitto) -> None:
+        """Start, and wait until its four subscriptions reached the broker."""
+        self.start()
+        assert wait_until(lambda: broker.log_text().count(f"Received SUBSCRIBE from {CLIENT_ID}")
+                          >= 4, 20), self.log.read_text()
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -167,10 +171,8 @@ def test_kill9_mid_ingest_loses_nothing_and_stores_each_status_once(
     fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path
 ) -> None:
     collector = Collector(fleet_broker, broker, tmp_path)
-    collector.start()
     try:
-        assert wait_until(lambda: broker.log_text().count(f"Received SUBSCRIBE from {CLIENT_ID}")
-                          >= 4, 20), collector.log.read_text()
+        collector.start_subscribed(broker)
         flood.certs()
         flood.thread.start()
         total = len(flood.statuses)
@@ -209,10 +211,8 @@ def test_a_collector_down_for_a_while_receives_what_was_published_meanwhile(
     """A clean stop (SIGTERM, nothing in flight), a flood while it is down, a restart:
     the persistent session delivers every status, each stored once."""
     collector = Collector(fleet_broker, broker, tmp_path)
-    collector.start()
     try:
-        assert wait_until(lambda: broker.log_text().count(f"Received SUBSCRIBE from {CLIENT_ID}")
-                          >= 4, 20), collector.log.read_text()
+        collector.start_subscribed(broker)
         flood.certs()
         flood.publish(DEVICES)  # one status each: the collector now knows every device
         assert wait_until(lambda: collector.stored() == DEVICES, 20), collector.log.read_text()

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from broker import wait_until
 from conftest import Fleet, collector_config
+from kit.broker import wait_until
 
-from collector.app import build_collector
+from collector.wiring import build_collector
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

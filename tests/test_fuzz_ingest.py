@@ -19,26 +19,18 @@ from __future__ import annotations
 import base64
 import json
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.fleet import SimDevice, make_ca, make_device, make_devices, status
+from kit.mutate import b64url, json_paths
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from fleetsim import SimCA, SimDevice, make_ca, make_devices, status
-
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.mqtt import Incoming
 from collector.ingest import Ingestor
 from collector.store import Store, open_store
@@ -49,18 +41,6 @@ PREFIX = p.DEFAULT_PREFIX
 KNOWN_REASONS = {*REASONS, "oversized"}
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def unicode_device(ca: SimCA, cn: str, now: datetime) -> SimDevice:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=90))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca.key, hashes.SHA256()))
-    return SimDevice(cn, key, cert, (ca.cert,))
 
 
 @dataclass
@@ -78,7 +58,7 @@ class World:
         return ing.accepted + sum(ing.rejected.values()) + ing.duplicates
 
     def token(self, dev: SimDevice, payload: bytes) -> bytes:
-        return p.sign_status(payload, dev.key, dev.cert)
+        return p.sign_jws(payload, dev.key, dev.cert)
 
     def fresh_status(self, dev: SimDevice) -> dict[str, Any]:
         return json.loads(p.encode_status(status(dev, next(self._seq), self.now)))
@@ -97,7 +77,8 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     now = datetime.now(UTC)
     root = make_ca("fuzz fleet root", now)
-    devices = [*make_devices(root, 2, now, prefix="fz"), unicode_device(root, "gw-ünïcødé-☃", now)]
+    devices = [*make_devices(root, 2, now, prefix="fz"),
+               make_device(root, "gw-ünïcødé-☃", now, days=90)]
     store = open_store(f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'fuzz.db'}")
     store.migrate()
     cache = CertCache([root.cert])
@@ -139,10 +120,6 @@ def test_a_valid_status_is_stored_and_each_device_counts_once(world: World) -> N
 
 
 # --------------------------------------------------------------------------- mutations
-
-def b64url(raw: bytes) -> bytes:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=")
-
 
 def with_header(token: bytes, change: dict[str, Any]) -> bytes:
     header_b64, payload_b64, sig = token.split(b".")
@@ -253,18 +230,6 @@ def test_huge_json_signed_by_a_real_device_is_rejected(
     assert_counted_once(world, grew)
 
 
-def paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    """Every path in a JSON document: dict keys and list indexes, nested."""
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            yield (*prefix, key)
-            yield from paths(value, (*prefix, key))
-    elif isinstance(doc, list):
-        for i, value in enumerate(doc):
-            yield (*prefix, i)
-            yield from paths(value, (*prefix, i))
-
-
 def replace(doc: Any, path: tuple[Any, ...], value: Any) -> None:
     for step in path[:-1]:
         doc = doc[step]
@@ -288,7 +253,7 @@ def test_wrong_types_in_every_field_of_a_signed_status_are_rejected_or_stored(
 ) -> None:
     dev = data.draw(st.sampled_from(world.devices))
     doc = world.fresh_status(dev)
-    path = data.draw(st.sampled_from(list(paths(doc))))
+    path = data.draw(st.sampled_from(list(json_paths(doc))))
     replace(doc, path, data.draw(WRONG_VALUES))
     body = json.dumps(doc, ensure_ascii=data.draw(st.booleans())).encode()
     assert_counted_once(world, world.feed(p.status_topic(PREFIX, dev.device_id),
@@ -300,7 +265,7 @@ def test_every_field_of_a_status_is_type_checked(world: World) -> None:
     null, signed; a wrong type is rejected as bad_schema, a nullable field accepted."""
     dev = world.devices[0]
     template = world.fresh_status(dev)
-    for path in list(paths(template)):
+    for path in list(json_paths(template)):
         for value in ("x", None, [], {}):
             doc = world.fresh_status(dev)
             replace(doc, path, value)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from pkifactory import PKIFactory, scenario, write_bundle
+from kit.pki import PKIFactory, write_bundle
+from kit.scenarios import scenario
 
 from certmon import pki
 from certmon.chain import chain_findings, earliest_expiry, verify_chain
@@ -321,4 +322,4 @@ def test_trust_store_duplicates_expired_and_expiring_cas(factory: PKIFactory, tm
                             "DUPLICATE_CERT": "WARNING"}
     dup = next(f for f in found if f.code == C.DUPLICATE_CERT)
     assert dup.message.endswith("certificate #3 (Good Root) duplicates #0")
-    assert pki.worst(found) == S.CRITICAL
+    assert pki.worst_severity(found) == S.CRITICAL

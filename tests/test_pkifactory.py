@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509 import verification as xv
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
-from pkifactory import SCENARIOS, Issued, KeyType, PKIFactory, scenario, write_bundle
+from kit.pki import Issued, KeyType, PKIFactory, write_bundle
+from kit.scenarios import SCENARIOS, scenario
 
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)

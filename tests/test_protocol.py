@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certmon import protocol as P
+from certmon import wire as P
 from certmon.errors import PKIError, ProtocolError
 from certmon.pki import Finding, FindingCode, Severity
 
@@ -163,7 +163,7 @@ def test_status_golden_bytes() -> None:
 
 def test_ed25519_golden_jws_is_reproducible_and_verifies() -> None:
     key, cert = ed25519_fixture()
-    token = P.sign_status(P.encode_status(golden_status()), key, cert)
+    token = P.sign_jws(P.encode_status(golden_status()), key, cert)
     assert token == golden_file("status-v1.ed25519.jws", token)
     parsed = P.parse_jws(token, P.MAX_STATUS_JWS_BYTES)
     P.verify_jws(parsed, cert.public_key())
@@ -172,7 +172,7 @@ def test_ed25519_golden_jws_is_reproducible_and_verifies() -> None:
 
 def test_es256_header_is_pinned(keys: dict[str, Any]) -> None:
     key, cert = keys["p256"]
-    token = P.sign_status(b"{}", key, cert)
+    token = P.sign_jws(b"{}", key, cert)
     header = json.loads(base64.urlsafe_b64decode(token.split(b".")[0] + b"==="))
     assert header == {"alg": "ES256", "typ": "certmon-status+jws",
                       "x5t#S256": b64u(cert.fingerprint(hashes.SHA256())).decode()}
@@ -214,7 +214,7 @@ def test_schema_names_the_same_fields_as_the_dataclasses() -> None:
 def test_sign_parse_verify_round_trip(kind: str, keys: dict[str, Any]) -> None:
     key, cert = keys[kind]
     payload = P.encode_status(golden_status())
-    token = P.sign_status(payload, key, cert)
+    token = P.sign_jws(payload, key, cert)
     parsed = P.parse_jws(token, P.MAX_STATUS_JWS_BYTES)
     assert parsed.alg == ALGS[kind] == P.alg_for_key(key)
     assert parsed.cert_sha256 == cert.fingerprint(hashes.SHA256()).hex()
@@ -226,7 +226,7 @@ def test_sign_parse_verify_round_trip(kind: str, keys: dict[str, Any]) -> None:
 def test_x5c_travels_and_must_match_the_thumbprint(keys: dict[str, Any]) -> None:
     key, cert = keys["p256"]
     _, other = keys["ed25519"]
-    token = P.sign_status(b"{}", key, cert, include_x5c=True, chain=[other])
+    token = P.sign_jws(b"{}", key, cert, include_x5c=True, chain=[other])
     parsed = P.parse_jws(token, P.MAX_STATUS_JWS_BYTES)
     assert [x509.load_der_x509_certificate(d) for d in parsed.x5c] == [cert, other]
     P.verify_jws(parsed, cert.public_key())
@@ -236,12 +236,12 @@ def test_x5c_travels_and_must_match_the_thumbprint(keys: dict[str, Any]) -> None
 
 def test_signing_key_must_match_certificate(keys: dict[str, Any]) -> None:
     with pytest.raises(PKIError):
-        P.sign_status(b"{}", keys["p256"][0], keys["p384"][1])
+        P.sign_jws(b"{}", keys["p256"][0], keys["p384"][1])
 
 
 def test_verify_rejects_the_wrong_key_of_the_same_type(keys: dict[str, Any]) -> None:
     key, cert = keys["p256"]
-    token = P.sign_status(b"{}", key, cert)
+    token = P.sign_jws(b"{}", key, cert)
     stranger = ec.generate_private_key(ec.SECP256R1()).public_key()
     parsed = P.parse_jws(token, 9999)
     assert reason_of(P.verify_jws, parsed, stranger) == "bad_signature"
@@ -254,7 +254,7 @@ def tamper_cases(keys: dict[str, Any]) -> dict[str, tuple[Any, str]]:
     """name → (thunk raising ProtocolError, expected reason). Covers every reason."""
     key, cert = keys["p256"]
     ed_key, ed_cert = keys["ed25519"]
-    good = P.sign_status(P.encode_status(golden_status()), key, cert)
+    good = P.sign_jws(P.encode_status(golden_status()), key, cert)
     head, payload, sig = good.split(b".")
     flipped = bytearray(base64.urlsafe_b64decode(payload + b"==="))
     flipped[10] ^= 0x01
@@ -296,7 +296,7 @@ def tamper_cases(keys: dict[str, Any]) -> dict[str, tuple[Any, str]]:
                                                                      else b"BA")])),
                      "bad_signature"),
         "sig_short": (verify(b".".join([head, payload, sig[:40]])), "bad_signature"),
-        "header_grafted": (verify(P.sign_status(b"{}", ed_key, ed_cert).split(b".")[0] + b"."
+        "header_grafted": (verify(P.sign_jws(b"{}", ed_key, ed_cert).split(b".")[0] + b"."
                                   + payload + b"." + sig, ed_cert.public_key()), "bad_signature"),
         "unsupported_key": (lambda: P.alg_for_key(ec.generate_private_key(ec.SECP521R1())),
                             "unsupported_alg"),
@@ -324,7 +324,7 @@ def test_every_reason_is_reachable(keys: dict[str, Any]) -> None:
 
 def test_payload_byte_flip_is_bad_signature_for_every_key(keys: dict[str, Any]) -> None:
     for key, cert in keys.values():
-        token = bytearray(P.sign_status(b'{"v":1,"seq":41}', key, cert))
+        token = bytearray(P.sign_jws(b'{"v":1,"seq":41}', key, cert))
         i = token.index(b".") + 5
         token[i] = ord("A") if token[i] != ord("A") else ord("B")
         parsed = P.parse_jws(bytes(token), 9999)
@@ -479,7 +479,7 @@ def test_mutated_status_decodes_only_if_schema_valid(leaf: Any, value: Any) -> N
 def test_realistic_status_size(keys: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     key, cert = keys["p256"]
     payload = P.encode_status(golden_status())
-    token = P.sign_status(payload, key, cert)
+    token = P.sign_jws(payload, key, cert)
     with capsys.disabled():
         print(f"\nrealistic status: payload {len(payload)} B, ES256 JWS {len(token)} B")
     # The brief's 2 KB target is not met; see docs/protocol.md "Size" for why.
@@ -492,7 +492,7 @@ def test_a_status_with_many_problems_stays_well_within_one_packet(keys: dict[str
     # bench/agent_footprint.py); this one, with three findings, two expiring CAs and
     # two chains, is allowed ~3 KB rather than giving up readable keys or messages.
     key, cert = keys["p256"]
-    assert len(P.sign_status(P.encode_status(golden_status()), key, cert)) < 3500
+    assert len(P.sign_jws(P.encode_status(golden_status()), key, cert)) < 3500
 
 
 # --------------------------------------------------------------------------- siblings
@@ -541,17 +541,13 @@ def test_beacon_round_trip() -> None:
     assert P.decode_message(P.Beacon, data) == P.Beacon(ts=T)
 
 
-def test_findings_to_wire_and_back() -> None:
+def test_findings_to_wire_and_unknown_codes_survive_decoding() -> None:
     finding = Finding(FindingCode.CERT_EXPIRING, Severity.WARNING, "expires soon",
                       cert_sha256=fp("ab"), subject="CN=x", not_after=T)
     wire = P.finding_to_wire(finding)
     assert wire == P.FindingWire(code="CERT_EXPIRING", severity=Severity.WARNING,
                                  cert=fp("ab")[:16], msg="expires soon", not_after=T)
-    back = P.finding_from_wire(wire)
-    assert back is not None and back.code is FindingCode.CERT_EXPIRING
-    assert back.cert_sha256 == fp("ab")[:16]
     future = dataclasses.replace(wire, code="CERT_FROM_THE_FUTURE")
-    assert P.finding_from_wire(future) is None
     assert P.Status.from_json(json.loads(P.encode_status(dataclasses.replace(
         golden_status(), findings=(future,))))).findings == (future,)
 
@@ -602,7 +598,7 @@ def test_parse_device_topic(topic: str, expected: Any) -> None:
 @pytest.mark.parametrize(("device_id", "problem"), [
     ("gw-berlin-000123", None), ("Fleet", None), ("ünïcode-ok", None), ("x" * 64, None),
     ("", "empty"), ("x" * 65, "65 characters"), ("a+b", "wildcard"), ("a#", "wildcard"),
-    ("a/b", "separator"), ("a b", "whitespace"), ("a\tb", "whitespace"),
+    ("a/b", "separates"), ("a b", "whitespace"), ("a\tb", "whitespace"),
     ("a\u202eb", "control"), ("a\x00", "control"), ("fleet", "reserved"),
     ("alerts", "reserved"), ("_collector", "'_'"),
 ])

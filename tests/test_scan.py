@@ -7,6 +7,7 @@ certificate, mTLS, CONNACK refusal) are built here with `mosquitto_factory`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -14,15 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from broker import Listener, Mosquitto, wait_until
 from conftest import Fleet, MosquittoFactory, ScenarioBroker
-from pkifactory import Issued, PKIFactory, write_bundle
+from kit.broker import Listener, Mosquitto, wait_until
+from kit.pki import Issued, PKIFactory, write_bundle
 from prometheus_client.parser import text_string_to_metric_families
 
+from certmon import scan
+from certmon.errors import ConfigError
+from certmon.hostname import match_hostname
 from certmon.pki import FindingCode, Policy, Severity
+from certmon.scanverdict import ScanReport, judge, target_label
 from certmon.tlsprobe import ProbeTarget, probe_many
-from collector import scan
-from collector.scanverdict import ScanReport, judge, match_hostname, target_label
+from scanner import cli
+from scanner.targets import parse_endpoint, parse_targets
 
 TIMEOUT_S = 2.0
 POLICY = Policy()  # warn 30 d, crit 7 d
@@ -156,8 +161,8 @@ def test_pure_verdicts_on_crafted_chains(pki: PKIFactory) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from certmon.pki import parse_bundle
+    from certmon.scanverdict import trust_from_bundles
     from certmon.tlsprobe import ProbeResult
-    from collector.scanverdict import trust_from_bundles
 
     def der(issued: Issued) -> bytes:
         return issued.cert.public_bytes(Encoding.DER)
@@ -337,20 +342,20 @@ def test_black_hole_times_out_without_delaying_others(
 
 
 def test_parse_endpoint_and_targets_file() -> None:
-    assert scan.parse_endpoint("broker.lan") == ("broker.lan", 8883)
-    assert scan.parse_endpoint("broker.lan:443") == ("broker.lan", 443)
-    assert scan.parse_endpoint("[::1]:8884") == ("::1", 8884)
-    assert scan.parse_endpoint("[::1]") == ("::1", 8883)
-    assert scan.parse_endpoint("::1") == ("::1", 8883)
+    assert parse_endpoint("broker.lan") == ("broker.lan", 8883)
+    assert parse_endpoint("broker.lan:443") == ("broker.lan", 443)
+    assert parse_endpoint("[::1]:8884") == ("::1", 8884)
+    assert parse_endpoint("[::1]") == ("::1", 8883)
+    assert parse_endpoint("::1") == ("::1", 8883)
     defaults = ProbeTarget("", timeout_s=3.0)
     lines = ["# fleet brokers", "", "a.lan mqtt=true  # inline comment",
              "b.lan:443 alpn=x-amzn-mqtt-ca,mqtt servername=iot.example timeout_s=1.5"]
-    a, b = scan.parse_targets(lines, "t.txt", defaults)
+    a, b = parse_targets(lines, "t.txt", defaults)
     assert (a.host, a.port, a.mqtt, a.timeout_s) == ("a.lan", 8883, True, 3.0)
     assert b.alpn == ("x-amzn-mqtt-ca", "mqtt") and b.servername == "iot.example"
     assert target_label(b) == "iot.example@b.lan:443"
-    with pytest.raises(scan.ConfigError) as exc:
-        scan.parse_targets(["a.lan:99999", "b.lan color=red", "c.lan mqtt=maybe"], "t.txt",
+    with pytest.raises(ConfigError) as exc:
+        parse_targets(["a.lan:99999", "b.lan color=red", "c.lan mqtt=maybe"], "t.txt",
                            defaults)
     assert str(exc.value).splitlines() == [
         "t.txt:1: bad endpoint 'a.lan:99999': port must be 1-65535",
@@ -376,7 +381,7 @@ def test_cli_prometheus_exposition(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bundle, targets = cli_setup
-    code = scan.main(["--targets", str(targets), "--ca-bundle", str(bundle), "--prometheus",
+    code = cli.main(["--targets", str(targets), "--ca-bundle", str(bundle), "--prometheus",
                       "--timeout-s", "2"])
     assert code == 2  # worst: the expired target
     families = {f.name: f for f in text_string_to_metric_families(capsys.readouterr().out)}
@@ -414,22 +419,118 @@ def test_cli_json_and_exit_codes(
     bundle, _ = cli_setup
     ports = scenario_broker.ports
     common = ["--ca-bundle", str(bundle), "--timeout-s", "2"]
-    assert scan.main([f"127.0.0.1:{ports['ok']}", *common]) == 0
+    assert cli.main([f"127.0.0.1:{ports['ok']}", *common]) == 0
     assert "OK       127.0.0.1" in capsys.readouterr().out
-    assert scan.main([f"127.0.0.1:{ports['expiring_leaf_20d']}", *common, "--json"]) == 1
+    assert cli.main([f"127.0.0.1:{ports['expiring_leaf_20d']}", *common, "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["schema"] == "certmon-scan/1" and doc["severity"] == "WARNING"
     (target,) = doc["targets"]
     assert target["findings"][0]["code"] == "CERT_EXPIRING"  # not an MQTT port, no --mqtt
     assert target["presented"][0]["subject"] == "CN=expiring_leaf_20d.test"
     assert target["earliest_expiry"]["not_after"].endswith("Z")
-    assert scan.main([f"127.0.0.1:{ports['expiring_leaf_20d']}", *common,
+    assert cli.main([f"127.0.0.1:{ports['expiring_leaf_20d']}", *common,
                       "--warn-days", "10"]) == 0
     with socket.create_server(("127.0.0.1", 0)) as hole:
         port = hole.getsockname()[1]
-        assert scan.main([f"127.0.0.1:{port}", *common[:2], "--timeout-s", "0.3"]) == 3
+        assert cli.main([f"127.0.0.1:{port}", *common[:2], "--timeout-s", "0.3"]) == 3
     capsys.readouterr()
-    assert scan.main(["--ca-bundle", str(tmp_path / "missing.pem"), "127.0.0.1:1"]) == 78
+    assert cli.main(["--ca-bundle", str(tmp_path / "missing.pem"), "127.0.0.1:1"]) == 78
     with pytest.raises(SystemExit) as usage:
-        scan.main([])
+        cli.main([])
     assert usage.value.code == 3  # usage errors are UNKNOWN, never Nagios' CRITICAL (2)
+
+
+# --- certmon-scan --config collector.toml ----------------------------------------------------
+
+
+def collector_toml(path: Path, trust: Path, port: int, policy: str) -> Path:
+    """A collector config as the collector reads it; the scanner must take its scan keys
+    and leave the rest (broker, identity, store) alone, unread files included."""
+    path.write_text(f"""
+scan_timeout_s = 2.0
+scan_interval_s = 600
+
+[mqtt]
+broker = "mqtts://broker.invalid:8883"
+
+[tls]
+ca_bundle = "{trust}"
+cert = "not-here.pem"
+key = "not-here.key"
+fleet_ca = ["not-here-either.pem"]
+
+[store]
+url = "sqlite:///collector.db"
+
+[policy]
+{policy}
+
+[[scan_targets]]
+host = "127.0.0.1"
+port = {port}
+""")
+    return path
+
+
+def test_cli_config_scans_the_collectors_targets_with_its_trust_and_policy(
+    scenario_broker: ScenarioBroker, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    sb = scenario_broker
+    port = sb.ports["expiring_leaf_20d"]
+    config = collector_toml(tmp_path / "collector.toml", sb.trust_paths["expiring_leaf_20d"],
+                            port, "warn_days = 10\ncrit_days = 5")
+    # No endpoint on the command line: the target, the trust bundle (the system bundle
+    # would make the chain INVALID, exit 2) and warn_days (30 d would warn) are the file's.
+    assert cli.main(["--config", str(config), "--json"]) == 0
+    (target,) = json.loads(capsys.readouterr().out)["targets"]
+    assert target["name"] == f"127.0.0.1:{port}" and target["chain_valid"] is True
+    assert target["findings"] == []
+    # A flag overrides what it names and nothing else.
+    assert cli.main(["--config", str(config), "--warn-days", "30"]) == 1
+    assert "CERT_EXPIRING" in capsys.readouterr().out
+    # ... so a stricter key rule of the config survives --warn-days (the P-256 leaf is weak).
+    strict = collector_toml(tmp_path / "strict.toml", sb.trust_paths["expiring_leaf_20d"],
+                            port, "warn_days = 10\ncrit_days = 5\nmin_ec_bits = 384")
+    assert cli.main(["--config", str(strict), "--warn-days", "15", "--json"]) == 2
+    (target,) = json.loads(capsys.readouterr().out)["targets"]
+    assert {f["code"] for f in target["findings"]} == {"WEAK_KEY"}  # leaf and intermediate
+
+
+def test_cli_config_timeout_and_problems(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scenario_broker: ScenarioBroker,
+) -> None:
+    trust = scenario_broker.trust_paths["ok"]
+    with socket.create_server(("127.0.0.1", 0)) as hole:
+        config = collector_toml(tmp_path / "c.toml", trust, hole.getsockname()[1], "")
+        config.write_text(config.read_text().replace("scan_timeout_s = 2.0",
+                                                     "scan_timeout_s = 0.3"))
+        started = time.monotonic()
+        assert cli.main(["--config", str(config), "--json"]) == 3  # the config's timeout
+        assert time.monotonic() - started < 2.0
+    (target,) = json.loads(capsys.readouterr().out)["targets"]
+    assert target["target"]["timeout_s"] == 0.3 and target["error_kind"] == "handshake_timeout"
+    # A problem in the scan keys is the scanner's: exit 78, file:line: key: problem.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace("[[scan_targets]]\n",
+                                              "[[scan_targets]]\ncolour = 'red'\n"))
+    assert cli.main(["--config", str(bad)]) == 78
+    line = bad.read_text().splitlines().index("colour = 'red'") + 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"certmon-scan: {bad}:{line}: scan_targets[0].colour: unknown key"]
+
+
+def test_the_scan_keys_read_alike_by_collector_and_scanner() -> None:
+    from certmon.scanconfig import ScanSettings, load_scan_settings
+    from collector.config import CollectorConfig, load_collector_config
+
+    example = Path(__file__).resolve().parents[1] / "packaging" / "collector.example.toml"
+    collector = load_collector_config(example, check_files=False)
+    settings = load_scan_settings(example, check_files=False)
+    assert settings.scan_targets == collector.scan_targets != ()
+    assert settings.policy == collector.policy
+    assert settings.scan_timeout_s == collector.scan_timeout_s
+    assert settings.tls.ca_bundle == collector.tls.ca_bundle
+    # The one key declared in both schemas carries the same default and rule.
+    ours, theirs = (next(f for f in dataclasses.fields(c) if f.name == "scan_timeout_s")
+                    for c in (ScanSettings, CollectorConfig))
+    assert (ours.default, ours.metadata) == (theirs.default, theirs.metadata)

@@ -18,10 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from broker import wait_until
 from conftest import DeviceCreds, Fleet
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from kit.broker import wait_until
 
 from collector.store import open_store
 

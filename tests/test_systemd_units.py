@@ -21,7 +21,7 @@ import pytest
 
 from agent.cli import build_parser as agent_parser
 from collector.cli import build_parser as collector_parser
-from collector.scan import build_parser as scan_parser
+from scanner.cli import build_parser as scan_parser
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from kit import pki as kit_pki
 
 from certmon import tlsprobe
 from certmon.tlsprobe import ProbeTarget, probe, probe_many
@@ -36,12 +35,17 @@ NOW = dt.datetime.now(dt.UTC)
 # --- PKI ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Issued:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+@dataclass(frozen=True)
+class Written:
+    """A kit.pki certificate and the files a peer loads it from."""
+
+    issued: kit_pki.Issued
     cert_path: Path
     key_path: Path
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return self.issued.cert
 
     @property
     def der(self) -> bytes:
@@ -51,52 +55,35 @@ class Issued:
 def issue(
     directory: Path,
     name: str,
-    issuer: Issued | None = None,
+    issuer: Written | None = None,
     *,
     is_ca: bool = False,
     not_before: dt.datetime = NOW - dt.timedelta(days=1),
     not_after: dt.datetime = NOW + dt.timedelta(days=30),
-    chain: tuple[Issued, ...] = (),
-) -> Issued:
-    """One EC P-256 certificate; the PEM file holds it followed by ``chain`` (as served)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-    )
-    if not is_ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    pems = [cert.public_bytes(serialization.Encoding.PEM)]
-    pems += [c.cert.public_bytes(serialization.Encoding.PEM) for c in chain]
-    cert_path.write_bytes(b"".join(pems))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Issued(cert, key, cert_path, key_path)
+    chain: bool = False,
+) -> Written:
+    """One EC P-256 certificate with a fresh key; with ``chain`` the PEM file holds it
+    followed by its intermediates (as served)."""
+    factory = kit_pki.PKIFactory(NOW)
+    opts: kit_pki.CertOptions = {"not_before": not_before, "not_after": not_after, "name": name}
+    if is_ca:
+        made = (factory.intermediate(issuer.issued, name, path_length=None, **opts) if issuer
+                else factory.root(name, **opts))
+    elif issuer:
+        made = factory.leaf(issuer.issued, name, sans=("localhost",), usage=None, **opts)
+    else:
+        made = factory.self_signed_leaf(name, sans=("localhost",), usage=None, **opts)
+    cert_path, key_path = made.write(directory, chain=chain)
+    return Written(made, cert_path, key_path)
 
 
 @dataclass
 class Pki:
-    root: Issued
-    intermediate: Issued
-    server: Issued  # file holds leaf + intermediate, as a correctly configured broker serves
-    expired: Issued
-    client: Issued
+    root: Written
+    intermediate: Written
+    server: Written  # file holds leaf + intermediate, as a correctly configured broker serves
+    expired: Written
+    client: Written
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +91,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     root = issue(d, "root", is_ca=True)
     inter = issue(d, "intermediate", root, is_ca=True)
-    server = issue(d, "server", inter, chain=(inter,))
+    server = issue(d, "server", inter, chain=True)
     expired = issue(
         d,
         "expired",
@@ -174,7 +161,7 @@ def mosquitto(directory: Path, listener_lines: list[str]) -> Iterator[Broker]:
         proc.stderr.close()
 
 
-def tls_listener(*lines: str, pki: Pki, cert: Issued | None = None) -> list[str]:
+def tls_listener(*lines: str, pki: Pki, cert: Written | None = None) -> list[str]:
     cert = cert or pki.server
     return [
         f"cafile {pki.root.cert_path}",
@@ -231,7 +218,7 @@ def py_tls_server(
         listener.close()
 
 
-def server_context(cert: Issued) -> ssl.SSLContext:
+def server_context(cert: Written) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert.cert_path, cert.key_path)
     return ctx

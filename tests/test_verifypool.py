@@ -3,15 +3,12 @@ collector that loses its worker keeps ingesting."""
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from kit.fleet import cert_message, make_ca, make_devices, signed_status
 
-from fleetsim import cert_message, make_ca, make_devices, signed_status
-
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.mqtt import Incoming
 from collector.ingest import Ingestor
 from collector.store import open_store
@@ -25,7 +22,7 @@ def test_pool_verdicts_and_survival_of_a_lost_worker(tmp_path: Path) -> None:
     devices = make_devices(make_ca("pool devices", now, issuer=root), 6, now, prefix="pool")
     store = open_store(f"sqlite:///{tmp_path / 'pool.db'}")
     store.migrate()
-    pool = VerifierPool(1, p.MAX_STATUS_JWS_BYTES)
+    pool = VerifierPool(1)
     ingest = Ingestor(store, CertCache([root.cert]), now=lambda: datetime.now(UTC), pool=pool)
     try:
         ingest.process([Incoming(p.cert_topic("certmon/v1", d.device_id), cert_message(d), False, 1)

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,11 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kit.seed import BROKER_TARGET, CLOUD_TARGET, Pki, seed_fleet
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from fleetseed import BROKER_TARGET, CLOUD_TARGET, Pki, seed_fleet
 
 from collector.store import Store, open_store
 from collector.web import FleetApi, TrustRequirementView, WebError, WebServer, start_web
@@ -56,11 +52,27 @@ def requirements() -> list[TrustRequirementView]:
             TrustRequirementView("Legacy Root CA", pki.old_root.sha256, "retiring")]
 
 
+class Process:
+    """A collector process as /metrics sees it (`ProcessCounters`): counters and a
+    broker link the test connects and disconnects."""
+
+    def __init__(self) -> None:
+        self.connected = True
+
+    def ingest_counts(self) -> dict[str, int]:
+        return {"accepted": 50, "rejected": 1}
+
+    def rejected_counts(self) -> dict[str, int]:
+        return {"bad_signature": 1}
+
+    def broker_connected(self) -> bool:
+        return self.connected
+
+
 @pytest.fixture(scope="module")
 def server(fleet: tuple[Store, dict[str, list[str]]]) -> Iterator[WebServer]:
     srv = start_web(fleet[0], "127.0.0.1:0", now=lambda: NOW, trust_requirements=requirements(),
-                    rejected_counts=lambda: {"bad_signature": 1},
-                    ingest_counts=lambda: {"accepted": 50, "rejected": 1})
+                    process=Process())
     yield srv
     srv.stop()
 
@@ -237,10 +249,36 @@ def test_metrics(server: WebServer, fleet: tuple[Store, dict[str, list[str]]]) -
     assert [s.labels["target"] for s in fams["certmon_scan_earliest_expiry_seconds"].samples] == [BROKER_TARGET]
     alerts = {s.labels["severity"]: s.value for s in fams["certmon_alerts_active"].samples}
     assert alerts["critical"] == len(seeded["critical"])
-    assert fams["certmon_collector_up"].samples[0].value == 1.0
     assert fams["certmon_build_info"].samples[0].labels["version"]
     # No fingerprints or serials as label values: a renewal must not mint a series.
     assert not re.search(rb'="[0-9a-f]{16,}"', body)
+
+
+def scrape(srv: WebServer) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(get(srv, "/metrics")[2].decode())}
+
+
+def test_collector_up_follows_the_broker_link(fleet: tuple[Store, dict[str, list[str]]]) -> None:
+    process = Process()
+    # snapshot_ttl_s=0: every scrape is a fresh snapshot, so the link state is read anew.
+    srv = start_web(fleet[0], "127.0.0.1:0", now=lambda: NOW, process=process,
+                    snapshot_ttl_s=0)
+    try:
+        assert [s.value for s in scrape(srv)["certmon_collector_up"].samples] == [1.0]
+        process.connected = False
+        assert [s.value for s in scrape(srv)["certmon_collector_up"].samples] == [0.0]
+    finally:
+        srv.stop()
+    # A store served without a collector process has no link to report: no gauge
+    # rather than a made-up 1, and the store's persistent rejection totals.
+    bare = start_web(fleet[0], "127.0.0.1:0", now=lambda: NOW, snapshot_ttl_s=0)
+    try:
+        fams = scrape(bare)
+        assert "certmon_collector_up" not in fams and "certmon_ingest_messages" not in fams
+        assert {s.labels["reason"]: s.value for s in fams["certmon_ingest_rejected"].samples} == {
+            "bad_signature": 1.0}
+    finally:
+        bare.stop()
 
 
 def test_basic_auth(fleet: tuple[Store, dict[str, list[str]]]) -> None:

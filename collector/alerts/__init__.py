@@ -4,6 +4,7 @@
 - `engine`: candidates → atomic store transitions → `Notification`s, dispatched to
   sinks off the ingest path (bounded queue and one worker thread per sink).
 - `sinks/`: one module per delivery channel, registered in `sinks.SINKS`.
+- `driver`: when each rule family runs (the collector's device listener and jobs).
 
 This package module owns only the value that crosses the engine → sink seam
 (`Notification`) and the sinks' error type, so that sink modules can import them

@@ -27,28 +27,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Literal
 
 from certmon.pki import Severity
 from collector.alerts import Notification
 from collector.alerts.rules import AlertCandidate, Scope
 from collector.alerts.sinks import Sink
-from collector.store import AlertRow
+from collector.store import AlertRow, AlertStore
 
 __all__ = ["AlertEngine", "AlertStore", "Evaluation", "SinkStats"]
 
 log = logging.getLogger(__name__)
 
 
-class AlertStore(Protocol):
-    """The part of `collector.store.Store` the engine uses (tests pass a small fake)."""
+# A device's alert rows read per evaluation (firing and resolved: one row per key, so a
+# few per rule and certificate it ever had); past this many the fleet list is read.
+DEVICE_ROWS_MAX = 1000
 
-    def alert_fire(self, key: str, *, rule: str, device_id: str | None,
-                   cert_sha256: str | None, severity: int, summary: str,
-                   labels: Mapping[str, str], now: datetime,
-                   renotify_interval_s: float | None) -> bool: ...
-    def alert_resolve(self, key: str, now: datetime) -> bool: ...
-    def active_alerts(self) -> list[AlertRow]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +189,22 @@ class AlertEngine:
         whose key is not among them. `device_id=None` means the fleet alerts (no
         device) of `scope`. Candidates must belong to that device and scope: an alert
         fired outside its scope would never be resolved by anyone."""
-        for c in candidates:
-            if c.scope != scope or c.device_id != device_id:
-                raise ValueError(f"candidate {c.key} (scope {c.scope}) does not belong to "
-                                 f"evaluate({device_id!r}, scope={scope})")
-        return self._reconcile(candidates, now, lambda r: r.device_id == device_id
-                               and r.labels.get("scope") == scope)
+        return self.evaluate_device(device_id, {scope: candidates}, now=now)
+
+    def evaluate_device(self, device_id: str | None,
+                        by_scope: Mapping[Scope, Sequence[AlertCandidate]], *,
+                        now: datetime | None = None) -> Evaluation:
+        """`evaluate` for several scopes of one device with one store read: a changed
+        status judges its findings and ends its offline alerts in one go."""
+        for scope, candidates in by_scope.items():
+            for c in candidates:
+                if c.scope != scope or c.device_id != device_id:
+                    raise ValueError(f"candidate {c.key} (scope {c.scope}) does not belong "
+                                     f"to evaluate({device_id!r}, scope={scope})")
+        scopes = {str(s) for s in by_scope}
+        return self._reconcile([c for cs in by_scope.values() for c in cs], now,
+                               lambda r: r.labels.get("scope") in scopes,
+                               self._firing_of(device_id))
 
     def evaluate_fleet(self, candidates: Sequence[AlertCandidate], *, scope: Scope,
                        now: datetime | None = None) -> Evaluation:
@@ -209,7 +214,8 @@ class AlertEngine:
         for c in candidates:
             if c.scope != scope:
                 raise ValueError(f"candidate {c.key} (scope {c.scope}) is not in scope {scope}")
-        return self._reconcile(candidates, now, lambda r: r.labels.get("scope") == scope)
+        return self._reconcile(candidates, now, lambda r: r.labels.get("scope") == scope,
+                               self._store.active_alerts())
 
     def renotify_due(self, now: datetime | None = None) -> int:
         """Re-notify every firing alert whose last notification is older than the
@@ -226,11 +232,23 @@ class AlertEngine:
                 count += 1
         return count
 
+    def _firing_of(self, device_id: str | None) -> list[AlertRow]:
+        """The firing alerts of one device (None: the fleet alerts, no device), read from
+        the store at each evaluation: in a share group another collector may have fired
+        or resolved them since, so no copy in this process would do (docs/alerts.md,
+        "Cost"). A device's rows come by the (device_id, updated_at) index, so the cost
+        is the device's, not the fleet's; fleet alerts are only evaluated by the sweep."""
+        if device_id is not None:
+            rows = self._store.alert_history(device_id, limit=DEVICE_ROWS_MAX)
+            if len(rows) < DEVICE_ROWS_MAX:
+                return [r for r in rows if r.state == "firing"]
+        return [r for r in self._store.active_alerts() if r.device_id == device_id]
+
     def _reconcile(self, candidates: Sequence[AlertCandidate], now: datetime | None,
-                   owns: Callable[[AlertRow], bool]) -> Evaluation:
+                   owns: Callable[[AlertRow], bool], firing: Sequence[AlertRow]
+                   ) -> Evaluation:
         now = now or self._clock()
-        # Store.active_alerts() lists the whole fleet; see docs/alerts.md ("Cost").
-        active = {r.alert_key: r for r in self._store.active_alerts() if owns(r)}
+        active = {r.alert_key: r for r in firing if owns(r)}
         notified = [c.key for c in candidates if self._fire(c, active.get(c.key), now)]
         wanted = {c.key for c in candidates}
         resolved = []

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from certmon.pki import Finding, Policy, Severity
-from certmon.protocol import FindingWire, cert_ref, format_instant
+from certmon.wire import FindingWire, cert_ref, format_instant
 from collector.aggregate import category
+from collector.trust import RequiredCA  # resolved by collector.trust at start
 
 __all__ = [
     "DEVICE_OFFLINE", "FLEET", "OFFLINE_CERT_EXPIRING", "SHARED_CLIENT_CERT",
@@ -93,16 +94,6 @@ class CertName:
 
     sha256: str
     subject: str
-
-
-@dataclass(frozen=True, slots=True)
-class RequiredCA:
-    """A `[[trust_requirements]]` entry with its fingerprint resolved (the caller reads
-    `ca_file`; this module does no I/O)."""
-
-    name: str
-    sha256: str
-    status: str  # "required" | "retiring"
 
 
 def _key(rule: str, device_id: str | None, cert: str | None) -> str:

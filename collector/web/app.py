@@ -3,12 +3,15 @@
 Owns routing, basic auth, response headers, static files and the waitress server's
 lifecycle (`start_web` → `WebServer.stop`). What a route returns is `api.FleetApi`'s
 business; what /metrics says is `metrics.FleetCollector`'s. No framework: nine
-routes do not need one, and `wsgiref.util` plus a dict stays readable.
+routes do not need one, and `wsgiref.util` plus a dict stays readable. Must not know
+the collector service: it is handed a store, resolved trust requirements and,
+when a collector runs, its `ProcessCounters`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -21,25 +24,25 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from certmon import pki
 from certmon.clock import SystemClock
-from certmon.errors import CertmonError, ConfigError
+from certmon.errors import CertmonError
 from collector.store import Store
+from collector.trust import RequiredCA
 
-from .api import JSON, BadRequest, FleetApi, TrustRequirementView
-from .metrics import CONTENT_TYPE, CachedExposition, FleetCollector
+from .api import BadRequest, FleetApi
+from .fleet import JSON
+from .metrics import CONTENT_TYPE, FleetCollector, ProcessCounters
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from collector.config import TrustRequirement
-
 log = logging.getLogger("certmon.collector.web")
 
 STATIC = ("index.html", "app.js", "style.css")
+METRICS_VIEW = "metrics"  # the /metrics body's key among a snapshot's memoised views
 # Same-origin everything: the page has no inline script or style and no external
 # asset, so a strict policy costs nothing and blunts an injected device id.
 SECURITY_HEADERS = [
@@ -53,18 +56,6 @@ SECURITY_HEADERS = [
 
 class WebError(CertmonError):
     """The web server could not start (address in use, bad listen address)."""
-
-
-class _ServiceLike(Protocol):
-    """What start_web uses of a CollectorService (duck-typed: no import cycle)."""
-
-    store: Store
-
-    @property
-    def ingestor(self) -> Any: ...
-
-    @property
-    def config(self) -> Any: ...
 
 
 Response = tuple[str, list[tuple[str, str]], bytes]
@@ -93,7 +84,7 @@ class WebApp:
     def __init__(self, api: FleetApi, metrics: FleetCollector,
                  basic_auth: tuple[str, str] | None = None) -> None:
         self.api = api
-        self.metrics = CachedExposition(metrics)
+        self.metrics = metrics
         self._auth = None if basic_auth is None else (
             b"Basic " + base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()))
         self.routes: dict[str, Callable[[Request], Response]] = {
@@ -102,7 +93,8 @@ class WebApp:
             "/style.css": lambda r: self._static("style.css"),
             "/favicon.ico": lambda r: ("204 No Content", [], b""),
             "/healthz": lambda r: ("200 OK", [("Content-Type", "text/plain")], b"ok\n"),
-            "/metrics": lambda r: ("200 OK", [("Content-Type", CONTENT_TYPE)], self.metrics()),
+            "/metrics": lambda r: ("200 OK", [("Content-Type", CONTENT_TYPE)],
+                                   self._metrics()),
             "/api/summary": lambda r: _json(self.api.summary()),
             "/api/devices": lambda r: _json(self.api.devices(r.params)),
             "/api/timeline": lambda r: _json(self.api.timeline(r.params)),
@@ -146,6 +138,12 @@ class WebApp:
             log.exception("web request %s failed", path[:200])
             return _error("500 Internal Server Error", "internal error (see collector log)")
 
+    def _metrics(self) -> bytes:
+        # Once per snapshot: at 100k devices the exposition is ~650k samples and seconds
+        # of prometheus_client formatting, too much per scrape; the snapshot's
+        # background rebuild regenerates it before the swap (start_web's extra_views).
+        return self.api.memo(METRICS_VIEW, self.metrics.exposition)
+
     def _authorised(self, environ: WSGIEnvironment) -> bool:
         given = str(environ.get("HTTP_AUTHORIZATION", "")).encode("latin-1", "replace")
         assert self._auth is not None
@@ -181,26 +179,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_requirements(reqs: Sequence[TrustRequirement | TrustRequirementView]
-                         ) -> list[TrustRequirementView]:
-    """Config entries → fingerprints; a ca_file is read once here, at start."""
-    out = []
-    for r in reqs:
-        if isinstance(r, TrustRequirementView):
-            out.append(r)
-            continue
-        sha = r.sha256
-        if sha is None and r.ca_file is not None:
-            bundle = pki.read_bundle(r.ca_file)
-            if not bundle.certs:
-                raise ConfigError(f"trust_requirements {r.name!r}: {r.ca_file} holds no "
-                                  "certificate")
-            sha = bundle.certs[0].facts.sha256
-        if sha is not None:
-            out.append(TrustRequirementView(r.name, sha.lower(), r.status))
-    return out
-
-
 class WebServer:
     """A running waitress server on its own thread."""
 
@@ -211,9 +189,13 @@ class WebServer:
         self.app = app
         host, port = sock.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        # Our own socket map (create_server's `map`): every channel of this server, the
+        # listener and open connections, so that stop() can close them all.
+        self._channels: dict[int, Any] = {}
         # clear_untrusted_proxy_headers: no proxy is trusted, so X-Forwarded-* is dropped.
-        self._server: Any = create_server(app, sockets=[sock], threads=threads,
-                                          ident="certmon", clear_untrusted_proxy_headers=True)
+        self._server: Any = create_server(app, map=self._channels, sockets=[sock],
+                                          threads=threads, ident="certmon",
+                                          clear_untrusted_proxy_headers=True)
         self._stopped = False
         self._thread = threading.Thread(target=self._server.run, name="certmon-web",
                                         daemon=True)
@@ -223,43 +205,31 @@ class WebServer:
         if self._stopped:  # idempotent: the service's close and its owner may both call
             return
         self._stopped = True
-        server = self._server
+        from waitress.wasyncore import close_all  # type: ignore[import-untyped]
 
-        def close_all() -> None:  # runs on the server's own loop thread: no fd races
-            for channel in list(server._map.values()):
-                channel.close()  # the listener, open connections and this trigger
-
-        server.trigger.pull_trigger(close_all)
+        # On the server's own loop thread (no fd races): the loop ends once the map
+        # is empty. waitress's server.close() would only close the listener.
+        # OSError: the loop, already awake (a finished request pulls the trigger too),
+        # ran the queued close between queueing and this wake-up write: done already.
+        with contextlib.suppress(OSError):
+            self._server.trigger.pull_trigger(lambda: close_all(self._channels))
         self._thread.join(timeout_s)
-        server.task_dispatcher.shutdown(timeout=timeout_s)
+        self._server.task_dispatcher.shutdown(timeout=timeout_s)
 
 
-def start_web(service_or_store: _ServiceLike | Store, listen: str = "127.0.0.1:9310", *,
+def start_web(store: Store, listen: str = "127.0.0.1:9310", *,
+              process: ProcessCounters | None = None,
+              trust_requirements: Sequence[RequiredCA] = (),
               basic_auth: tuple[str, str] | None = None,
-              rejected_counts: Callable[[], Mapping[str, int]] | None = None,
-              ingest_counts: Callable[[], Mapping[str, int]] | None = None,
-              trust_requirements: Sequence[TrustRequirement | TrustRequirementView] | None = None,
               now: Callable[[], datetime] | None = None, snapshot_ttl_s: float = 10.0,
               threads: int = 4) -> WebServer:
-    """Serve the dashboard, JSON API and /metrics. Given a CollectorService, the store,
-    ingest counters and trust requirements come from it unless passed explicitly."""
-    if hasattr(service_or_store, "ingestor"):
-        service = cast(_ServiceLike, service_or_store)
-        store = service.store
-        ingestor = service.ingestor
-        rejected_counts = rejected_counts or (lambda: dict(ingestor.rejected))
-        ingest_counts = ingest_counts or (lambda: {
-            "accepted": ingestor.accepted, "duplicate": ingestor.duplicates,
-            "rejected": sum(ingestor.rejected.values())})
-        if trust_requirements is None:
-            trust_requirements = service.config.trust_requirements
-    else:
-        store = service_or_store
-    api = FleetApi(store, now=now or SystemClock().now,
-                   trust_requirements=resolve_requirements(trust_requirements or ()),
-                   snapshot_ttl_s=snapshot_ttl_s)
-    collector = FleetCollector(api, ingest_counts=ingest_counts, rejected_counts=rejected_counts)
-    app = WebApp(api, collector, basic_auth)
+    """Serve the dashboard, JSON API and /metrics over `store`. `process`: the running
+    collector's counters and broker link (None: a store alone, e.g. tests and benches;
+    /metrics then reports the store's persistent rejection totals)."""
+    metrics = FleetCollector(store, process)
+    api = FleetApi(store, now=now or SystemClock().now, trust_requirements=trust_requirements,
+                   snapshot_ttl_s=snapshot_ttl_s, extra_views={METRICS_VIEW: metrics.exposition})
+    app = WebApp(api, metrics, basic_auth)
     host, port = parse_listen(listen)
     if not is_loopback(host) and basic_auth is None:
         log.warning("web server on %s without basic auth: anyone who can reach it sees the "

@@ -6,48 +6,62 @@ or fingerprint, so a certificate renewal updates a value instead of minting a
 series. Instants are absolute Unix timestamps (`*_not_after_seconds`), so rules
 subtract `time()` themselves and a stale scrape never shows a wrong "days left".
 Values come from the web layer's `Snapshot` (shared with the dashboard, bounded by
-its TTL) plus in-process ingest counters.
+its TTL) plus what the running collector process tells (`ProcessCounters`). Must
+not read the store beyond the snapshot, except the persistent rejection totals when
+no process is given.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 import certmon
-from certmon import protocol as p
-from collector.store import SEVERITY_NAMES
+from certmon import wire as p
+from collector.store import SEVERITY_NAMES, Store
 
-from .api import STATE_RANK, FleetApi, Snapshot
+from .api import STATE_RANK
+from .fleet import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-Counts = Callable[[], Mapping[str, int]]
 
 
-class FleetCollector(Collector):
-    """Yields every certmon_* family from one snapshot per scrape."""
+class ProcessCounters(Protocol):
+    """What /metrics reads of the running collector process, beyond the store."""
 
-    def __init__(self, api: FleetApi, *, ingest_counts: Counts | None = None,
-                 rejected_counts: Counts | None = None) -> None:
-        self.api = api
-        self.ingest_counts = ingest_counts
-        self.rejected_counts = rejected_counts
+    def ingest_counts(self) -> Mapping[str, int]:
+        """Messages handled by this process, by result (accepted, duplicate, rejected)."""
+        ...
 
-    def collect(self) -> Iterator[Any]:
-        yield from self.families(self.api.snapshot())
+    def rejected_counts(self) -> Mapping[str, int]:
+        """This process's rejections by reason."""
+        ...
+
+    def broker_connected(self) -> bool:
+        """Whether the collector's MQTT link is connected (statuses can arrive)."""
+        ...
+
+
+class FleetCollector:
+    """Every certmon_* family from one snapshot; `exposition` renders them."""
+
+    def __init__(self, store: Store, process: ProcessCounters | None = None) -> None:
+        self.store = store
+        self.process = process
 
     def exposition(self, snap: Snapshot) -> bytes:
-        """The text format for one given snapshot (the background builder's new one)."""
+        """The text format for one given snapshot (memoised on it by the web app)."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Fixed(self, snap))
         return generate_latest(registry)
 
-    def families(self, s: Snapshot) -> Iterator[Any]:
+    def families(self, s: Snapshot) -> Iterator[Metric]:
         not_after = GaugeMetricFamily(
             "certmon_cert_not_after_seconds",
             "Earliest notAfter (Unix time) of the certificates a device holds, per role",
@@ -115,10 +129,7 @@ class FleetCollector(Collector):
         yield success
         yield scanned_at
 
-        yield from self._ingest()
-        up = GaugeMetricFamily("certmon_collector_up", "1 while the collector serves metrics")
-        up.add_metric([], 1.0)
-        yield up
+        yield from self._process()
         info = InfoMetricFamily("certmon_build", "certmon version")
         info.add_metric([], {"version": certmon.__version__})
         yield info
@@ -127,17 +138,22 @@ class FleetCollector(Collector):
         build.add_metric([], s.build_s)
         yield build
 
-    def _ingest(self) -> Iterator[Any]:
-        if self.ingest_counts is not None:
+    def _process(self) -> Iterator[Metric]:
+        process = self.process
+        if process is not None:
+            up = GaugeMetricFamily("certmon_collector_up",
+                                   "1 while the collector is connected to the broker")
+            up.add_metric([], 1.0 if process.broker_connected() else 0.0)
+            yield up
             msgs = CounterMetricFamily("certmon_ingest_messages",
                                        "Messages handled by this collector process, by result",
                                        labels=["result"])
-            for result, n in sorted(self.ingest_counts().items()):
+            for result, n in sorted(process.ingest_counts().items()):
                 msgs.add_metric([result], float(n))
             yield msgs
         # This process's counters when the service is known (they reset on restart,
         # which rate() handles); else the store's fleet-wide persistent totals.
-        counts = (self.rejected_counts or self.api.store.rejection_counts)()
+        counts = process.rejected_counts() if process else self.store.rejection_counts()
         rej = CounterMetricFamily("certmon_ingest_rejected",
                                   "Rejected messages by reason", labels=["reason"])
         for reason, n in sorted(counts.items()):
@@ -146,22 +162,10 @@ class FleetCollector(Collector):
 
 
 class _Fixed(Collector):
+    """One snapshot as a prometheus_client collector, for one `generate_latest`."""
+
     def __init__(self, fleet: FleetCollector, snap: Snapshot) -> None:
         self.fleet, self.snap = fleet, snap
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         yield from self.fleet.families(self.snap)
-
-
-class CachedExposition:
-    """/metrics bytes, generated once per snapshot: at 100k devices the exposition is
-    ~650k samples and seconds of prometheus_client formatting, too much per scrape.
-    Once scraped, the snapshot's background rebuild regenerates it before the swap."""
-
-    def __init__(self, fleet: FleetCollector) -> None:
-        self.fleet = fleet
-        fleet.api.extra_views["metrics"] = fleet.exposition
-
-    def __call__(self) -> bytes:
-        body: bytes = self.fleet.api._memo("metrics", self.fleet.exposition)
-        return body

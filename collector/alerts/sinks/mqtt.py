@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from certmon.protocol import alerts_topic, cert_ref, format_instant
+from certmon.wire import alerts_topic, cert_ref, format_instant
 from collector.alerts import Notification
 from collector.alerts.rules import FLEET
 

@@ -20,7 +20,7 @@ from email.message import Message
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from certmon.protocol import format_instant
+from certmon.wire import format_instant
 from collector.alerts import AlertSinkError, Notification
 
 

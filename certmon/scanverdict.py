@@ -6,31 +6,30 @@ matching, incomplete/misordered chains, self-signed leaves, expiry per element, 
 earliest expiry on the path that actually validates, and how probe failures (timeouts,
 refused client certificates, MQTT CONNACK refusals) map onto findings and severity.
 
-Pure: a function of (ProbeResult, TrustStore, now, policy). It must not open sockets,
-read files or the clock (`collector.scan` does that) and it must not re-implement a
-certificate rule that `certmon.pki` already owns (expiry, strength, chain validation).
+Pure: a function of (ProbeResult, TrustStore, now, policy), shared by `certmon-scan`
+(the `scanner` role) and the collector's scheduled scans. It must not open sockets,
+read files or the clock (`certmon.scan` does that) and it must not re-implement a
+certificate rule that `certmon.pki` (expiry, strength), `certmon.chain` (validation) or
+`certmon.hostname` (RFC 6125 names) already owns.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from certmon import pki
-from certmon.chain import chain_findings, earliest_expiry, verify_chain
-from certmon.pki import CertFacts, Finding, FindingCode, LoadedCert, Policy, Severity
-from certmon.tlsprobe import ProbeResult, ProbeTarget, sni_for
+from . import pki
+from .chain import chain_findings, earliest_expiry, verify_chain
+from .hostname import match_hostname
+from .pki import CertFacts, Finding, FindingCode, LoadedCert, Policy, Severity
+from .tlsprobe import ProbeResult, ProbeTarget, sni_for
 
 __all__ = [
-    "ScanCode",
     "ScanReport",
     "TrustStore",
     "judge",
-    "match_hostname",
     "target_label",
     "trust_from_bundles",
 ]
@@ -38,16 +37,6 @@ __all__ = [
 # Ports where the leaf is judged as an MQTT broker certificate (BROKER_CERT_* codes).
 MQTT_PORTS = frozenset({1883, 8883, 8884})
 MQTT_ALPNS = frozenset({"mqtt", "x-amzn-mqtt-ca"})
-
-
-class ScanCode(enum.StrEnum):
-    """Scanner-only finding codes. They belong in `pki.FindingCode` (the one list of
-    wire codes); until the lead moves them there they ride in `Finding.code`."""
-
-    PROBE_FAILED = "PROBE_FAILED"
-    MQTT_CONNACK_REFUSED = "MQTT_CONNACK_REFUSED"
-    CLIENT_CERT_REQUIRED = "CLIENT_CERT_REQUIRED"
-    CLIENT_CERT_REJECTED = "CLIENT_CERT_REJECTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +125,7 @@ def judge(
     findings.extend(_probe_findings(result, has_chain=bool(presented)))
     unique = _dedupe(findings)
     return ScanReport(
-        target=target, name=name, checked_at=now, severity=pki.worst(unique),
+        target=target, name=name, checked_at=now, severity=pki.worst_severity(unique),
         presented=tuple(p.facts for p in presented), path=chain.path,
         path_status=chain.status, chain_valid=chain.valid, chain_valid_at_warn=chain.valid_later,
         chain_error=chain.error, hostname=hostname, hostname_match=match,
@@ -314,50 +303,6 @@ def _check_name(target: ProbeTarget) -> str:
     return sni_for(target) or target.host.strip("[]").split("%", 1)[0]
 
 
-def match_hostname(facts: CertFacts, name: str) -> str:
-    """"san", "cn" (no SAN at all; legacy CN fallback) or "mismatch". RFC 6125 rules:
-    IP names match only IP SANs; one leftmost `*` label, never over a public-suffix-ish
-    single label (`*.com`), as OpenSSL's X509_check_host does.
-    TODO(lead): pure certificate rule; belongs in certmon.pki."""
-    ip = _ip(name)
-    dns = [s[4:] for s in facts.sans if s.startswith("DNS:")]
-    ips = [_ip(s[3:]) for s in facts.sans if s.startswith("IP:")]
-    if dns or ips:
-        if ip is not None:
-            return "san" if ip in ips else "mismatch"
-        return "san" if any(_dns_match(p, name) for p in dns) else "mismatch"
-    cn = facts.common_name
-    if cn and ip is None and _dns_match(cn, name):
-        return "cn"
-    return "mismatch"
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _dns_match(pattern: str, name: str) -> bool:
-    pattern, name = _norm(pattern), _norm(name)
-    if not pattern or not name:
-        return False
-    if pattern.startswith("*."):
-        suffix = pattern[2:]
-        head, _, rest = name.partition(".")
-        return bool(head) and rest == suffix and "." in suffix and "*" not in suffix
-    return "*" not in pattern and pattern == name
-
-
-def _norm(name: str) -> str:
-    name = name.strip().rstrip(".").lower()
-    try:
-        return name.encode("idna").decode("ascii") if not name.isascii() else name
-    except UnicodeError:
-        return name
-
-
 def _hostname_findings(leaf: CertFacts, name: str, match: str) -> list[Finding]:
     if match == "san":
         return []
@@ -384,22 +329,22 @@ def _probe_findings(result: ProbeResult, *, has_chain: bool) -> list[Finding]:
     if kind is None:
         return []
     if kind == "mqtt_refused":
-        return [_finding(ScanCode.MQTT_CONNACK_REFUSED, Severity.CRITICAL,
+        return [_finding(FindingCode.MQTT_CONNACK_REFUSED, Severity.CRITICAL,
                          f"broker refused MQTT CONNECT: CONNACK {result.mqtt_connack} "
                          f"({result.mqtt_error})", source)]
     if kind == "client_cert_rejected":
-        return [_finding(ScanCode.CLIENT_CERT_REJECTED, Severity.CRITICAL,
+        return [_finding(FindingCode.CLIENT_CERT_REJECTED, Severity.CRITICAL,
                          f"broker rejects our client certificate: {error}", source)]
     if kind == "client_cert_required" and has_chain and not result.target.mqtt:
         # The server chain was observed in full; the refusal only says "mTLS listener".
-        return [_finding(ScanCode.CLIENT_CERT_REQUIRED, Severity.OK,
+        return [_finding(FindingCode.CLIENT_CERT_REQUIRED, Severity.OK,
                          "listener requires a client certificate (pass --cert/--key to "
                          "test the MQTT session too)", source)]
-    return [_finding(ScanCode.PROBE_FAILED, Severity.UNKNOWN, f"{kind}: {error}", source)]
+    return [_finding(FindingCode.PROBE_FAILED, Severity.UNKNOWN, f"{kind}: {error}", source)]
 
 
-def _finding(code: ScanCode, severity: Severity, message: str, source: str) -> Finding:
-    return Finding(code, severity, message, source=source)  # type: ignore[arg-type]  # ScanCode
+def _finding(code: FindingCode, severity: Severity, message: str, source: str) -> Finding:
+    return Finding(code, severity, message, source=source)
 
 
 def _about(code: FindingCode, severity: Severity, message: str, facts: CertFacts) -> Finding:

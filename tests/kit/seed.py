@@ -1,13 +1,15 @@
 """A deterministic synthetic fleet, written through the real `Store` API.
 
-Used by the web tests, the browser test, the API bench and the demo: `seed_fleet`
-builds realistic verified statuses from `certmon.protocol` dataclasses (the same
-JSON the ingest path stores), inventories, broker chains as devices saw them,
-scans of the broker endpoints, alerts and online/offline changes, and returns which
-device ids ended up in which state so tests can assert on them.
+Owns: `seed_fleet` — realistic verified statuses built from `certmon.wire`
+dataclasses (the same JSON the ingest path stores), inventories, broker chains as
+devices saw them, scans of the broker endpoints, alerts and online/offline changes —
+and which device ids ended up in which state, so tests can assert on them. Used by
+the web tests, the browser test, the API bench and the demo's figures.
 
-No cryptography is involved: fingerprints are SHA-256 of a name, which is all a
-store or a dashboard can tell apart. Everything derives from (seed, now).
+Must not: issue certificates (no cryptography is involved: fingerprints are SHA-256
+of a name, which is all a store or a dashboard can tell apart; kit.pki issues real
+ones, kit.fleet signs real statuses), read the wall clock (everything derives from
+(seed, now)), or bypass the `Store` protocol.
 """
 
 from __future__ import annotations
@@ -19,19 +21,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from certmon import protocol as p
+from certmon import wire as p
 from certmon.pki import Severity
 from collector import aggregate
-from collector.store import (
-    CertLink,
-    CertRole,
-    CertRow,
-    FindingRecord,
-    InventoryRecord,
-    ScanRecord,
-    StatusRecord,
-    Store,
-)
+from collector import store as st
 
 STATES = ("ok", "warning", "critical", "offline", "clock")
 # Shares of each state; every state gets at least one device even in a tiny fleet.
@@ -47,8 +40,8 @@ def fingerprint(name: str) -> str:
 
 
 def _cert(name: str, subject: str, not_before: datetime, not_after: datetime, *,
-          is_ca: bool, issuer: str | None = None) -> CertRow:
-    return CertRow(sha256=fingerprint(name), subject=subject, not_before=not_before,
+          is_ca: bool, issuer: str | None = None) -> st.CertRow:
+    return st.CertRow(sha256=fingerprint(name), subject=subject, not_before=not_before,
                    not_after=not_after, issuer=issuer or subject,
                    serial_hex=fingerprint("serial" + name)[:16],
                    key_type="EC", key_bits=256, signature_algorithm="ecdsa-with-SHA256",
@@ -59,13 +52,13 @@ def _cert(name: str, subject: str, not_before: datetime, not_after: datetime, *,
 class Pki:
     """The fleet's shared certificates (CAs, broker chains), fixed per (seed, now)."""
 
-    root: CertRow  # fleet root, long-lived, required everywhere
-    intermediate: CertRow  # issues device certs; expires in ~200 days
-    old_root: CertRow  # retiring: expires in 20 days, still in most trust stores
-    new_root: CertRow  # required successor, rolled out to part of the fleet
-    broker_leaf: CertRow  # what the broker presents now
-    stale_leaf: CertRow  # an old broker node's leaf, still seen by a few devices
-    broker_ca: CertRow
+    root: st.CertRow  # fleet root, long-lived, required everywhere
+    intermediate: st.CertRow  # issues device certs; expires in ~200 days
+    old_root: st.CertRow  # retiring: expires in 20 days, still in most trust stores
+    new_root: st.CertRow  # required successor, rolled out to part of the fleet
+    broker_leaf: st.CertRow  # what the broker presents now
+    stale_leaf: st.CertRow  # an old broker node's leaf, still seen by a few devices
+    broker_ca: st.CertRow
 
     @classmethod
     def build(cls, now: datetime, seed: int) -> Pki:
@@ -99,18 +92,18 @@ def assign_states(n: int, seed: int) -> list[str]:
     return plan[:n]
 
 
-def _brief(c: CertRow) -> p.CertBrief:
+def _brief(c: st.CertRow) -> p.CertBrief:
     return p.CertBrief(ref=p.cert_ref(c.sha256), subject=c.subject, not_after=c.not_after)
 
 
-def _finding(code: str, sev: Severity, msg: str, cert: CertRow | None) -> p.FindingWire:
+def _finding(code: str, sev: Severity, msg: str, cert: st.CertRow | None) -> p.FindingWire:
     return p.FindingWire(code=code, severity=sev, cert=None if cert is None else
                          p.cert_ref(cert.sha256), msg=msg,
                          not_after=None if cert is None else cert.not_after)
 
 
 def _status_records(dev: str, state: str, i: int, now: datetime, pki: Pki, rnd: random.Random,
-                    seed: int) -> Iterator[tuple[StatusRecord, tuple[CertRow, ...]]]:
+                    seed: int) -> Iterator[tuple[st.StatusRecord, tuple[st.CertRow, ...]]]:
     """One or two statuses (critical devices first report healthy, for history), each
     with the device's trust store as it stands."""
     d = timedelta(days=1)
@@ -147,7 +140,7 @@ def _status_records(dev: str, state: str, i: int, now: datetime, pki: Pki, rnd: 
         findings.append(_finding("CA_EXPIRING", Severity.OK,
                                  "Legacy Root CA in the trust store expires in 20 days",
                                  pki.old_root))
-    severity, worst = aggregate.worst(findings)
+    severity, worst = aggregate.headline(findings)
     interval_s = 300
     first_at = now - (timedelta(hours=2) if state == "offline" else timedelta(seconds=rnd.uniform(5, 200)))
     statuses = [(first_at, findings, severity, worst)]
@@ -185,30 +178,31 @@ def _status_records(dev: str, state: str, i: int, now: datetime, pki: Pki, rnd: 
                               last_publish_ok_at=ts - timedelta(seconds=interval_s),
                               spool_depth=0, spool_dropped=0),
         )
-        yield StatusRecord(
+        yield st.StatusRecord(
             device_id=dev, boot_id=status.boot_id, seq=seq, device_ts=ts, received_at=at,
             interval_s=interval_s,
             status_json=json.dumps(status.to_json(), sort_keys=True, separators=(",", ":")),
             severity=int(sev), worst_code=code,
-            findings=tuple(FindingRecord(f.code, int(f.severity), f.cert, f.msg) for f in fnd),
+            findings=tuple(st.FindingRecord(f.code, int(f.severity), f.cert, f.msg) for f in fnd),
             client_sha256=client.sha256, trust_digest=digest,
-            certs=(CertLink(client, CertRole.CLIENT), CertLink(pki.intermediate, CertRole.CHAIN),
-                   CertLink(broker_leaf, CertRole.BROKER),
-                   CertLink(pki.broker_ca, CertRole.BROKER)),
-            replace_roles=frozenset({CertRole.CLIENT, CertRole.CHAIN, CertRole.BROKER}),
+            certs=(st.CertLink(client, st.CertRole.CLIENT),
+                   st.CertLink(pki.intermediate, st.CertRole.CHAIN),
+                   st.CertLink(broker_leaf, st.CertRole.BROKER),
+                   st.CertLink(pki.broker_ca, st.CertRole.BROKER)),
+            replace_roles=frozenset({st.CertRole.CLIENT, st.CertRole.CHAIN, st.CertRole.BROKER}),
             clock_offset_lo_s=offset_s - 0.2, clock_offset_hi_s=offset_s + 0.3,
         ), tuple(trust)
 
 
-def _inventory(dev: str, trust: Sequence[CertRow], at: datetime) -> InventoryRecord:
+def _inventory(dev: str, trust: Sequence[st.CertRow], at: datetime) -> st.InventoryRecord:
     entries = [p.CaEntry(sha256=c.sha256, subject=c.subject, not_before=c.not_before,
                          not_after=c.not_after) for c in trust]
-    return InventoryRecord(dev, p.trust_store_digest(c.sha256 for c in trust),
+    return st.InventoryRecord(dev, p.trust_store_digest(c.sha256 for c in trust),
                            json.dumps([e.to_json() for e in entries], separators=(",", ":")),
                            at, tuple(trust))
 
 
-def scan_result(target: str, now: datetime, chain: Sequence[CertRow], *,
+def scan_result(target: str, now: datetime, chain: Sequence[st.CertRow], *,
                 error: str | None = None) -> str:
     """A scan in the shape of `certmon-scan --json` targets[i] (pki.as_json(ScanReport))."""
     presented = [{"index": i, "sha256": c.sha256, "subject": c.subject, "issuer": c.issuer,
@@ -222,7 +216,7 @@ def scan_result(target: str, now: datetime, chain: Sequence[CertRow], *,
                        "error_kind": "timeout" if error else None, "findings": []})
 
 
-def seed_fleet(store: Store, now: datetime, n: int = 50, seed: int = 1, *,
+def seed_fleet(store: st.Store, now: datetime, n: int = 50, seed: int = 1, *,
                batch: int = 500, inventories: bool = True, alerts: bool = True) -> dict[str, list[str]]:
     """Write a synthetic fleet of `n` devices; returns {state: [device ids]} plus
     "stale_broker" (devices that saw the old broker leaf) and "missing_new_root"."""
@@ -232,7 +226,7 @@ def seed_fleet(store: Store, now: datetime, n: int = 50, seed: int = 1, *,
     states = assign_states(n, seed)
     out: dict[str, list[str]] = {s: [] for s in STATES}
     out["stale_broker"], out["missing_new_root"] = [], []
-    pending: list[StatusRecord] = []
+    pending: list[st.StatusRecord] = []
     for i, (dev, state) in enumerate(zip(device_ids(n, seed), states, strict=True)):
         out[state].append(dev)
         if i % 17 == 3:
@@ -255,14 +249,14 @@ def seed_fleet(store: Store, now: datetime, n: int = 50, seed: int = 1, *,
         store.set_online(dev, False, now - timedelta(minutes=30))
     if alerts:
         _alerts(store, now, out)
-    store.put_scan(ScanRecord(BROKER_TARGET, now - timedelta(minutes=10), 0,
+    store.put_scan(st.ScanRecord(BROKER_TARGET, now - timedelta(minutes=10), 0,
                               scan_result(BROKER_TARGET, now, [pki.broker_leaf, pki.broker_ca])))
-    store.put_scan(ScanRecord(CLOUD_TARGET, now - timedelta(minutes=10), 3,
+    store.put_scan(st.ScanRecord(CLOUD_TARGET, now - timedelta(minutes=10), 3,
                               scan_result(CLOUD_TARGET, now, [], error="timed out after 10 s")))
     return out
 
 
-def _alerts(store: Store, now: datetime, out: dict[str, list[str]]) -> None:
+def _alerts(store: st.Store, now: datetime, out: dict[str, list[str]]) -> None:
     for dev in out["critical"]:
         store.alert_fire(f"cert_expiry|{dev}", rule="cert_expiry", device_id=dev,
                          cert_sha256=None, severity=int(Severity.CRITICAL),

@@ -5,23 +5,25 @@ changed them (not on every status: at thousands of statuses per second, unchange
 findings need no transaction), its liveness when the online state changes, and the
 fleet rules (required CAs, shared client certificates) plus re-notification on a
 periodic sweep that one collector of a group claims in the store. The rules are in
-collector.alerts.rules, delivery in collector.alerts.engine.
+`collector.alerts.rules`, the lifecycle and delivery in `collector.alerts.engine`;
+the driver is handed a built engine and the resolved trust requirements
+(`collector.trust`) and builds neither. Must not block on a sink.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from certmon import pki
-from certmon import protocol as p
+from certmon import wire as p
+from collector.ingest import Stored
+from collector.store import CertRole, Store
+from collector.trust import RequiredCA
 
-from .alerts.engine import AlertEngine
-from .alerts.rules import (
+from .engine import AlertEngine
+from .rules import (
     CertName,
-    RequiredCA,
     Scope,
     device_alerts,
     offline_alerts,
@@ -29,40 +31,21 @@ from .alerts.rules import (
     shared_client_cert_alerts,
     trust_requirement_alerts,
 )
-from .alerts.sinks import build_sinks
-from .config import CollectorConfig
-from .ingest import Stored
-from .store import CertRole, Store
 
-log = logging.getLogger("certmon.collector.alerts")
+__all__ = ["AlertDriver"]
 
 
-def required_cas(config: CollectorConfig) -> list[RequiredCA]:
-    """The configured trust requirements, with their fingerprints resolved."""
-    out = []
-    for req in config.trust_requirements:
-        if req.sha256:
-            out.append(RequiredCA(req.name, req.sha256.lower(), req.status))
-        elif req.ca_file:
-            for cert in pki.read_bundle(req.ca_file).certs:
-                out.append(RequiredCA(req.name, cert.facts.sha256, req.status))
-    return out
+class AlertDriver:
+    """A `collector.service.DeviceListener` that turns device events into evaluations."""
 
-
-class CollectorAlerts:
-    def __init__(self, config: CollectorConfig, store: Store,
-                 publish: Callable[[str, bytes, bool], None],
+    def __init__(self, store: Store, engine: AlertEngine, *,
+                 requirements: Sequence[RequiredCA], policy: pki.Policy,
                  now: Callable[[], datetime]) -> None:
-        self.config = config
         self.store = store
+        self.engine = engine
+        self.requirements = tuple(requirements)
+        self.policy = policy
         self.now = now
-        self.policy = pki.Policy(**dataclasses.asdict(config.policy))
-        self.requirements = required_cas(config)
-        sinks = build_sinks(config.alerts, topic_prefix=config.mqtt.topic_prefix,
-                            publish=publish)
-        self.engine = AlertEngine(store, sinks,
-                                  renotify_interval_s=config.alerts.renotify_interval_s,
-                                  clock=now)
         # device → the finding set last evaluated by this process (None: not yet).
         self._evaluated: dict[str, tuple[tuple[str, int, str | None], ...]] = {}
 
@@ -74,13 +57,12 @@ class CollectorAlerts:
             if self._evaluated.get(status.device_id) == key:
                 continue
             self._evaluated[status.device_id] = key
-            self.engine.evaluate(
-                status.device_id,
-                device_alerts(status.device_id, status.findings, online=True, now=now,
-                              certs=_names(status)),
-                scope=Scope.FINDINGS, now=now)
-            # A fresh status means the device is back: its offline alerts resolve.
-            self.engine.evaluate(status.device_id, [], scope=Scope.OFFLINE, now=now)
+            # One store read for both: the findings, and the offline alerts that a
+            # fresh status ends (the device is back).
+            self.engine.evaluate_device(status.device_id, {
+                Scope.FINDINGS: device_alerts(status.device_id, status.findings, online=True,
+                                              now=now, certs=_names(status)),
+                Scope.OFFLINE: []}, now=now)
 
     def on_online(self, device_id: str, online: bool, at: datetime) -> None:
         row = self.store.device(device_id)

@@ -1,9 +1,15 @@
-"""A real Mosquitto for the test suite: free loopback ports, config in a tmp dir.
+"""A real Mosquitto for tests and benchmarks: free loopback ports, config in a tmp dir.
+
+Owns: starting, restarting and killing mosquitto processes (`Mosquitto`, `Listener`),
+free loopback ports, the certmon ACL a fleet broker runs with (`FLEET_ACL`), and
+`wait_until`, the one way the kit and the tests wait for something.
+
+Must not: touch the system broker (1883/8883 are never bound), issue certificates
+(kit.pki does), or sleep a fixed time where a condition can be polled.
 
 Real peers over mocks: the MQTT and TLS behaviour certmon depends on (ACLs,
 `use_identity_as_username`, the chain a broker presents, restarts) is exactly what a
-mock would get wrong. The system broker on 1883 is never touched: every listener
-binds 127.0.0.1 on a port the kernel handed out.
+mock would get wrong.
 
 Mosquitto quirks (2.0.11) this module encodes:
 - Run as root it drops privileges to user "mosquitto", which then cannot read our
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import getpass
 import os
 import shutil
@@ -31,21 +36,17 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import paho.mqtt.client as mqtt
+from typing import Literal
 
 __all__ = [
+    "FLEET_ACL",
     "BrokerStartError",
     "Listener",
     "Mosquitto",
-    "MqttProbe",
     "find_mosquitto",
     "free_port",
     "free_ports",
@@ -54,6 +55,29 @@ __all__ = [
 
 _SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 SYSTEM_PORTS = frozenset({1883, 8883})  # a system broker may own these; never bind them
+
+# The certmon ACL (DESIGN §4). Leading `topic` lines apply to anonymous clients only;
+# anonymous clients exist only on listeners without `use_identity_as_username` (the
+# mTLS listener makes every client's username its certificate CN), and not at all on
+# a broker started with `allow_anonymous=False`. They may do anything: they play
+# "anyone with broker access", which is what lets a test inject a forged or unsigned
+# status into a device topic — the threat the signatures exist for.
+FLEET_ACL = """\
+# anonymous (plain / TLS-server-auth listeners only)
+topic readwrite #
+
+user collector
+topic read certmon/v1/#
+topic write certmon/v1/fleet/#
+topic write certmon/v1/alerts/#
+topic write certmon/v1/_collector/#
+
+# every authenticated client, i.e. every device (username = certificate CN). A
+# `pattern` without %u is the only way to grant all users; mosquitto logs a harmless
+# warning for it.
+pattern write certmon/v1/%u/#
+pattern read certmon/v1/_collector/#
+"""
 
 
 class BrokerStartError(RuntimeError):
@@ -188,7 +212,7 @@ class Mosquitto:
 
     def conf_text(self) -> str:
         lines = [
-            "# written by tests/broker.py",
+            "# written by tests/kit/broker.py",
             f"user {getpass.getuser()}",  # as root it would otherwise become "mosquitto"
             "per_listener_settings false",
             f"allow_anonymous {str(self.allow_anonymous).lower()}",
@@ -336,124 +360,6 @@ def _is_ready(listener: Listener) -> bool:
                 return "alert" in str(exc).lower()
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def running(workdir: Path, listeners: Sequence[Listener], **kwargs: object) -> Iterator[Mosquitto]:
-    """`with running(tmp_path, [Listener()]) as broker:` for one-off brokers."""
-    broker = Mosquitto(workdir, listeners, **kwargs)  # type: ignore[arg-type]
-    with broker:
-        yield broker
-
-
-# -- a paho client for tests ----------------------------------------------------------
-# Production code reaches paho only through certmon.mqtt; tests talk to the broker
-# directly so they can prove what the broker itself allows.
-
-
-class MqttProbe:
-    """A paho 2.x MQTT v5 client with thread-safe event capture and poll helpers.
-
-    `connack` holds the CONNACK reason once it arrives; `messages` every message as
-    (topic, payload, retain); `disconnects` counts losses of the connection.
-    """
-
-    def __init__(self, client_id: str = "", **tls: str | None) -> None:
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        self.connack: object | None = None
-        self.is_connected = False
-        self.disconnects = 0
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.subscribed: list[object] = []
-        if tls:
-            self.client.tls_set(
-                ca_certs=tls.get("ca_certs"),
-                certfile=tls.get("certfile"),
-                keyfile=tls.get("keyfile"),
-            )
-        # Short reconnect backoff: paho's default (1 s) makes loop_stop() and
-        # post-restart reconnects dominate test time. paho accepts floats here.
-        self.client.reconnect_delay_set(min_delay=0.05, max_delay=0.5)  # type: ignore[arg-type]
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-
-    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
-        with self._lock:
-            self.connack = reason
-            self.is_connected = not getattr(reason, "is_failure", True)
-
-    def _on_disconnect(self, *_args: object) -> None:
-        with self._lock:
-            self.is_connected = False
-            self.disconnects += 1
-
-    def _on_message(self, _c: object, _u: object, msg: Any) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
-
-    def _on_subscribe(self, _c: object, _u: object, _mid: int, reasons: Any, _p: object) -> None:
-        with self._lock:
-            self.subscribed.extend(reasons)
-
-    def connect(self, port: int, host: str = "127.0.0.1", *, wait_s: float = 5.0) -> MqttProbe:
-        """Connect and start the network thread; waits for a successful CONNACK."""
-        self.client.connect(host, port, keepalive=10)
-        self.client.loop_start()
-        if not wait_until(lambda: self.is_connected, wait_s):
-            raise AssertionError(f"no successful CONNACK from {host}:{port}: {self.connack}")
-        return self
-
-    def attempt(self, port: int, host: str = "127.0.0.1", *, wait_s: float = 5.0) -> str | None:
-        """Try to connect where refusal is the expected outcome; return why it was
-        refused, or None if a successful CONNACK arrived.
-
-        With TLS 1.2 a rejected client certificate fails inside connect(); with TLS
-        1.3 the client's half of the handshake completes and the server's alert
-        arrives on the first read, so the refusal shows up as a disconnect.
-        """
-        with warnings.catch_warnings():
-            # paho 2.2 leaks the half-open SSL socket when the handshake fails inside
-            # connect(); its ResourceWarning is paho's, not the test's.
-            warnings.simplefilter("ignore", ResourceWarning)
-            try:
-                self.client.connect(host, port, keepalive=10)
-            except OSError as exc:  # ssl.SSLError is an OSError
-                reason = f"connect failed: {exc!r}"
-            else:
-                reason = None
-            gc.collect()
-        if reason is not None:
-            return reason
-        self.client.loop_start()
-        wait_until(lambda: self.is_connected or self.disconnects > 0, wait_s)
-        if self.is_connected:
-            return None
-        return f"disconnected before a successful CONNACK (connack={self.connack})"
-
-    def subscribe(self, topic: str, qos: int = 1, *, wait_s: float = 5.0) -> None:
-        before = len(self.subscribed)
-        self.client.subscribe(topic, qos)
-        if not wait_until(lambda: len(self.subscribed) > before, wait_s):
-            raise AssertionError(f"no SUBACK for {topic}")
-
-    def received(self, topic: str) -> list[bytes]:
-        with self._lock:
-            return [payload for t, payload, _ in self.messages if t == topic]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def __enter__(self) -> MqttProbe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float, step_s: float = 0.01) -> bool:

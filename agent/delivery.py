@@ -1,0 +1,125 @@
+"""Store-and-forward delivery: spooled statuses confirmed by PUBACK, and the retained
+side topics.
+
+Owns the hand-off of a signed status to the spool (one the state directory cannot
+hold is published live instead, and that is logged), the in-flight map from MQTT
+message ids to spooled files, PUBACK bookkeeping (a status is removed when the broker
+accepts it; one its ACL refuses is dropped, counted and logged, since resending it
+would block the spool forever), and the retained side messages (certificate chain,
+trust-store inventory), each re-sent only when its content changes or a new session
+starts.
+Must not: build, judge or sign messages (`agent.service` hands them in), manage the
+link's life (it is handed the current link), or read the clock except through the
+injected `Clock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from datetime import datetime
+from pathlib import Path
+
+from certmon.clock import Clock
+from certmon.errors import TransportError
+from certmon.mqtt import MqttLink
+
+from .spool import Spool
+
+log = logging.getLogger("certmon.agent")
+
+
+def publish_retained(link: MqttLink | None, topic: str, payload: bytes) -> int | None:
+    """Publish retained at QoS 1 when connected: the message id, or None (not sent)."""
+    if link is None or not link.is_connected:
+        return None
+    try:
+        return link.publish(topic, payload, qos=1, retain=True)
+    except TransportError:
+        return None
+
+
+class Delivery:
+    """What is waiting to reach the broker, and what it has confirmed."""
+
+    def __init__(self, spool: Spool, clock: Clock) -> None:
+        self.spool = spool
+        self._clock = clock
+        self.refused = 0  # statuses the broker refused (ACL): never deliverable
+        self.last_ok_at: datetime | None = None
+        self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self._inflight: dict[int, Path] = {}
+        # Retained side messages (cert chain, trust-store inventory) waiting for a
+        # connection; each is re-sent only when its content changes.
+        self._side: dict[str, bytes] = {}
+        self._side_sent: dict[str, bytes] = {}
+        self._side_digest: dict[str, str] = {}
+
+    def on_published(self, mid: int, accepted: bool) -> None:
+        """The link's PUBACK callback (its network thread): handled by `drain_acks`."""
+        self._acks.put((mid, accepted))
+
+    def forget_inflight(self) -> None:
+        """The link was replaced: the old one's message ids will never be acknowledged."""
+        self._inflight.clear()
+
+    def spool_status(self, seq: int, topic: str, token: bytes, link: MqttLink | None) -> None:
+        try:
+            self.spool.append(seq, topic, token)
+        except OSError as exc:
+            # Read-only or full state directory: keep reporting live, lose only the
+            # store-and-forward guarantee, and say so.
+            log.error("cannot spool status seq=%s in %s: %s", seq, self.spool.dir,
+                      exc.strerror or exc)
+            publish_retained(link, topic, token)
+
+    def retain(self, topic: str, payload: bytes, *, digest: str | None = None) -> None:
+        """Keep `payload` as the side message for `topic`; `digest` names its content
+        for `retained_digest` when the payload itself (a fresh signature) cannot."""
+        self._side[topic] = payload
+        if digest is not None:
+            self._side_digest[topic] = digest
+
+    def retained_digest(self, topic: str) -> str | None:
+        return self._side_digest.get(topic)
+
+    def new_session(self) -> None:
+        """A new broker session: every retained side topic is asserted again."""
+        self._side_sent.clear()
+
+    def send(self, link: MqttLink, expiry_s: int) -> None:
+        """Hand changed side messages and the spooled statuses not yet in flight to the
+        link, in order; a status expires on the broker after `expiry_s`."""
+        for topic, payload in list(self._side.items()):
+            if self._side_sent.get(topic) != payload and publish_retained(link, topic, payload):
+                self._side_sent[topic] = payload
+        in_flight = set(self._inflight.values())
+        for msg in self.spool.pending():
+            if msg.path in in_flight:
+                continue
+            try:
+                mid = link.publish(msg.topic, msg.payload, qos=1, retain=True, expiry_s=expiry_s)
+            except TransportError:
+                break
+            self._inflight[mid] = msg.path
+
+    def drain_acks(self, link: MqttLink | None) -> int:
+        """Apply the PUBACKs received so far; `link` only names the error in the log."""
+        done = 0
+        while True:
+            try:
+                mid, accepted = self._acks.get_nowait()
+            except queue.Empty:
+                return done
+            path = self._inflight.pop(mid, None)
+            if path is None:
+                continue
+            self.spool.remove(path)
+            done += 1
+            if accepted:
+                self.last_ok_at = self._clock.now()
+            else:
+                self.refused += 1
+                log.error("broker refused status %s (%s): check the broker ACL and the "
+                          "device id", path.name, link.state.last_error if link
+                          else "no link")

@@ -1,0 +1,80 @@
+"""One scan of TLS endpoints: probe them concurrently, then judge each.
+
+Owns `scan_targets` (what `certmon-scan` and the collector's scheduled scans both
+run), loading the trust store they judge against (`load_trust`) and turning the
+config's `[[scan_targets]]` into probes (`probe_targets`). Must not speak TLS itself
+(`certmon.tlsprobe` does), judge a chain itself (`certmon.scanverdict` does), read
+the clock (callers pass `now`) nor render anything (the `scanner` role does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from . import pki
+from .errors import ConfigError
+from .pki import LoadedCert, Policy
+from .scanconfig import ScanTarget
+from .scanverdict import ScanReport, TrustStore, judge, trust_from_bundles
+from .tlsprobe import ProbeResult, ProbeTarget, probe_many
+
+__all__ = ["SYSTEM_BUNDLE", "load_trust", "probe_targets", "scan_targets"]
+
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def scan_targets(
+    targets: Sequence[ProbeTarget],
+    trust: TrustStore,
+    now: datetime,
+    policy: Policy,
+    concurrency: int = 64,
+) -> list[ScanReport]:
+    """Probe every target concurrently, then judge each; reports in input order.
+
+    Judging waits for all probes on purpose: intermediates that one endpoint sends
+    correctly let the verdict of another name the exact intermediate it fails to send.
+    """
+    results = probe_many(targets, concurrency)
+    known = _presented_cas(results)
+    return [judge(result, trust, now, policy, known_intermediates=known,
+                  duration_s=result.duration_s) for result in results]
+
+
+def _presented_cas(results: Iterable[ProbeResult]) -> list[LoadedCert]:
+    seen: dict[bytes, LoadedCert] = {}
+    for result in results:
+        for der in result.presented_der[1:]:
+            if der in seen:
+                continue
+            certs = pki.parse_bundle(der, "scan").certs
+            if certs and certs[0].facts.is_ca and not certs[0].facts.is_self_issued:
+                seen[der] = certs[0]
+    return list(seen.values())
+
+
+def load_trust(ca_bundle: str | None, intermediates: str | None = None) -> TrustStore:
+    """The anchors (`ca_bundle`, else the system bundle) and optional known intermediates;
+    an unreadable or empty file is a ConfigError (the scan could not judge anything)."""
+    anchors = _read(ca_bundle or SYSTEM_BUNDLE, "--ca-bundle")
+    extra = _read(intermediates, "--intermediates") if intermediates else None
+    return trust_from_bundles(anchors, extra)
+
+
+def _read(path: str, flag: str) -> pki.Bundle:
+    bundle = pki.read_bundle(path)
+    if not bundle.certs:
+        problems = "; ".join(f.message for f in bundle.findings)
+        raise ConfigError(f"{flag} {path}: {problems or 'no certificate'}")
+    return bundle
+
+
+def probe_targets(configured: Iterable[ScanTarget], defaults: ProbeTarget) -> list[ProbeTarget]:
+    """`[[scan_targets]]` entries as probes; what an entry leaves unset comes from
+    `defaults` (timeout, client certificate, and for the scanner its flags)."""
+    return [dataclasses.replace(defaults, host=t.host, port=t.port,
+                                servername=t.servername or defaults.servername,
+                                alpn=t.alpn or defaults.alpn, mqtt=t.mqtt or defaults.mqtt)
+            for t in configured]
