@@ -175,6 +175,7 @@ def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     policy = pki.Policy()
     ca_bundle, cert, key = args.ca_bundle, args.cert, args.key
+    signing: dict[str, Path | None] = {}
     if args.config:
         from .config import load_agent_config
 
@@ -183,10 +184,11 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         cert = cert or (str(config.tls.cert) if config.tls.cert else None)
         key = key or (str(config.tls.key) if config.tls.key else None)
         policy = pki.Policy(**dataclasses.asdict(config.policy))
+        signing = {"signing_cert": config.tls.signing_cert, "signing_key": config.tls.signing_key}
     if ca_bundle is None:
         raise ConfigError("check: --ca-bundle (or --config with tls.ca_bundle) is required")
     policy = with_thresholds(policy, args)
-    result = check_device(read_material(ca_bundle, cert, key), utc_now(), policy)
+    result = check_device(read_material(ca_bundle, cert, key, **signing), utc_now(), policy)
     if args.json:
         write_json(check_to_json(result), out)
     else:

@@ -9,6 +9,7 @@ stores the device's client certificate beside it in its own role.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,26 @@ def test_a_signing_cert_outside_the_fleet_ca_or_naming_another_device_is_rejecte
     finally:
         clear_retained(fleet_broker, outsider)
         clear_retained(fleet_broker, borrower)
+
+
+def test_check_with_a_config_judges_the_signing_pair_too(
+    fleet_broker: Fleet, tmp_path: Path
+) -> None:
+    creds = fleet_broker.device_credentials("gw-check-signer", tmp_path / "tls", days=300)
+    signing_cert, _ = signing_pair(fleet_broker, "gw-check-signer", tmp_path)
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[mqtt]
+broker = "mqtts://127.0.0.1:{fleet_broker.mtls_port}"
+[tls]
+ca_bundle = "{creds.ca_bundle_path}"
+cert = "{creds.cert_path}"
+key = "{creds.key_path}"
+signing_cert = "{signing_cert}"
+signing_key = "{creds.key_path}"
+""")  # the TLS key is not the signing certificate's key
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(config),
+                           "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    mismatch = [f for f in json.loads(done.stdout)["findings"] if f["code"] == "KEY_MISMATCH"]
+    assert len(mismatch) == 1 and str(signing_cert) in mismatch[0]["message"]
