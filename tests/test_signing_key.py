@@ -25,8 +25,9 @@ from certmon import wire as p
 from collector.store import CertRole
 
 
-def agent_once(fleet: Fleet, creds: DeviceCreds, signing_cert: Path, signing_key: Path,
-               tmp: Path) -> subprocess.CompletedProcess[str]:
+def agent_toml(fleet: Fleet, creds: DeviceCreds, signing_cert: Path, signing_key: Path,
+               tmp: Path) -> Path:
+    """An agent config with a dedicated signing pair beside the TLS pair."""
     config = tmp / "agent.toml"
     config.write_text(f"""
 [mqtt]
@@ -40,6 +41,12 @@ signing_key = "{signing_key}"
 [agent]
 state_dir = "{tmp / 'state'}"
 """)
+    return config
+
+
+def agent_once(fleet: Fleet, creds: DeviceCreds, signing_cert: Path, signing_key: Path,
+               tmp: Path) -> subprocess.CompletedProcess[str]:
+    config = agent_toml(fleet, creds, signing_cert, signing_key, tmp)
     return subprocess.run([sys.executable, "-m", "agent.cli", "once", "--config", str(config),
                            "--timeout-s", "20"], capture_output=True, text=True, timeout=60)
 
@@ -141,17 +148,8 @@ def test_check_with_a_config_judges_the_signing_pair_too(
 ) -> None:
     creds = fleet_broker.device_credentials("gw-check-signer", tmp_path / "tls", days=300)
     signing_cert, _ = signing_pair(fleet_broker, "gw-check-signer", tmp_path)
-    config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[mqtt]
-broker = "mqtts://127.0.0.1:{fleet_broker.mtls_port}"
-[tls]
-ca_bundle = "{creds.ca_bundle_path}"
-cert = "{creds.cert_path}"
-key = "{creds.key_path}"
-signing_cert = "{signing_cert}"
-signing_key = "{creds.key_path}"
-""")  # the TLS key is not the signing certificate's key
+    # The TLS key is not the signing certificate's key.
+    config = agent_toml(fleet_broker, creds, signing_cert, creds.key_path, tmp_path)
     done = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(config),
                            "--json"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
