@@ -20,7 +20,7 @@ from .scanconfig import ScanTarget
 from .scanverdict import ScanReport, TrustStore, judge, trust_from_bundles
 from .tlsprobe import ProbeResult, ProbeTarget, probe_many
 
-__all__ = ["SYSTEM_BUNDLE", "load_trust", "probe_targets", "scan_targets"]
+__all__ = ["SYSTEM_BUNDLE", "distinct_client_ids", "load_trust", "probe_targets", "scan_targets"]
 
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -69,6 +69,16 @@ def _read(path: str, flag: str) -> pki.Bundle:
         problems = "; ".join(f.message for f in bundle.findings)
         raise ConfigError(f"{flag} {path}: {problems or 'no certificate'}")
     return bundle
+
+
+def distinct_client_ids(targets: Sequence[ProbeTarget], prefix: str,
+                        default: str = ProbeTarget(host="").mqtt_client_id
+                        ) -> list[ProbeTarget]:
+    """Targets left on the `default` MQTT client id get `<prefix>-<n>`: several
+    listeners of one broker (or one cluster) share a session namespace, and a
+    duplicate id makes the broker drop the other probe mid-exchange."""
+    return [dataclasses.replace(t, mqtt_client_id=f"{prefix}-{n}")
+            if t.mqtt_client_id == default else t for n, t in enumerate(targets)]
 
 
 def probe_targets(configured: Iterable[ScanTarget], defaults: ProbeTarget) -> list[ProbeTarget]:

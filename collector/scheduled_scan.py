@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from certmon import pki
-from certmon.scan import load_trust, probe_targets, scan_targets
+from certmon.scan import distinct_client_ids, load_trust, probe_targets, scan_targets
 from certmon.tlsprobe import ProbeTarget
 
 from .config import CollectorConfig
@@ -28,8 +29,11 @@ log = logging.getLogger("certmon.collector.scan")
 def make_scan_job(config: CollectorConfig, store: Store, now: Callable[[], datetime],
                   on_reports: Callable[[Sequence[tuple[str, Sequence[pki.Finding]]]], None]
                   ) -> Callable[[], None]:
-    targets = probe_targets(config.scan_targets,
-                            ProbeTarget(host="", timeout_s=config.scan_timeout_s))
+    # Each endpoint its own MQTT client id (two listeners of one broker would otherwise
+    # drop each other's probe), distinct per collector process of a share group too.
+    targets = distinct_client_ids(probe_targets(
+        config.scan_targets, ProbeTarget(host="", timeout_s=config.scan_timeout_s)),
+        f"certmon-collector-scan-{os.getpid()}")
     # The broker endpoints are judged with the CA bundle the collector uses for its own
     # broker connection: the one the fleet's brokers are expected to chain to.
     trust = load_trust(str(config.tls.ca_bundle))

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from certmon.errors import ConfigError
-from certmon.scan import probe_targets
+from certmon.scan import distinct_client_ids, probe_targets
 from certmon.scanconfig import ScanTarget
 from certmon.tlsprobe import ProbeTarget
 
@@ -39,11 +39,8 @@ def collect_targets(endpoints: Sequence[str], targets_file: str | None,
             raise ConfigError(f"--targets {targets_file}: {exc.strerror or exc}") from exc
         targets += parse_targets(text.splitlines(), targets_file, defaults)
     targets += probe_targets(configured, defaults)
-    # Distinct MQTT client ids: several listeners of one broker (or one cluster) share
-    # a session namespace, and a duplicate id makes the broker drop our other probe.
-    return [dataclasses.replace(t, mqtt_client_id=f"certmon-scan-{os.getpid()}-{n}")
-            if t.mqtt_client_id == defaults.mqtt_client_id else t
-            for n, t in enumerate(targets)]
+    return distinct_client_ids(targets, f"certmon-scan-{os.getpid()}",
+                               defaults.mqtt_client_id)
 
 
 def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

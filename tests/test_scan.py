@@ -534,3 +534,13 @@ def test_the_scan_keys_read_alike_by_collector_and_scanner() -> None:
     ours, theirs = (next(f for f in dataclasses.fields(c) if f.name == "scan_timeout_s")
                     for c in (ScanSettings, CollectorConfig))
     assert (ours.default, ours.metadata) == (theirs.default, theirs.metadata)
+
+
+def test_each_endpoint_gets_its_own_mqtt_client_id_unless_one_was_chosen() -> None:
+    # Two listeners of one broker share a session namespace: probes with one client id
+    # would knock each other off. The collector's scheduled scans use this too.
+    chosen = ProbeTarget("127.0.0.1", 8884, mqtt=True, mqtt_client_id="ops-probe")
+    targets = [ProbeTarget("127.0.0.1", 8883, mqtt=True), chosen,
+               ProbeTarget("127.0.0.1", 8885, mqtt=True)]
+    ids = [t.mqtt_client_id for t in scan.distinct_client_ids(targets, "certmon-scan-7")]
+    assert ids == ["certmon-scan-7-0", "ops-probe", "certmon-scan-7-2"]
