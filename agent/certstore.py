@@ -48,11 +48,8 @@ class DeviceMaterial:
         """(private key, certificate bundle) that sign statuses and inventories: the
         dedicated signing pair when configured, else the client pair; None when the
         configured pair cannot be read (never a silent fall-back to the other pair)."""
-        if self.signing is not None:
-            pair = self.signing.private_key, self.signing.bundle
-        else:
-            pair = self.private_key, self.client  # type: ignore[assignment]
-        key, bundle = pair
+        key, bundle = ((self.signing.private_key, self.signing.bundle)
+                       if self.signing is not None else (self.private_key, self.client))
         return None if key is None or bundle is None or not bundle.certs else (key, bundle)
 
 

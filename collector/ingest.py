@@ -77,7 +77,9 @@ class Ingestor:
         self.duplicates = 0  # retained statuses seen again: normal after a (re)subscribe
         self.rejected: Counter[str] = Counter()
         self._logged: dict[tuple[str, str], datetime] = {}
-        self._last_client: dict[str, str] = {}  # device → client cert sha256 last stored
+        # device → (signing, client) certificate SHA-256 whose rows were last stored: with
+        # a dedicated signing key the client certificate is renewed on its own.
+        self._stored_certs: dict[str, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ entry point
@@ -198,7 +200,7 @@ class Ingestor:
         # second, re-upserting the same rows would be most of the store's work.
         links: tuple[CertLink, ...] = ()
         roles: frozenset[CertRole] = frozenset()
-        if self._last_client.get(status.device_id) != signer.facts.sha256:
+        if self._stored_certs.get(status.device_id) != _cert_key(verified):
             links, roles = _cert_links(signer, status)
         return StatusRecord(
             device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
@@ -218,7 +220,7 @@ class Ingestor:
         stored: list[Stored] = []
         for (verified, record, msg), is_new in zip(pending, results, strict=True):
             if record.certs:
-                self._last_client[record.device_id] = verified.signer.facts.sha256
+                self._stored_certs[record.device_id] = _cert_key(verified)
             if is_new:
                 self.accepted += 1
                 stored.append(Stored(verified.status, record))
@@ -280,6 +282,9 @@ class Ingestor:
             log.warning("rejected %s from %s: %s", reason, msg.topic[:120], detail[:300])
 
 
+def _cert_key(verified: Verified) -> tuple[str, str | None]:
+    client = verified.status.client
+    return verified.signer.facts.sha256, client.sha256 if client else None
 
 
 def _cert_links(signer: KnownCert, status: p.Status

@@ -155,3 +155,42 @@ def test_check_with_a_config_judges_the_signing_pair_too(
     assert done.returncode == 2, done.stderr
     mismatch = [f for f in json.loads(done.stdout)["findings"] if f["code"] == "KEY_MISMATCH"]
     assert len(mismatch) == 1 and str(signing_cert) in mismatch[0]["message"]
+
+
+def test_a_client_certificate_renewed_under_the_same_signing_key_replaces_the_stored_one(
+    tmp_path: Path
+) -> None:
+    # The signing certificate outlives the TLS one: the collector must follow the
+    # client certificate's renewal although every status has the same signer.
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from kit.fleet import make_ca, make_device, status
+
+    from certmon.mqtt import Incoming
+    from collector.ingest import Ingestor
+    from collector.store import open_store
+    from collector.verify import CertCache
+
+    now = datetime.now(UTC)
+    root = make_ca("signing-renewal root", now)
+    signer = make_device(root, "gw-renew", now, days=3000)
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    store.migrate()
+    ingest = Ingestor(store, CertCache([root.cert]), now=lambda: now)
+    try:
+        for seq, tls in enumerate([make_device(root, "gw-renew-tls-1", now, days=90),
+                                   make_device(root, "gw-renew-tls-2", now, days=90)], 1):
+            body = dataclasses.replace(status(tls, seq, now), device_id="gw-renew")
+            token = p.sign_jws(p.encode_status(body), signer.key, signer.cert)
+            cert_msg = p.cert_message("gw-renew", [signer.cert], [tls.cert, *tls.chain])
+            ingest.process([
+                Incoming(p.cert_topic("certmon/v1", "gw-renew"), p.encode_message(cert_msg),
+                         False, 1),
+                Incoming(p.status_topic("certmon/v1", "gw-renew"), token, False, 1)])
+            assert ingest.accepted == seq, dict(ingest.rejected)
+            clients = [link.cert.sha256 for link in store.device_certs("gw-renew")
+                       if link.role == CertRole.CLIENT]
+            assert clients == [tls.cert.fingerprint(hashes.SHA256()).hex()]
+    finally:
+        store.close()
