@@ -1,10 +1,12 @@
 """`certmon-agent`: the device program's command line.
 
-Owns its commands' flags, output formatting (human table or `--json`) and the
-mapping of their outcomes to exit codes: Nagios codes for `check` (0 OK, 1 WARNING,
-2 CRITICAL, 3 UNKNOWN), delivery for `once`. The skeleton around the commands
-(logging, 78 on a config error, one line instead of a traceback, stop signals) is
-`certmon.cli`'s; everything it shows is computed elsewhere.
+Owns its commands' flags, their `--help` examples, output formatting (human table or
+`--json`) and the mapping of their outcomes to exit codes: Nagios codes for `check`
+(0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; a stale CA is information, see
+docs/check.md), delivery for `once`, with one line saying why a status was not
+delivered. The skeleton around the commands (usage errors exit 3, 78 on a config
+error, one line instead of a traceback, stop signals) is `certmon.cli`'s; everything
+it shows is computed elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 from certmon import pki
 from certmon.cli import (
     Program,
+    add_examples,
     add_threshold_flags,
     add_verbose,
     new_parser,
@@ -33,39 +36,65 @@ from certmon.clock import utc_now
 from certmon.errors import ConfigError
 
 from .certstore import read_material
-from .report import DeviceCheck, check_device
+from .report import DeviceCheck, check_device, judged_by_use, required_ca_findings
 
 if TYPE_CHECKING:
     from .config import AgentConfig
     from .service import AgentService
 
-UNREADABLE = {pki.FindingCode.FILE_UNREADABLE, pki.FindingCode.KEY_UNREADABLE}
+# Inputs the check could not look at: UNKNOWN, not a verdict on the certificates.
+UNREADABLE = {pki.FindingCode.FILE_UNREADABLE, pki.FindingCode.KEY_UNREADABLE,
+              pki.FindingCode.NO_CERTIFICATE}
+CONFIG = "/etc/certmon/agent.toml"
+DEVICE_FLAGS = "--ca-bundle ca.pem --cert device.crt --key device.key"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser("certmon-agent", __doc__.split("\n")[0])
+    parser = add_examples(
+        new_parser("certmon-agent", __doc__.split("\n")[0]),
+        "certmon-agent check --ca-bundle /etc/ssl/certs/ca-certificates.crt",
+        f"certmon-agent once --config {CONFIG}",
+        f"certmon-agent run --config {CONFIG}")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="one-shot local check of CA bundle, cert and key")
     check.add_argument("--ca-bundle", help="CA bundle (PEM or DER, several certificates)")
     check.add_argument("--cert", help="client certificate (may carry its intermediates)")
     check.add_argument("--key", help="private key of the client certificate")
+    check.add_argument("--require-ca", action="append", default=[], metavar="FILE",
+                       help="a CA the device must trust (e.g. the one the broker moves "
+                       "to): its expiry counts, its absence warns (repeatable)")
+    check.add_argument("--count-stale-cas", action="store_true",
+                       help="count expired/expiring CAs nothing here chains through "
+                       "(default: listed as information, exit code unchanged)")
     add_threshold_flags(check)
     check.add_argument("--config", help="agent TOML config (flags override it)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     add_verbose(check)
+    add_examples(check, "certmon-agent check --ca-bundle /etc/ssl/certs/ca-certificates.crt",
+                 f"certmon-agent check {DEVICE_FLAGS} --warn-days 30 --crit-days 7",
+                 f"certmon-agent check --config {CONFIG} --require-ca new-broker-ca.pem --json")
     run = sub.add_parser("run", help="the service: report every interval, forever")
     add_service_flags(run)
+    add_examples(run, f"certmon-agent run --config {CONFIG}",
+                 f"certmon-agent run --broker mqtts://broker.example:8883 {DEVICE_FLAGS} "
+                 "--state-dir /var/lib/certmon-agent")
     once = sub.add_parser("once", help="publish one status, wait for PUBACK, exit")
     add_service_flags(once)
     once.add_argument("--timeout-s", type=float, default=30.0)
     once.add_argument("--offline-after", action="store_true",
                       help="publish online=false before leaving")
     once.add_argument("--json", action="store_true")
+    add_examples(once, f"certmon-agent once --config {CONFIG}",
+                 f"certmon-agent once --config {CONFIG} --timeout-s 10 --json")
     show = sub.add_parser("show", help="print the unsigned status JSON; no network")
     add_service_flags(show)
     show.add_argument("--json", action="store_true", help="(always JSON)")
+    add_examples(show, f"certmon-agent show --config {CONFIG}",
+                 f"certmon-agent show --broker mqtts://broker.example:8883 {DEVICE_FLAGS}")
     check_config = sub.add_parser("check-config", help="validate the config and flags")
     add_service_flags(check_config)
+    add_examples(check_config, f"certmon-agent check-config --config {CONFIG}",
+                 f"certmon-agent check-config --config {CONFIG} --interval-s 60")
     return parser
 
 
@@ -89,7 +118,7 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-id", help="device id (default: the certificate's CN)")
     parser.add_argument("--state-dir", help="sequence numbers and spool")
     parser.add_argument("--interval-s", help="seconds between reports")
-    parser.add_argument("--topic-prefix", help="topic prefix (default certmon/v1)")
+    parser.add_argument("--topic-prefix", help="topic prefix (default certmon/v2)")
     parser.add_argument("--client-id", help="MQTT client id")
     parser.add_argument("--alpn", help="ALPN protocols, comma-separated")
     parser.add_argument("--mqtt-protocol", choices=["v5", "v311"], help="MQTT version")
@@ -140,9 +169,9 @@ def cmd_once(config: AgentConfig, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if not delivered:
-        error = service.link.state.last_error if service.link else "no MQTT link"
         print(f"certmon-agent: status seq={result.status.seq} not acknowledged within "
-              f"{args.timeout_s:g} s ({error}); it stays spooled in {service.spool.dir}",
+              f"{args.timeout_s:g} s ({_why_undelivered(config, service)}); it stays "
+              f"spooled in {service.spool.dir} and goes out with the next `once` or `run`",
               file=sys.stderr)
         return 1
     if args.json:
@@ -151,6 +180,25 @@ def cmd_once(config: AgentConfig, args: argparse.Namespace) -> int:
     else:
         print(f"delivered status seq={result.status.seq} for {result.status.device_id}")
     return 0
+
+
+def _why_undelivered(config: AgentConfig, service: AgentService) -> str:
+    """What a newcomer can act on. paho says only "connect failed" when the session
+    never came up, so then a TLS probe of the broker names the cause: refused, DNS,
+    a port that does not speak TLS (a plain-MQTT 1883), our certificate rejected."""
+    link = service.link
+    error = (link.state.last_error if link else None) or "no MQTT link"
+    if link is None or link.state.connects or not config.mqtt.is_tls:
+        return error
+    from certmon.tlsprobe import ProbeTarget, probe
+
+    seen = probe(ProbeTarget(
+        host=config.mqtt.host, port=config.mqtt.port, servername=config.mqtt.servername,
+        alpn=config.mqtt.alpn, client_cert=str(config.tls.cert),
+        client_key=str(config.tls.key), timeout_s=5.0))
+    if seen.error is None:
+        return f"{error}; a TLS handshake with {config.mqtt.broker} works"
+    return seen.error if config.mqtt.host in seen.error else f"{config.mqtt.broker}: {seen.error}"
 
 
 def _leave(service: AgentService) -> None:
@@ -188,7 +236,14 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     if ca_bundle is None:
         raise ConfigError("check: --ca-bundle (or --config with tls.ca_bundle) is required")
     policy = with_thresholds(policy, args)
+    required = [pki.read_bundle(path) for path in args.require_ca]
     result = check_device(read_material(ca_bundle, cert, key, **signing), utc_now(), policy)
+    # The same rule as the status `run` publishes: a CA's expiry counts when something
+    # here chains through it (the client chain, a --require-ca).
+    result = judged_by_use(result, (c.facts.sha256 for b in required for c in b.certs),
+                           count_stale=args.count_stale_cas)
+    result = dataclasses.replace(result, findings=(
+        *result.findings, *required_ca_findings(result.trust_store, required)))
     if args.json:
         write_json(check_to_json(result), out)
     else:
@@ -197,16 +252,20 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def exit_code(result: DeviceCheck) -> int:
+    return int(check_status(result))
+
+
+def check_status(result: DeviceCheck) -> pki.Severity:
     """Worst severity; UNKNOWN when an input named on the command line was unreadable
     (the check could not look, which is not the same as having looked and found it bad)."""
     if any(f.code in UNREADABLE for f in result.findings):
-        return int(pki.Severity.UNKNOWN)
-    return int(result.severity)
+        return pki.Severity.UNKNOWN
+    return result.severity
 
 
 def check_to_json(result: DeviceCheck) -> dict[str, object]:
     return {
-        "status": result.severity.name,
+        "status": check_status(result).name,
         "now": pki.as_json(result.now),
         "trust_store": pki.as_json(result.trust_store),
         "client": pki.as_json(result.client),
@@ -243,9 +302,16 @@ def render_check(result: DeviceCheck, out: TextIO) -> None:
             out.write(f"  path: {path}\n")
         out.write("\n")
     findings = sorted(result.findings, key=lambda f: -f.severity)
-    out.write(f"{result.severity.name}: {len(findings)} finding(s)\n")
+    counted = [f for f in findings if f.severity != pki.Severity.OK]
+    info = len(findings) - len(counted)
+    out.write(f"{check_status(result).name}: {len(counted)} finding(s)")
+    if info:
+        out.write(f"; {info} stale CA(s), for information only (--count-stale-cas "
+                  "counts them)")
+    out.write("\n")
     for f in findings:
-        out.write(f"  {f.severity.name:8} {f.code.value:32} {f.message}\n")
+        label = "INFO" if f.severity == pki.Severity.OK else f.severity.name
+        out.write(f"  {label:8} {f.code.value:32} {f.message}\n")
 
 
 PROGRAM = Program("certmon-agent", build_parser, load_config, checks={"check": cmd_check},

@@ -23,6 +23,7 @@ from certmon.config import (
     validate_device_id,
     validate_topic_prefix,
 )
+from certmon.wire import DEFAULT_PREFIX
 
 DEFAULT_PATH = Path("/etc/certmon/agent.toml")
 
@@ -65,7 +66,7 @@ class LoopConfig:
     interval_s: int = setting(default=300, ge=10, doc="Seconds between status reports.")
     jitter_fraction: float = setting(default=0.1, ge=0, le=0.5, doc="Random spread of each "
                                      "interval, so a rebooted fleet does not report in step.")
-    topic_prefix: str = setting(default="certmon/v1", check=validate_topic_prefix,
+    topic_prefix: str = setting(default=DEFAULT_PREFIX, check=validate_topic_prefix,
                                 doc="Topic prefix; must match the collector's.")
     state_dir: Path = setting(default=Path("/var/lib/certmon-agent"),
                               doc="Sequence numbers and the offline spool live here.")

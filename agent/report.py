@@ -2,18 +2,20 @@
 and findings out.
 
 Owns the composition of certmon.pki's rules for one device (trust store, client
-certificate and key, the chain between them). Must not read files, clocks or the
-network: the caller passes `DeviceMaterial` and `now`.
+certificate and key, the chain between them) and the one rule that judges a trust
+store's CAs by use (`judged_by_use`), which `certmon-agent check` and the status
+`certmon-agent run` publishes both apply, so the two cannot disagree. Must not read
+files, clocks or the network: the caller passes `DeviceMaterial` and `now`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from certmon import pki
-from certmon.chain import chain_findings, verify_chain
+from certmon.chain import chain_findings, verify_chain, verify_signature_with
 
 from .certstore import DeviceMaterial, SigningMaterial
 from .clocksync import ClockVerdict, explains_not_yet_valid
@@ -31,6 +33,9 @@ class DeviceCheck:
     chain_now: pki.ChainResult | None
     chain_at_warn: pki.ChainResult | None
     findings: tuple[pki.Finding, ...]
+    # SHA-256 of the trust-store CAs the client chain goes through: the validated path,
+    # or when it does not validate (an expired root) the CAs it links to by signature.
+    client_chain_cas: frozenset[str] = frozenset()
 
     @property
     def severity(self) -> pki.Severity:
@@ -49,6 +54,78 @@ def split_trust_store(
     if not anchors:
         return list(bundle.certs), []
     return anchors, [c for c in bundle.certs if not c.facts.is_self_issued]
+
+
+TRUST_STORE_CODES = frozenset({pki.FindingCode.CA_EXPIRED, pki.FindingCode.CA_EXPIRING})
+
+
+def judged_by_use(check: DeviceCheck, used: Iterable[str] = (), *,
+                  count_stale: bool = False) -> DeviceCheck:
+    """The trust store judged by use: a CA's expiry (CA_EXPIRED, CA_EXPIRING) keeps its
+    severity only when something the device holds or sees chains through it — its
+    client chain (`check.client_chain_cas`) or what the caller adds in `used` (the
+    broker chain the agent's session saw, the CAs `check --require-ca` names).
+    Any other such finding becomes STALE_CA at severity OK: a stock system bundle
+    ships a few expired roots nobody here relies on (Debian 12: Baltimore CyberTrust
+    Root, E-Tugra, …), and they must not page anyone. `count_stale` keeps them all
+    (`check --count-stale-cas`, the lint of the file)."""
+    if count_stale:
+        return check
+    in_use = check.client_chain_cas | frozenset(used)
+    findings = tuple(
+        f if f.code not in TRUST_STORE_CODES or f.cert_sha256 in in_use
+        else replace(f, code=pki.FindingCode.STALE_CA, severity=pki.Severity.OK,
+                     message=f"stale CA in the bundle: {f.message}; no chain of this "
+                             "device goes through it")
+        for f in check.findings)
+    return replace(check, findings=findings)
+
+
+def required_ca_findings(trust_store: Sequence[pki.CertFacts],
+                         required: Sequence[pki.Bundle]) -> list[pki.Finding]:
+    """`check --require-ca`: a CA the device must trust (the one the broker moves to)
+    that the bundle lacks warns, as the collector's required-CA alert does; a file
+    that cannot be read says so (and makes the check UNKNOWN)."""
+    held = {f.sha256 for f in trust_store}
+    out: list[pki.Finding] = []
+    for bundle in required:
+        out.extend(bundle.findings)
+        out.extend(pki.finding_about(pki.FindingCode.TRUST_STORE_MISSING_CA,
+                                     pki.Severity.WARNING,
+                                     f"trust store lacks required CA {c.facts.name} "
+                                     f"({bundle.source}): connections that chain to it "
+                                     "will fail", c.facts)
+                   for c in bundle.certs if c.facts.sha256 not in held)
+    return out
+
+
+def linked_cas(leaf: pki.LoadedCert, pool: Sequence[pki.LoadedCert]) -> frozenset[str]:
+    """The CAs of `pool` a chain from `leaf` reaches by issuer name and signature, valid
+    or not: what "chains through it" means when the chain does not validate (an
+    expired root fails the verifier, which then names no path). Every CA that could
+    be the next link counts (a re-issued root with the same key and name: either may
+    be the one a TLS stack picks)."""
+    used: set[str] = set()
+    current = leaf
+    for _ in range(8):  # the verifier's max_chain_depth
+        if current.facts.is_self_issued:
+            break
+        issuers = [c for c in pool if c.facts.subject == current.facts.issuer
+                   and c.facts.sha256 not in used and verify_signature_with(current.cert, c.cert)]
+        if not issuers:
+            break
+        used.update(c.facts.sha256 for c in issuers)
+        current = issuers[0]
+    return frozenset(used)
+
+
+def cas_on_chain(leaf: pki.LoadedCert, pool: Sequence[pki.LoadedCert],
+                 result: pki.ChainResult) -> frozenset[str]:
+    """The CAs a chain goes through: the validated path when there is one, else the
+    CAs it links to (see `linked_cas`)."""
+    if result.is_valid:
+        return frozenset(f.sha256 for f in result.path[1:])
+    return linked_cas(leaf, pool)
 
 
 def newest_not_before(material: DeviceMaterial) -> datetime | None:
@@ -113,6 +190,7 @@ def _check(
     client_facts: pki.CertFacts | None = None
     extra: tuple[pki.CertFacts, ...] = ()
     chain_now = chain_later = None
+    chain_cas: frozenset[str] = frozenset()
     if material.client is not None:
         findings.extend(material.client.findings)
         if material.client.certs:
@@ -132,6 +210,8 @@ def _check(
                                                chain_at + policy.warn_window, purpose="client")
                 findings.extend(chain_findings(leaf.facts, chain_now, chain_later, now,
                                                    policy, role="client"))
+                chain_cas = cas_on_chain(leaf, [*shipped, *material.trust_store.certs],
+                                         chain_now)
             if material.key is not None:
                 findings.extend(pki.key_findings(material.key, leaf.facts,
                                                  pki.cert_spki_sha256(leaf.cert)))
@@ -149,6 +229,7 @@ def _check(
         chain_now=chain_now,
         chain_at_warn=chain_later,
         findings=tuple(_dedupe(findings)),
+        client_chain_cas=chain_cas,
     )
 
 

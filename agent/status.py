@@ -22,7 +22,9 @@ from .clocksync import ClockVerdict
 from .report import (
     DeviceCheck,
     best_true_now,
+    cas_on_chain,
     explained_by_clock,
+    judged_by_use,
     split_trust_store,
     without_explained,
 )
@@ -45,6 +47,9 @@ class BrokerObservation:
     error: str | None
     seen_at: datetime
     findings: tuple[pki.Finding, ...]
+    # SHA-256 of the trust-store CAs the broker chain goes through (validated path, or
+    # linked by signature when it does not validate): the "by use" rule's input.
+    uses_cas: frozenset[str] = frozenset()
 
 
 def observe_broker(
@@ -57,10 +62,10 @@ def observe_broker(
     With a clock verdict, a broker certificate that is not yet valid only because the
     device's clock is behind is judged at the best estimate of the true time, and the
     clock findings (not this function) report the problem."""
-    certs: list[x509.Certificate] = []
+    loaded: list[pki.LoadedCert] = []
     for der in presented_der:
-        bundle = pki.parse_bundle(der, f"tls:{host}:{port}")
-        certs.extend(c.cert for c in bundle.certs)
+        loaded.extend(pki.parse_bundle(der, f"tls:{host}:{port}").certs)
+    certs: list[x509.Certificate] = [c.cert for c in loaded]
     facts = tuple(pki.facts_from_cert(c, source=f"tls:{host}:{port}", index=i)
                   for i, c in enumerate(certs))
     if not certs:
@@ -79,8 +84,9 @@ def observe_broker(
     findings = without_explained(
         [*pki.expiry_findings(facts[0], now, policy, "broker"),
          *chain_findings(facts[0], now_r, later, now, policy, role="broker")], explained)
+    uses = cas_on_chain(loaded[0], [*loaded[1:], *trust_store.certs], now_r)
     return BrokerObservation(host, port, tls_version, facts, now_r.is_valid, later.is_valid,
-                             error or now_r.error, now, tuple(findings))
+                             error or now_r.error, now, tuple(findings), uses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +114,12 @@ def build_status(
     counters: AgentCounters,
     policy: pki.Policy,
 ) -> p.Status:
-    findings = [f for f in check.findings if _matters(f, check, broker)]
+    # Trust-store CAs judged by use (the rule `certmon-agent check` applies too); the
+    # stale ones travel as facts in `trust_store.expiring` (the collector's readiness
+    # views use them), not as findings that would mark every gateway as failing.
+    used = (broker.uses_cas | {f.sha256 for f in broker.chain}) if broker else frozenset()
+    findings = [f for f in judged_by_use(check, used).findings
+                if f.code != pki.FindingCode.STALE_CA]
     findings += [*clock_findings, *(broker.findings if broker else ())]
     findings.sort(key=lambda f: (-f.severity, f.code.value))
     return p.Status(
@@ -140,23 +151,6 @@ def build_status(
             spool_dropped=counters.spool_dropped,
         ),
     )
-
-
-TRUST_STORE_CODES = frozenset({pki.FindingCode.CA_EXPIRED, pki.FindingCode.CA_EXPIRING})
-
-
-def _matters(finding: pki.Finding, check: DeviceCheck, broker: BrokerObservation | None) -> bool:
-    """A trust-store CA's expiry is a finding of the device only when the device uses
-    that CA: on its client chain or the broker chain it saw. A system bundle carries a
-    few expired or expiring roots nobody here relies on; they travel as facts in
-    `trust_store.expiring` (the collector's readiness views use them), not as
-    findings that would mark every gateway as failing (`certmon-agent check` still
-    lists them all: it lints the file)."""
-    if finding.code not in TRUST_STORE_CODES:
-        return True
-    used = {f.sha256 for f in (check.chain_now.path if check.chain_now else ())}
-    used |= {f.sha256 for f in (broker.chain if broker else ())}
-    return finding.cert_sha256 in used
 
 
 def _client_summary(check: DeviceCheck) -> p.CertSummary | None:

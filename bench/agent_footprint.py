@@ -28,9 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
 import psutil  # noqa: E402
-from kit.broker import FLEET_ACL, Listener, Mosquitto, wait_until  # noqa: E402
+from kit.broker import Mosquitto, wait_until  # noqa: E402
+from kit.brokerconf import BrokerFiles, documented_broker  # noqa: E402
 from kit.mqttprobe import MqttProbe  # noqa: E402
 from kit.pki import PKIFactory, write_bundle  # noqa: E402
+
+from certmon import wire as p  # noqa: E402
 
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -45,7 +48,7 @@ def main() -> int:
         pki = PKIFactory(datetime.now(UTC))
         root = pki.root("footprint Fleet Root", name="fp-root")
         devices = pki.intermediate(root, "footprint devices", name="fp-devices")
-        services = pki.intermediate(root, "footprint services", name="fp-services")
+        services = pki.root("footprint Operations CA", name="fp-operations")
         broker_ca = pki.root("footprint Broker CA", name="fp-broker-ca")
         server = pki.leaf(broker_ca, "localhost", name="fp-server", usage="server",
                           sans=("localhost", "127.0.0.1"))
@@ -60,14 +63,16 @@ def main() -> int:
         system = SYSTEM_BUNDLE.read_bytes() if SYSTEM_BUNDLE.exists() else b""
         bundle.write_bytes(system + roots.read_bytes())
         n_system = system.count(b"BEGIN CERTIFICATE")
-        broker = Mosquitto(work / "broker", [Listener(
-            tls=True, certfile=server_cert, keyfile=server_key, cafile=fleet_root,
-            require_certificate=True, use_identity_as_username=True)], acl=FLEET_ACL)
+        documented = documented_broker(work / "broker-conf", BrokerFiles(
+            fleet_ca=fleet_root, operations_ca=write_bundle(work / "ops.pem", [services]),
+            certfile=server_cert, keyfile=server_key))
+        broker = Mosquitto(work / "broker", documented.listeners,
+                           extra_conf=documented.global_conf)
         with broker:
-            port = broker.ports[0]
+            port, operations_port = broker.ports
             watcher = MqttProbe("fp-watcher", ca_certs=str(roots), certfile=str(watcher_cert),
-                                keyfile=str(watcher_key)).connect(port)
-            watcher.subscribe("certmon/v1/gw-footprint/status")
+                                keyfile=str(watcher_key)).connect(operations_port)
+            watcher.subscribe(p.status_topic(p.DEFAULT_PREFIX, "gw-footprint"))
             agent = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--broker",
                  f"mqtts://127.0.0.1:{port}", "--ca-bundle", str(bundle), "--cert",

@@ -84,7 +84,8 @@ def _session(port: int, client_id: str, *, tls: dict[str, str] | None = None) ->
     props.SessionExpiryInterval = 3600
     client.connect("127.0.0.1", port, clean_start=False, properties=props)
     client.loop_start()
-    for topic in ("certmon/v1/+/status", "certmon/v1/+/cert"):
+    for topic in (p.device_topic_filter(p.DEFAULT_PREFIX, p.TopicKind.STATUS),
+                  p.device_topic_filter(p.DEFAULT_PREFIX, p.TopicKind.CERT)):
         client.subscribe(topic, qos=1)
     time.sleep(0.5)  # SUBACKs; a bench, not a test
     client.disconnect()
@@ -202,7 +203,7 @@ def main() -> int:
                  "fleet_ca": site.fleet_ca}
         broker = site.broker
         with broker:
-            plain, mtls = broker.ports
+            plain, mtls = site.plain_port, site.collector_port
             ceiling = bare_subscriber_rate(mtls, plain, creds, [*certs, *statuses])
             print(f"bare paho subscriber (ceiling) : {ceiling:9.0f} msgs/s")
             for backend in args.backends.split(","):

@@ -1,17 +1,20 @@
 """`make demo`: a living demo fleet on this machine, with problems to find.
 
-Generates a demo PKI, starts Mosquitto on loopback (TLS with client certificates, the
-certmon ACL), a collector on SQLite with its dashboard, and ten agents in distinct
-states — healthy; client certificate expiring soon; intermediate CA expiring before
-its leaf; trust store missing the CA the broker will move to; clock two days behind;
-clock unsynced; world-readable key; one that goes offline — then prints the
-dashboard URL and the `certmon-collector report` table, and runs until interrupted
-(or for --duration seconds), cleaning up everything it started.
+Generates a demo PKI, starts Mosquitto on loopback in certmon's documented
+configuration (packaging/mosquitto/: devices on one mTLS listener trusting the fleet
+CA, the collector on another trusting only an operations CA), a collector on SQLite
+with its dashboard, and ten agents in distinct states — healthy; client certificate
+expiring soon; intermediate CA expiring before its leaf; trust store missing the CA
+the broker will move to; clock two days behind; clock unsynced; world-readable key;
+one that goes offline — then prints the dashboard URL and the `certmon-collector
+report` table, and runs until interrupted (or for --duration seconds), cleaning up
+everything it started.
 
 It lives in bench/ (a tool, not part of the installed package) because it runs the
 agent and the collector in one process, which neither package may do (tests/test_layout).
 Its certificates and its broker come from the test kit (tests/kit/pki.py,
-tests/kit/broker.py; bench/README.md says why bench may import it).
+tests/kit/broker.py, tests/kit/brokerconf.py; bench/README.md says why bench may
+import it).
 Everything runs the real code: real keys and signatures, real MQTT over mTLS. The
 two clock cases inject their clock readers (a shifted wall clock, chrony's answer):
 that is the only simulated part, since a demo must not change this machine's clock.
@@ -38,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cryptography import x509
-from kit.broker import FLEET_ACL, BrokerStartError, Listener, Mosquitto, find_mosquitto
+from kit.broker import BrokerStartError, Mosquitto, find_mosquitto
+from kit.brokerconf import BrokerFiles, documented_broker
 from kit.pki import Issued, PKIFactory, write_bundle
 
 from agent.config import AgentConfig
@@ -83,14 +87,15 @@ def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
     devices_ca = pki.intermediate(root, "demo devices", not_before=now - timedelta(days=300))
     short_ca = pki.intermediate(root, "demo devices (old CA)", days=30,
                                 not_before=now - timedelta(days=18))  # 12 days left
-    services_ca = pki.intermediate(root, "demo services")
+    # The collector's CA issues no device certificate (docs/mosquitto.md).
+    operations_ca = pki.root("certmon demo Operations CA")
     broker_ca = pki.root("demo Broker Root 2020", not_before=now - timedelta(days=2000))
     new_broker_ca = pki.root("demo Broker Root 2026")
-    cas = {"root": root, "devices": devices_ca, "services": services_ca,
+    cas = {"root": root, "devices": devices_ca, "operations": operations_ca,
            "broker_ca": broker_ca, "new_broker_ca": new_broker_ca,
            "server": pki.leaf(broker_ca, "localhost", days=200, usage="server",
                               sans=("localhost", "127.0.0.1")),
-           "collector": pki.leaf(services_ca, "collector")}
+           "collector": pki.leaf(operations_ca, "collector")}
     full_trust = (root.cert, broker_ca.cert, new_broker_ca.cert)
 
     def dev(device_id: str, intended: str, story: str, *, issuer: Issued = devices_ca,
@@ -129,17 +134,20 @@ def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
 
 
 def start_broker(work: Path, cas: dict[str, Issued]) -> Mosquitto:
-    """Mosquitto on a free loopback port: mTLS only (client certificates from the fleet
-    root, CN as username), the certmon ACL, no anonymous clients."""
+    """Mosquitto on free loopback ports in the documented configuration: the device
+    listener (listeners[0]: fleet root, CN as username) and the operations listener
+    (listeners[1]: the operations CA), each with its shipped ACL, no anonymous clients."""
     if find_mosquitto() is None:
         raise SystemExit("certmon demo: mosquitto is not installed "
                          "(Debian: sudo apt-get install mosquitto)")
     server_cert, server_key = cas["server"].write(work)
-    fleet_root = write_bundle(work / "fleet-root.pem", [cas["root"]])
-    broker = Mosquitto(work / "broker", [
-        Listener(tls=True, certfile=server_cert, keyfile=server_key, cafile=fleet_root,
-                 require_certificate=True, use_identity_as_username=True),
-    ], acl=FLEET_ACL, allow_anonymous=False)
+    files = BrokerFiles(
+        fleet_ca=write_bundle(work / "fleet-root.pem", [cas["root"]]),
+        operations_ca=write_bundle(work / "operations-ca.pem", [cas["operations"]]),
+        certfile=server_cert, keyfile=server_key)
+    documented = documented_broker(work / "broker-conf", files)
+    broker = Mosquitto(work / "broker", documented.listeners,
+                       extra_conf=documented.global_conf)
     try:
         return broker.start()
     except BrokerStartError as exc:
@@ -196,14 +204,14 @@ def start_demo(work: Path, *, interval_s: int = 10, listen: str = "127.0.0.1:0")
 
 def _start_fleet(work: Path, broker: Mosquitto, cas: dict[str, Issued],
                  fleet: list[DemoDevice], *, interval_s: int, listen: str) -> Demo:
-    """The collector and the agents, on a running broker."""
-    port = broker.port
+    """The collector (operations listener) and the agents (device listener)."""
+    port, operations_port = broker.listeners[0].port, broker.listeners[1].port
     collector_cert, collector_key = cas["collector"].write(work, chain=True)
     write_bundle(work / "broker-ca.pem", [cas["broker_ca"]])
     new_ca = write_bundle(work / "new-broker-root.pem", [cas["new_broker_ca"]])
     config_text = f"""\
 [mqtt]
-broker = "mqtts://127.0.0.1:{port}"
+broker = "mqtts://127.0.0.1:{operations_port}"
 client_id = "certmon-demo-collector"
 session_expiry_s = 0
 

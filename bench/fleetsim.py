@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from kit.broker import FLEET_ACL, Listener, Mosquitto
+from kit.broker import Listener, Mosquitto
+from kit.brokerconf import BrokerFiles, documented_broker
 from kit.fleet import (
     SimCA,
     SimDevice,
@@ -57,9 +58,19 @@ class BenchSite:
     fleet_ca: Path  # the fleet root, for the collector's verification
     collector_cert: Path
     collector_key: Path
-    broker: Mosquitto  # listeners [plain, mTLS]
+    broker: Mosquitto  # listeners [plain, devices, operations] (see bench_site)
     work: Path  # where the site's files are
     now: datetime  # what its certificates are issued relative to
+
+    @property
+    def plain_port(self) -> int:
+        """Anonymous, no ACL: where the benchmark's publisher plays the whole fleet."""
+        return self.broker.listeners[0].port
+
+    @property
+    def collector_port(self) -> int:
+        """The documented operations listener, where the collector logs in."""
+        return self.broker.listeners[2].port
 
     def devices(self, n: int, prefix: str) -> list[SimDevice]:
         return make_devices(self.devices_ca, n, self.now, prefix=prefix)
@@ -76,12 +87,12 @@ def bench_fleet(label: str, n: int) -> Iterator[tuple[BenchSite, list[SimDevice]
 
 def bench_site(work: Path, now: datetime, label: str) -> BenchSite:
     """The PKI and Mosquitto the ingest and load benchmarks share: a fleet root with a
-    services CA (the collector) and a devices CA, a broker CA, and one broker with a
-    plain listener (the publisher) and an mTLS listener (the collector), its queue
-    limits raised as docs/mosquitto.md recommends."""
+    devices CA, an operations CA (the collector), a broker CA, and one broker with a
+    plain anonymous listener (the publisher) beside the documented device and
+    operations listeners (the collector), its queue limits raised further."""
     factory = PKIFactory(now)
     fleet_root = factory.root(f"{label} Fleet Root", name=f"{label}-fleet-root")
-    services = factory.intermediate(fleet_root, f"{label} services")
+    services = factory.root(f"{label} Operations CA", name=f"{label}-operations-ca")
     broker_ca = factory.root(f"{label} Broker CA", name=f"{label}-broker-ca")
     server = factory.leaf(broker_ca, "localhost", usage="server",
                           sans=("localhost", "127.0.0.1"))
@@ -90,12 +101,14 @@ def bench_site(work: Path, now: datetime, label: str) -> BenchSite:
     ca_bundle, fleet_ca = work / "ca.pem", work / "fleet-root.pem"
     ca_bundle.write_bytes(broker_ca.cert_pem())
     fleet_ca.write_bytes(fleet_root.cert_pem())
-    broker = Mosquitto(work / "broker", [
-        Listener(),
-        Listener(tls=True, certfile=server_cert, keyfile=server_key, cafile=fleet_ca,
-                 require_certificate=True, use_identity_as_username=True),
-    ], acl=FLEET_ACL, extra_conf="max_queued_messages 1000000\nmax_queued_bytes 0\n"
-                                "max_inflight_messages 1000\n")
+    operations_ca = work / "operations-ca.pem"
+    operations_ca.write_bytes(services.cert_pem())
+    documented = documented_broker(work / "broker-conf", BrokerFiles(
+        fleet_ca=fleet_ca, operations_ca=operations_ca, certfile=server_cert,
+        keyfile=server_key))
+    broker = Mosquitto(work / "broker", [Listener(allow_anonymous=True), *documented.listeners],
+                       extra_conf=documented.global_conf
+                       + "max_queued_messages 1000000\nmax_queued_bytes 0\n")
     devices_ca = make_ca(f"{label} devices", now, issuer=SimCA(fleet_root.cert, fleet_root.key))
     return BenchSite(devices_ca, ca_bundle, fleet_ca, collector_cert, collector_key, broker,
                      work, now)

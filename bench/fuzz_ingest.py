@@ -162,7 +162,7 @@ class Campaign:
         doc["device_id"] = device_id
         topic_id = device_id if rng.random() < 0.7 else dev.device_id
         return p.status_topic(PREFIX, topic_id) if p.validate_device_id(topic_id) is None \
-            else f"{PREFIX}/{topic_id}/status", self.sign(
+            else f"{PREFIX}/devices/{topic_id}/status", self.sign(
                 dev, json.dumps(doc, ensure_ascii=False).encode()), "unicode"
 
     # -- the loop ------------------------------------------------------------------

@@ -121,7 +121,7 @@ def main() -> int:
         broker = site.broker
         db = work / "load.db"
         with broker:
-            plain, mtls = broker.ports
+            plain, mtls = site.plain_port, site.collector_port
             log_path = work / "collector.log"
             with log_path.open("wb") as log:
                 collector = subprocess.Popen(

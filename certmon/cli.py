@@ -2,12 +2,14 @@
 certmon-scan.
 
 Owns what they do alike around their commands: the `--version` and `-v/--verbose`
-flags, the checks' `--warn-days`/`--crit-days` over a configured policy, logging to
-stderr, the `--json` convention (one document on stdout), what an error becomes (a
-ConfigError exits 78, EX_CONFIG, which the units' RestartPreventExitStatus=78 keeps
-from restart-looping; any other CertmonError, e.g. a store, web or transport failure,
-prints one line `prog: message` and exits the command's failure code, the traceback
-only under -v) and the stop signals of the long-running commands.
+flags, the checks' `--warn-days`/`--crit-days` over a configured policy, the examples
+every `--help` ends with, logging to stderr, the `--json` convention (one document on
+stdout), what an error becomes (a usage error exits 3, Nagios UNKNOWN, in all three
+programs, never argparse's 2, which reads as CRITICAL; a ConfigError exits 78,
+EX_CONFIG, which the units' RestartPreventExitStatus=78 keeps from restart-looping;
+any other CertmonError, e.g. a store, web or transport failure, prints one line
+`prog: message` and exits the command's failure code, the traceback only under -v)
+and the stop signals of the long-running commands.
 
 Must not know a program's commands or its other flags, nor import a role.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "EX_UNKNOWN",
     "NagiosParser",
     "Program",
+    "add_examples",
     "add_threshold_flags",
     "add_verbose",
     "new_parser",
@@ -46,8 +49,9 @@ C = TypeVar("C")
 
 
 class NagiosParser(argparse.ArgumentParser):
-    """For a program whose exit code Nagios reads: a usage error is UNKNOWN (3), never
-    argparse's 2, which Nagios would read as CRITICAL."""
+    """Every certmon program's parser (their exit codes are Nagios codes): a usage
+    error is UNKNOWN (3), never argparse's 2, which Nagios would read as CRITICAL.
+    Subcommand parsers inherit the class."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -55,11 +59,19 @@ class NagiosParser(argparse.ArgumentParser):
 
 
 def new_parser(prog: str, description: str | None = None, *,
-               parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+               parser_class: type[argparse.ArgumentParser] = NagiosParser
                ) -> argparse.ArgumentParser:
     """A program's parser with the shared `--version`."""
     parser = parser_class(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"certmon {__version__}")
+    return parser
+
+
+def add_examples(parser: argparse.ArgumentParser, *examples: str) -> argparse.ArgumentParser:
+    """End the parser's `--help` with real command lines (tests/test_cli.py parses each
+    with the program's own parser, so a renamed flag cannot leave a stale example)."""
+    parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -108,7 +120,9 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     except CertmonError as exc:
         if verbose:
             traceback.print_exc(file=sys.stderr)
-        print(f"{prog}: {exc}", file=sys.stderr)
+        # One line, even when a library's text has several (libpq adds "\n\tIs the
+        # server running on that host…?"); a ConfigError above lists one problem a line.
+        print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr)
         return failure_code(args)
 
 

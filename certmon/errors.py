@@ -35,3 +35,13 @@ class ProtocolError(CertmonError):
 
 class TransportError(CertmonError):
     """The MQTT or TLS transport failed (connect, handshake, publish)."""
+
+
+def unreadable_hint(exc: OSError) -> str:
+    """What to do about a file that cannot be read, appended to its one-line message
+    (" (run as a user that may read it …)"); empty when the OS error says it all."""
+    if isinstance(exc, PermissionError):
+        return " (run as a user that may read it, e.g. root or the file's group)"
+    if isinstance(exc, IsADirectoryError):
+        return " (give the file, not its directory)"
+    return ""

@@ -17,6 +17,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -80,6 +81,9 @@ class Incoming:
     received_mono_s: float = 0.0
     mid: int = 0  # for `MqttLink.ack` when the link acknowledges manually
     dup: bool = False  # the broker re-sends it (an earlier delivery was not acknowledged)
+    # Wall-clock arrival, stamped by the receiver's inbox (the link has no wall clock):
+    # a message processed late, after a store outage, keeps the time it arrived.
+    received_at: datetime | None = None
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The MQTT 3.1.1 CONNECT → CONNACK → DISCONNECT exchange a probe runs on its TLS session.
+"""The MQTT 3.1.1 CONNECT → CONNACK → DISCONNECT exchange a probe runs on its TLS session,
+and the same CONNECT without TLS, which tells a plain-MQTT port from a broken TLS one.
 
 Three fixed packets are hand-encoded: the scanner needs exactly this exchange on the
 TLS session it already holds (whose chain and timings it just recorded), which no MQTT
 client library exposes; this is wire necessity, not a client. MQTT 3.1.1 §3.1
 CONNECT, §3.2 CONNACK, §3.14 DISCONNECT.
-Owns `encode_connect`, `DISCONNECT` and `mqtt_exchange`. Must not: subscribe,
+Owns `encode_connect`, `DISCONNECT`, `mqtt_exchange` and `plain_connack`. Must not: subscribe,
 publish, retry or keep a session (paho lives in `certmon.mqtt` only), or judge the
 answer beyond recording it.
 """
@@ -25,6 +26,7 @@ from .probeio import (
     Observed,
     recv,
     retry,
+    wait,
 )
 
 DISCONNECT = b"\xe0\x00"
@@ -49,6 +51,28 @@ def encode_connect(client_id: str, keepalive_s: int = 10) -> bytes:
         length.append(byte | (0x80 if n else 0))
         if not n:
             return b"\x10" + bytes(length) + body
+
+
+def plain_connack(sock: socket.socket, deadline: float, *, client_id: str) -> int | None:
+    """CONNECT on a plain (non-blocking, connected) socket: the CONNACK return code when
+    the peer answers like an MQTT broker, else None. A broker that refused our
+    ClientHello by resetting the connection is told apart from a broken TLS listener
+    this way; any CONNACK, accepting or not, says "MQTT without TLS"."""
+    data = b""
+    try:
+        sock.sendall(encode_connect(client_id))
+        while len(data) < 4 and wait(sock, write=False, until=deadline):
+            chunk = sock.recv(4 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if data[:2] != b"\x20\x02" or len(data) < 4:
+            return None
+        if data[3] == 0:
+            sock.sendall(DISCONNECT)  # a clean goodbye keeps the broker's log quiet
+    except OSError:
+        return None if len(data) < 4 or data[:2] != b"\x20\x02" else data[3]
+    return data[3]
 
 
 def mqtt_exchange(conn: SSL.Connection, sock: socket.socket, seen: Observed, deadline: float,

@@ -37,6 +37,7 @@ CLIENT_CERT_UNUSABLE = "client_cert_unusable"
 MQTT_REFUSED = "mqtt_refused"
 MQTT_NO_CONNACK = "mqtt_no_connack"
 MQTT_TIMEOUT = "mqtt_timeout"
+NOT_TLS = "not_tls"  # the port answers, but not with TLS (e.g. a plain-MQTT 1883)
 BAD_TARGET = "bad_target"
 PROBE_ERROR = "probe_error"
 

@@ -1,4 +1,4 @@
-"""sd_notify in a few lines of stdlib: readiness, watchdog pings, stopping.
+"""sd_notify in a few lines of stdlib: readiness, watchdog pings, status text, stopping.
 
 Owns the datagram to $NOTIFY_SOCKET (a path, or an abstract socket when it starts
 with '@') and reading the watchdog interval systemd hands us. Outside systemd every
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify", "ready", "stopping", "watchdog", "watchdog_interval_s"]
+__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_interval_s"]
 
 
 def notify(state: str) -> bool:
@@ -39,6 +39,11 @@ def ready() -> bool:
 def watchdog() -> bool:
     """Still alive: call at least every `watchdog_interval_s()`; half of it is usual."""
     return notify("WATCHDOG=1")
+
+
+def status(text: str) -> bool:
+    """A one-line STATUS= for `systemctl status` (newlines would end the field)."""
+    return notify("STATUS=" + " ".join(text.split()))
 
 
 def stopping() -> bool:

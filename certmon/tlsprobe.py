@@ -4,7 +4,9 @@ Owns: connecting (IPv4/IPv6, SNI, ALPN, optional client certificate), the TLS ha
 verification OFF, capturing the presented chain as DER bytes in the order the server sent it,
 and an optional clean MQTT 3.1.1 CONNECT/CONNACK/DISCONNECT exchange on top (its packets are
 ``certmon.mqttprobe``'s; the non-blocking plumbing and the error kinds are ``certmon.probeio``'s).
-The result types, ``ProbeTarget`` and ``ProbeResult``, are this module's.
+When the handshake fails without a word of TLS from the server, telling "this port does not
+speak TLS" (error kind ``not_tls``; a plain-MQTT 1883 answers a plain CONNECT) from a broken
+TLS listener. The result types, ``ProbeTarget`` and ``ProbeResult``, are this module's.
 
 Must not: judge anything. No expiry, chain, hostname or key-strength checks here (that is
 ``certmon.pki``), and never raise because of what the server presented: an expired, self-signed
@@ -34,7 +36,7 @@ from typing import Any
 
 from OpenSSL import SSL, crypto
 
-from .mqttprobe import DISCONNECT, encode_connect, mqtt_exchange
+from .mqttprobe import DISCONNECT, encode_connect, mqtt_exchange, plain_connack
 from .probeio import (
     BAD_TARGET,
     CLIENT_CERT_REJECTED,
@@ -46,6 +48,7 @@ from .probeio import (
     DNS,
     HANDSHAKE_FAILED,
     HANDSHAKE_TIMEOUT,
+    NOT_TLS,
     PROBE_ERROR,
     Failed,
     Observed,
@@ -190,7 +193,12 @@ def _run(target: ProbeTarget, seen: Observed, deadline: float) -> None:
                 conn.set_tlsext_host_name(sni.encode("idna"))
             except UnicodeError as exc:
                 raise Failed(DNS, f"servername not encodable for SNI: {sni!r}") from exc
-        _handshake(conn, sock, target, seen, deadline)
+        try:
+            _handshake(conn, sock, target, seen, deadline)
+        except Failed as exc:
+            if exc.kind != HANDSHAKE_FAILED or seen.chain or seen.saw_cert_request:
+                raise
+            raise _not_tls(target, exc, deadline) from exc
         if target.mqtt:
             mqtt_exchange(conn, sock, seen, deadline, client_id=target.mqtt_client_id,
                           refusal_kind=_client_cert_kind(target))
@@ -201,6 +209,36 @@ def _run(target: ProbeTarget, seen: Observed, deadline: float) -> None:
                 _await_tls13_client_auth(conn, sock, target, deadline)
     finally:
         sock.close()
+
+
+# OpenSSL's words for a reply that is not a TLS record at all (an HTTP or SSH banner, an
+# MQTT CONNACK): the record header's version or length makes no sense.
+_NOT_A_RECORD = ("wrong version number", "packet length too long")
+
+
+def _not_tls(target: ProbeTarget, failed: Failed, deadline: float) -> Failed:
+    """The handshake failed before the server said anything TLS. Ask the port a plain
+    MQTT CONNECT (new connection): a CONNACK means an MQTT listener without TLS — what
+    Mosquitto's 1883 does with a ClientHello is reset the connection, which alone
+    would read as a broken TLS listener. Else, non-TLS bytes in reply still mean "not
+    TLS"; a bare reset or close stays the handshake failure it was."""
+    host = _bare_host(target.host)
+    where = f"[{host}]:{target.port}" if ":" in host else f"{host}:{target.port}"
+    connack = None
+    with contextlib.suppress(Failed):
+        sock = _connect(target, Observed(), deadline)
+        try:
+            connack = plain_connack(sock, deadline, client_id=target.mqtt_client_id)
+        finally:
+            sock.close()
+    if connack is not None:
+        return Failed(NOT_TLS, f"{where} does not speak TLS: it answers MQTT without TLS "
+                      f"(CONNACK {connack} to a plain CONNECT); use mqtt:// for it, or the "
+                      "broker's TLS listener (usually port 8883)")
+    if any(words in failed.message for words in _NOT_A_RECORD):
+        return Failed(NOT_TLS, f"{where} does not speak TLS: it answered the ClientHello "
+                      "with non-TLS data (a plain-text service on this port?)")
+    return failed
 
 
 def _context(target: ProbeTarget, seen: Observed) -> SSL.Context:

@@ -25,6 +25,7 @@ from certmon.config import (
     validate_topic_prefix,
 )
 from certmon.scanconfig import ScanTarget
+from certmon.wire import DEFAULT_PREFIX, LEGACY_V1_PREFIX
 
 DEFAULT_PATH = Path("/etc/certmon/collector.toml")
 
@@ -60,8 +61,21 @@ class MqttConfig(BrokerEndpoint):
                                       doc="Subscribe via $share/<group>/… (MQTT v5) so "
                                       "several collectors split the load.")
     keepalive_s: int = setting(default=60, ge=5, le=65535, doc="MQTT keepalive.")
-    topic_prefix: str = setting(default="certmon/v1", check=validate_topic_prefix,
+    topic_prefix: str = setting(default=DEFAULT_PREFIX, check=validate_topic_prefix,
                                 doc="Topic prefix; must match the agents'.")
+    legacy_v1_topics: bool = setting(default=False, doc="While a fleet migrates from "
+                                     "certmon/v1: also subscribe to and accept the v1 "
+                                     "layout, certmon/v1/<device>/<kind> "
+                                     "(docs/mosquitto.md, \"Migrating from certmon/v1\").")
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        # A prefix at or below certmon/v1 puts the v2 device subtree where the v1
+        # broker rule `pattern write certmon/v1/%u/#` lets a CN "devices" (or the
+        # prefix's next level) write any device's topics during the migration.
+        if self.legacy_v1_topics and (self.topic_prefix + "/").startswith(
+                LEGACY_V1_PREFIX + "/"):
+            yield "legacy_v1_topics", (f"needs a topic_prefix outside {LEGACY_V1_PREFIX} "
+                                       f"(the v1 layout's), e.g. {DEFAULT_PREFIX}")
 
 
 
@@ -109,12 +123,23 @@ class IngestConfig:
                                   "for inspection.")
     offline_after_intervals: float = setting(default=3.0, ge=1, doc="A device is offline "
                                              "after this many of its intervals of silence.")
+    store_retry_max_s: float = setting(default=30.0, ge=0.1, le=600, doc="While the store "
+                                       "is unavailable, a batch is retried with backoff up "
+                                       "to this many seconds between tries; nothing is "
+                                       "acknowledged or dropped meanwhile.")
 
 
 @schema
 class AlertsConfig:
     renotify_interval_s: int = setting(default=14400, ge=60,
-                                       doc="Repeat a firing alert this often.")
+                                       doc="Repeat a firing alert this often on human "
+                                       "channels (log, MQTT, apprise).")
+    resend_interval_s: int = setting(default=60, ge=5, le=3600,
+                                     doc="Alertmanager receivers (webhook_urls) get the "
+                                     "whole active set this often, one POST per cycle, "
+                                     "with endsAt a few intervals ahead (as Prometheus "
+                                     "does), so a restarted Alertmanager has every "
+                                     "alert back within one interval.")
     webhook_urls: tuple[str, ...] = setting(default=(), schemes=("http", "https"),
                                             doc="Alertmanager-compatible webhook receivers.")
     apprise_urls: tuple[str, ...] = setting(default=(), check=_check_apprise,

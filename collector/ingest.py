@@ -1,10 +1,13 @@
 """Ingest: from MQTT messages to verified, stored device state — or counted rejections.
 
-Owns the per-message pipeline (topic → kind → verify → record), batching of store
-writes (one transaction per batch), rejection accounting (a counter per reason, a
-bounded sample in the store, one log line per device and reason per interval) and
-the hand-off of stored statuses to alert evaluation and fleet topics. Nothing it is
-sent may crash it: every input ends as "stored" or "rejected: <reason>".
+Owns the per-message pipeline (topic → kind → verify → record) as a side-effect-free
+decide stage: `decide(batch)` turns a batch into a `Plan` of effects in message order
+(status runs recorded in one transaction; rejections with their reason), which
+`apply(plan)` performs (collector.effects: exactly once, resumable after a store
+outage). Nothing it is sent may crash it: every input ends as "stored" or
+"rejected: <reason>". Decide reads the store only to load a certificate another
+collector stored; it writes nothing but the in-memory certificate cache, which is
+idempotent, so after `StoreUnavailable` it is simply run again.
 Verification rules live in collector.verify; storage in collector.store.
 """
 
@@ -12,11 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from cryptography import x509
 
@@ -26,7 +27,28 @@ from certmon.errors import ProtocolError
 from certmon.mqtt import Incoming
 
 from . import aggregate
-from .store import CertLink, CertRole, CertRow, FindingRecord, InventoryRecord, StatusRecord, Store
+from .effects import (
+    Applier,
+    Effect,
+    Inventory,
+    Online,
+    Pending,
+    Plan,
+    Reject,
+    Statuses,
+    Stored,
+    cert_key,
+)
+from .store import (
+    CertLink,
+    CertRole,
+    CertRow,
+    FindingRecord,
+    InventoryRecord,
+    StatusRecord,
+    Store,
+    StoreUnavailable,
+)
 from .verify import (
     CertCache,
     KnownCert,
@@ -37,19 +59,13 @@ from .verify import (
 )
 from .verifypool import VerifierPool
 
+__all__ = ["Ingestor", "Stored"]
+
 log = logging.getLogger("certmon.collector.ingest")
 
-# Rejections are logged once per (device, reason) per this interval: a device stuck
-# sending garbage every second must not fill the disk with the same line.
-LOG_EVERY = timedelta(minutes=10)
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """A status that was new and is now the device's state (for alerts and views)."""
-
-    status: p.Status
-    record: StatusRecord
+# A signed status waiting for the verifier pool, at its place in the batch.
+_Signed = tuple[Incoming, str, p.ParsedJWS, KnownCert, datetime]
+_Decided = Pending | Effect | int | None  # int: the index of a `_Signed` slot
 
 
 class Ingestor:
@@ -59,6 +75,7 @@ class Ingestor:
         certs: CertCache,
         *,
         prefix: str = p.DEFAULT_PREFIX,
+        legacy_v1_topics: bool = False,
         max_payload_bytes: int = 65536,
         now: Callable[[], datetime],
         on_stored: Callable[[Sequence[Stored]], None] | None = None,
@@ -69,94 +86,124 @@ class Ingestor:
         self.store = store
         self.certs = certs
         self.prefix = prefix
+        # Also accept the certmon/v1 topic layout while a fleet migrates (docs/mosquitto.md).
+        self.legacy_v1_topics = legacy_v1_topics
         self.max_payload_bytes = max_payload_bytes
         self.now = now
-        self.on_stored = on_stored
-        self.on_online = on_online
-        self.accepted = 0
-        self.duplicates = 0  # retained statuses seen again: normal after a (re)subscribe
-        self.rejected: Counter[str] = Counter()
-        self._logged: dict[tuple[str, str], datetime] = {}
-        # device → (signing, client) certificate SHA-256 whose rows were last stored: with
-        # a dedicated signing key the client certificate is renewed on its own.
-        self._stored_certs: dict[str, tuple[str, str | None]] = {}
-        self._lock = threading.Lock()
+        self.applier = Applier(store, device_of=self.device_of, now=now,
+                               on_stored=on_stored, on_online=on_online)
 
-    # ------------------------------------------------------------ entry point
+    # ------------------------------------------------------------ counters
+
+    @property
+    def accepted(self) -> int:
+        return self.applier.accepted
+
+    @property
+    def duplicates(self) -> int:
+        return self.applier.duplicates
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """The live counter by reason (this thread's view; others use rejected_counts)."""
+        return self.applier.rejected
+
+    def rejected_counts(self) -> dict[str, int]:
+        """This process's rejections by reason (a copy: safe from any thread)."""
+        return self.applier.rejected_counts()
+
+    def device_of(self, topic: str) -> str | None:
+        """The device a topic belongs to (None: not a device topic)."""
+        parsed = p.parse_device_topic(self.prefix, topic, legacy_v1=self.legacy_v1_topics)
+        return parsed[0] if parsed else None
+
+    # ------------------------------------------------------------ entry points
 
     def process(self, messages: Sequence[Incoming]) -> None:
-        """Handle a batch in arrival order; statuses are written in one transaction."""
-        pending: list[tuple[Verified, StatusRecord, Incoming]] = []
-        signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]] = []
+        """Decide and apply a batch; raises `StoreUnavailable` (tests, benches: the
+        service keeps the plan and retries `apply` instead)."""
+        self.apply(self.decide(messages))
+
+    def apply(self, plan: Plan) -> None:
+        self.applier.apply(plan)
+
+    def decide(self, messages: Sequence[Incoming]) -> Plan:
+        """The batch's effects in message order. Raises `StoreUnavailable` only."""
+        decided: list[_Decided] = []
+        signed: list[_Signed] = []
         for msg in messages:
+            at = msg.received_at or self.now()
             try:
-                self._one(msg, pending, signed)
+                decided.append(self._one(msg, at, signed))
             except ProtocolError as exc:
-                self.reject(exc.reason, msg, str(exc))
+                decided.append(Reject(exc.reason, msg, str(exc), at))
+            except StoreUnavailable:
+                raise
             except Exception as exc:
                 log.exception("unexpected error on %s", msg.topic[:200])
-                self.reject("internal_error", msg, f"{type(exc).__name__}: {exc}")
-        if signed:
-            self._verify_in_pool(signed, pending)
-        if pending:
-            self._record(pending)
+                decided.append(Reject("internal_error", msg, f"{type(exc).__name__}: {exc}",
+                                      at))
+        verdicts = self._verify_in_pool(signed) if signed else []
+        return _plan([verdicts[d] if isinstance(d, int) else d for d in decided])
 
-    def _verify_in_pool(self, signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]],
-                        pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
+    def _one(self, msg: Incoming, at: datetime, signed: list[_Signed]) -> _Decided:
+        if len(msg.payload) > self.max_payload_bytes:
+            raise ProtocolError("oversized", f"{len(msg.payload)} bytes (limit "
+                                f"{self.max_payload_bytes})")
+        parsed = p.parse_device_topic(self.prefix, msg.topic, legacy_v1=self.legacy_v1_topics)
+        if parsed is None:
+            raise ProtocolError("bad_topic", f"not a certmon device topic: {msg.topic[:120]!r}")
+        device_id, kind = parsed
+        if kind == p.TopicKind.STATUS:
+            if not msg.payload:
+                return None  # a cleared retained topic
+            # Parsed once here; the signature is checked in this thread or a worker.
+            parsed_jws = p.parse_jws(msg.payload, self.max_payload_bytes)
+            known = self._signer(device_id, parsed_jws, at)
+            if self.pool is not None:
+                signed.append((msg, device_id, parsed_jws, known, at))
+                return len(signed) - 1
+            verified = self._verify(device_id, parsed_jws, known)
+            return Pending(verified, self._status_record(verified, msg, at), msg)
+        if kind == p.TopicKind.CERT and msg.payload:
+            accept_cert_message(self.certs, device_id, msg.payload, at)
+        elif kind == p.TopicKind.ONLINE and msg.payload:
+            # Unsigned, but broker-attested: the ACL lets only this device (or the
+            # broker, for its will) write this topic (docs/mosquitto.md).
+            return Online(device_id, p.parse_online(msg.payload), at, msg)
+        elif kind == p.TopicKind.INVENTORY and msg.payload:
+            return Inventory(self._inventory(device_id, msg.payload, at), msg)
+        return None
+
+    def _verify_in_pool(self, signed: list[_Signed]) -> list[Pending | Reject]:
         assert self.pool is not None
         try:
             outcomes = self.pool.verify([
                 (device_id, parsed, known.identity, known.public_key_der)
-                for _msg, device_id, parsed, known in signed])
+                for _msg, device_id, parsed, known, _at in signed])
         except (OSError, EOFError) as exc:
             # A worker died (killed, out of memory): verify in this process from now on
             # rather than fail every batch.
             log.error("verification worker lost (%s): verifying in the collector process",
                       exc)
             self.pool = None
-            for msg, device_id, parsed, known in signed:
+            out: list[Pending | Reject] = []
+            for msg, device_id, parsed, known, at in signed:
                 try:
                     verified = self._verify(device_id, parsed, known)
-                    pending.append((verified, self._status_record(verified, msg, self.now()),
-                                    msg))
+                    out.append(Pending(verified, self._status_record(verified, msg, at), msg))
                 except ProtocolError as err:
-                    self.reject(err.reason, msg, str(err))
-            return
-        now = self.now()
-        for (msg, _device, _parsed, known), outcome in zip(signed, outcomes, strict=True):
+                    out.append(Reject(err.reason, msg, str(err), at))
+            return out
+        out = []
+        for (msg, _device, _parsed, known, at), outcome in zip(signed, outcomes, strict=True):
             if outcome.status is None or outcome.payload is None:
-                self.reject(outcome.reason or "internal_error", msg, outcome.detail or "")
+                out.append(Reject(outcome.reason or "internal_error", msg, outcome.detail or "",
+                                  at))
                 continue
             verified = Verified(outcome.status, known, outcome.payload)
-            pending.append((verified, self._status_record(verified, msg, now), msg))
-
-    def _one(self, msg: Incoming, pending: list[tuple[Verified, StatusRecord, Incoming]],
-             signed: list[tuple[Incoming, str, p.ParsedJWS, KnownCert]]) -> None:
-        if len(msg.payload) > self.max_payload_bytes:
-            raise ProtocolError("oversized", f"{len(msg.payload)} bytes (limit "
-                                f"{self.max_payload_bytes})")
-        parsed = p.parse_device_topic(self.prefix, msg.topic)
-        if parsed is None:
-            raise ProtocolError("bad_topic", f"not a certmon device topic: {msg.topic[:120]!r}")
-        device_id, kind = parsed
-        now = self.now()
-        if kind == p.TopicKind.STATUS:
-            if not msg.payload:
-                return  # a cleared retained topic
-            # Parsed once here; the signature is checked in this thread or a worker.
-            parsed_jws = p.parse_jws(msg.payload, self.max_payload_bytes)
-            known = self._signer(device_id, parsed_jws, now)
-            if self.pool is not None:
-                signed.append((msg, device_id, parsed_jws, known))
-                return
-            verified = self._verify(device_id, parsed_jws, known)
-            pending.append((verified, self._status_record(verified, msg, now), msg))
-        elif kind == p.TopicKind.CERT and msg.payload:
-            accept_cert_message(self.certs, device_id, msg.payload, now)
-        elif kind == p.TopicKind.ONLINE:
-            self._online(device_id, msg, now)
-        elif kind == p.TopicKind.INVENTORY and msg.payload:
-            self._inventory(device_id, msg.payload, now)
+            out.append(Pending(verified, self._status_record(verified, msg, at), msg))
+        return out
 
     # ------------------------------------------------------------ statuses
 
@@ -191,20 +238,21 @@ class Ingestor:
         self.certs.add(certs, now)
         return True
 
-    def _status_record(self, verified: Verified, msg: Incoming, now: datetime) -> StatusRecord:
+    def _status_record(self, verified: Verified, msg: Incoming, at: datetime) -> StatusRecord:
+        """`at`: when the message arrived, which is what the store keeps as received."""
         status, signer = verified.status, verified.signer
         severity, worst_code = aggregate.headline(status.findings)
-        offset = aggregate.clock_offset(status, now, retained=msg.retained)
+        offset = aggregate.clock_offset(status, at, retained=msg.retained)
         # Certificate rows are written when a device's certificate changes (or first
         # seen by this process), not with every status: at thousands of statuses per
         # second, re-upserting the same rows would be most of the store's work.
         links: tuple[CertLink, ...] = ()
         roles: frozenset[CertRole] = frozenset()
-        if self._stored_certs.get(status.device_id) != _cert_key(verified):
+        if self.applier.stored_certs.get(status.device_id) != cert_key(verified):
             links, roles = _cert_links(signer, status)
         return StatusRecord(
             device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
-            device_ts=status.ts, received_at=now, interval_s=status.interval_s,
+            device_ts=status.ts, received_at=at, interval_s=status.interval_s,
             status_json=verified.payload.decode("utf-8"),
             severity=int(severity), worst_code=worst_code,
             findings=tuple(FindingRecord(f.code, int(f.severity), f.cert, f.msg)
@@ -215,39 +263,11 @@ class Ingestor:
             clock_offset_lo_s=offset.lo_s, clock_offset_hi_s=offset.hi_s,
         )
 
-    def _record(self, pending: list[tuple[Verified, StatusRecord, Incoming]]) -> None:
-        results = self.store.record_statuses([record for _, record, _ in pending])
-        stored: list[Stored] = []
-        for (verified, record, msg), is_new in zip(pending, results, strict=True):
-            if record.certs:
-                self._stored_certs[record.device_id] = _cert_key(verified)
-            if is_new:
-                self.accepted += 1
-                stored.append(Stored(verified.status, record))
-            elif msg.retained or msg.dup:
-                # Seen again for a benign reason: the retained copy after a (re)subscribe,
-                # or the broker re-sending what a crashed collector had not acknowledged.
-                self.duplicates += 1
-            else:
-                self.reject("replay", msg, f"(boot_id, seq) = ({record.boot_id}, {record.seq}) "
-                            f"already seen for {record.device_id}")
-        if stored and self.on_stored is not None:
-            self.on_stored(stored)
-
     # ------------------------------------------------------------ other topics
 
-    def _online(self, device_id: str, msg: Incoming, now: datetime) -> None:
-        if not msg.payload:
-            return
-        online = p.parse_online(msg.payload)
-        # Unsigned, but broker-attested: the ACL lets only this device (or the broker,
-        # for its will) write this topic (docs/mosquitto.md).
-        if self.store.set_online(device_id, online, now) and self.on_online:
-            self.on_online(device_id, online, now)
-
-    def _inventory(self, device_id: str, token: bytes, now: datetime) -> None:
+    def _inventory(self, device_id: str, token: bytes, at: datetime) -> InventoryRecord:
         parsed = p.parse_jws(token, p.MAX_INVENTORY_JWS_BYTES, typ=p.INVENTORY_TYP)
-        known = self.certs.get(parsed.cert_sha256, now)
+        known = self.certs.get(parsed.cert_sha256, at)
         if known is None:
             raise ProtocolError("unknown_cert", "inventory signed by an unknown certificate")
         if not known.trusted or known.identity != device_id:
@@ -258,33 +278,35 @@ class Ingestor:
             raise ProtocolError("topic_mismatch", "inventory for another device")
         cas = tuple(CertRow(sha256=c.sha256, subject=c.subject, not_before=c.not_before,
                             not_after=c.not_after, is_ca=True) for c in inv.cas)
-        self.store.put_inventory(InventoryRecord(device_id, inv.digest, json.dumps(
-            [c.to_json() for c in inv.cas], separators=(",", ":")), now, cas))
-
-    # ------------------------------------------------------------ rejections
-
-    def reject(self, reason: str, msg: Incoming, detail: str) -> None:
-        now = self.now()
-        with self._lock:
-            self.rejected[reason] += 1
-        try:
-            self.store.count_rejection(reason, at=now, topic=msg.topic[:256], detail=detail[:500],
-                                       sample=msg.payload[:512])
-        except Exception:
-            log.exception("could not record a rejection")
-        device = (p.parse_device_topic(self.prefix, msg.topic) or ("?", None))[0]
-        key = (device, reason)
-        last = self._logged.get(key)
-        if last is None or now - last >= LOG_EVERY:
-            self._logged[key] = now
-            if len(self._logged) > 100_000:  # bounded, even under a flood of device ids
-                self._logged.clear()
-            log.warning("rejected %s from %s: %s", reason, msg.topic[:120], detail[:300])
+        return InventoryRecord(device_id, inv.digest, json.dumps(
+            [c.to_json() for c in inv.cas], separators=(",", ":")), at, cas)
 
 
-def _cert_key(verified: Verified) -> tuple[str, str | None]:
-    client = verified.status.client
-    return verified.signer.facts.sha256, client.sha256 if client else None
+def _plan(decided: Sequence[Pending | Effect | None]) -> Plan:
+    """Effects in message order, each run of statuses as one `Statuses` (one
+    transaction). Only a device-state effect (online, inventory) ends a run; a
+    rejection inside a run is applied after it, which changes no state."""
+    plan = Plan()
+    run: list[Pending] = []
+    rejects: list[Effect] = []
+
+    def flush() -> None:
+        if run:
+            plan.effects.append(Statuses(tuple(run)))
+            run.clear()
+        plan.effects.extend(rejects)
+        rejects.clear()
+
+    for d in decided:
+        if isinstance(d, Pending):
+            run.append(d)
+        elif isinstance(d, Reject):
+            rejects.append(d)
+        elif d is not None:
+            flush()
+            plan.effects.append(d)
+    flush()
+    return plan
 
 
 def _cert_links(signer: KnownCert, status: p.Status

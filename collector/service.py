@@ -1,11 +1,15 @@
 """The running collector: MQTT in, batches through ingest, periodic jobs, fleet topics.
 
-Owns threads and timing: paho's network thread only enqueues; one worker thread
-takes batches (verification is CPU, the store wants few large transactions); a
-periodic tick publishes the time beacon, marks silent devices offline, publishes the
-fleet summary and runs the jobs it was handed. Jobs that must run once per period
-across several collectors are claimed atomically in the store (`try_claim`). Also
-owns the seams its parts meet at (`Job`, `DeviceListener`, the link and its inbox).
+Owns threads and timing: paho's network thread only enqueues (collector.backlog); one
+worker thread takes batches (verification is CPU, the store wants few large
+transactions), and while the store is unavailable holds its batch unacknowledged and
+retries it with capped back-off, so nothing is lost and nothing is stored twice; a
+periodic tick publishes the time beacon, marks silent devices offline (judged at the
+ingest watermark, never at a backlog's expense), publishes the fleet summary and runs
+the jobs it was handed. Jobs that must run once per period across several collectors
+are claimed atomically in the store (`try_claim`). Also owns the store's health as
+this process sees it (log lines, sd_notify STATUS and watchdog) and the seams its parts
+meet at (`Job`, `DeviceListener`, the link and its inbox).
 
 Must not build its parts: `collector.wiring` builds each and hands it over, and
 nothing sets an attribute on a built service afterwards.
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -33,15 +36,27 @@ from certmon.errors import ConfigError, TransportError
 from certmon.mqtt import Incoming, LinkSettings, MqttLink
 
 from . import aggregate
+from .backlog import Backlog
 from .config import CollectorConfig
+from .effects import Plan, rejected_plan
 from .ingest import Ingestor, Stored
-from .store import Store
+from .store import Store, StoreUnavailable
+from .storehealth import (
+    HealthCell,
+    StoreHealth,
+    came_back,
+    processing_clock,
+    retry_delay_s,
+    status_text,
+    went_down,
+)
 
 log = logging.getLogger("certmon.collector")
 
 BATCH_MAX = 256
 BATCH_WAIT_S = 0.05
 TICK_S = 5.0
+BUG_ATTEMPTS = 3  # a batch failing for a reason other than the store: tries, then rejected
 
 
 def load_fleet_cas(config: CollectorConfig) -> list[x509.Certificate]:
@@ -65,17 +80,6 @@ class Periodic:
     summary_every_s: float = 60.0
     prune_every_s: float = 3600.0
     fleet_sweep_every_s: float = 60.0
-
-
-# The inbox between paho's thread and the ingest worker. When it is full, paho's
-# thread blocks in put(), which stops reading the socket: TCP back-pressure to the
-# broker, nothing dropped.
-INBOX_MAX = 20_000
-Inbox = queue.Queue[Incoming]
-
-
-def new_inbox() -> Inbox:
-    return queue.Queue(maxsize=INBOX_MAX)
 
 
 def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], None],
@@ -102,10 +106,12 @@ def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], Non
     # Order matters at (re)start: the broker sends each filter's retained messages
     # as it processes that SUBSCRIBE, so certificates come before the retained
     # statuses and inventories they sign, not after (which would reject them all).
-    link.subscribe(p.device_topic_filter(prefix, p.TopicKind.CERT), 1)
-    link.subscribe(p.device_topic_filter(prefix, p.TopicKind.ONLINE), 1)
-    link.subscribe(share + p.device_topic_filter(prefix, p.TopicKind.INVENTORY), 1)
-    link.subscribe(share + p.device_topic_filter(prefix, p.TopicKind.STATUS), 1)
+    # With mqtt.legacy_v1_topics each kind is also subscribed in the v1 layout.
+    for kind, shared in ((p.TopicKind.CERT, ""), (p.TopicKind.ONLINE, ""),
+                         (p.TopicKind.INVENTORY, share), (p.TopicKind.STATUS, share)):
+        for topic_filter in p.device_topic_filters(prefix, kind,
+                                                   legacy_v1=mqtt.legacy_v1_topics):
+            link.subscribe(shared + topic_filter, 1)
     return link
 
 
@@ -197,7 +203,8 @@ class CollectorService:
     and nothing changes them after construction."""
 
     def __init__(self, config: CollectorConfig, *, store: Store, clock: wallclock.Clock,
-                 link: MqttLink, inbox: Inbox, ingestor: Ingestor, listeners: DeviceListener,
+                 link: MqttLink, inbox: Backlog, ingestor: Ingestor, listeners: DeviceListener,
+                 health: HealthCell | None = None,
                  jobs: Sequence[Job] = (), on_close: Sequence[Callable[[], None]] = (),
                  periodic: Periodic | None = None, web_url: str | None = None) -> None:
         self.config = config
@@ -209,6 +216,7 @@ class CollectorService:
         self.inbox = inbox
         self.ingestor = ingestor
         self.listeners = listeners
+        self.health = health or HealthCell()
         self.jobs = tuple(jobs)
         self.on_close = tuple(on_close)
         self.periodic = periodic or Periodic()
@@ -216,6 +224,8 @@ class CollectorService:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._last_run: dict[str, float] = {}
+        self._beat_mono = clock.monotonic()  # the ingest worker's heartbeat
+        self._unrecorded: list[StoreHealth] = []  # ended outages not yet in the store
 
     # ------------------------------------------------------------ threads
 
@@ -226,39 +236,93 @@ class CollectorService:
 
     def _work(self) -> None:
         while not self._stop.is_set():
+            self._beat_mono = self.clock.monotonic()
+            batch = self.inbox.take(BATCH_MAX, 0.5, BATCH_WAIT_S)
+            if batch and self._store_batch(batch):
+                # Acknowledged only now that the store has them: at least once, not at
+                # most once (a crash before this line means the broker re-sends).
+                self.link.ack(batch)
+                self.inbox.done(len(batch))
+
+    def _store_batch(self, batch: Sequence[Incoming]) -> bool:
+        """Decide and apply `batch`, holding it through a store outage; False only when
+        stopped first (then it stays unacknowledged: the broker delivers it again)."""
+        plan: Plan | None = None
+        attempt = bugs = 0
+        while not self._stop.is_set():
             try:
-                first = self.inbox.get(timeout=0.5)
-            except queue.Empty:
+                if plan is None:
+                    plan = self.ingestor.decide(batch)
+                self.ingestor.apply(plan)
+            except StoreUnavailable as exc:
+                attempt += 1
+                self._store_failed(exc)
+                self._wait(retry_delay_s(attempt, self.config.ingest.store_retry_max_s))
                 continue
-            batch = [first]
-            while len(batch) < BATCH_MAX:
-                try:
-                    batch.append(self.inbox.get(timeout=BATCH_WAIT_S if len(batch) < 8 else 0))
-                except queue.Empty:
-                    break
-            try:
-                self.ingestor.process(batch)
-            except Exception:  # e.g. the database went away: keep running
-                # Not acknowledged: the broker delivers these again after a reconnect.
-                log.exception("a batch of %d messages failed; not acknowledged", len(batch))
-                self.ingestor.rejected["store_error"] += len(batch)
-                self._stop.wait(1.0)
+            except Exception as exc:  # a bug, not the store: neither lose nor loop forever
+                bugs += 1
+                log.exception("a batch of %d messages failed (attempt %d)", len(batch), bugs)
+                if bugs >= BUG_ATTEMPTS:  # counted and sampled, then acknowledged
+                    plan = rejected_plan(batch, f"{type(exc).__name__}: {exc}",
+                                         self.clock.now())
+                self._wait(retry_delay_s(bugs, self.config.ingest.store_retry_max_s))
                 continue
-            # Acknowledged only now that the store has them: at least once, not at
-            # most once (a crash before this line means the broker re-sends).
-            self.link.ack(batch)
+            self._store_worked()
+            return True
+        return False
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep for a retry, still beating: a worker waiting for the store is alive."""
+        end = self.clock.monotonic() + seconds
+        while not self._stop.is_set() and (left := end - self.clock.monotonic()) > 0:
+            self._beat_mono = self.clock.monotonic()
+            self._stop.wait(min(left, 1.0))
+
+    def _store_failed(self, exc: Exception) -> None:
+        held = len(self.inbox)
+        error = type(exc.__cause__ or exc).__name__  # the driver's class: no URL in it
+        before, _ = self.health.update(lambda h: went_down(h, self.clock.now(), error, held))
+        if before.is_up:
+            log.error("store unavailable (%s): holding %d messages unacknowledged, retrying "
+                      "every ≤ %g s; devices are not judged silent meanwhile", exc, held,
+                      self.config.ingest.store_retry_max_s)
+
+    def _store_worked(self) -> None:
+        if self.health.get().is_up:
+            return
+        before, after = self.health.update(
+            lambda h: came_back(h, self.clock.now(), self.link.settings.client_id))
+        if not before.is_up and after.last_outage is not None:
+            outage = after.last_outage
+            log.warning("store back after %.1f s: the %d messages held meanwhile are stored "
+                        "in order, none lost", outage.duration_s, outage.messages_held)
+            self._unrecorded.append(after)
+
+    def worker_alive(self, within_s: float) -> bool:
+        """The ingest worker looped (or waited for the store) within `within_s`."""
+        return (self._worker is not None and self._worker.is_alive()
+                and self.clock.monotonic() - self._beat_mono <= within_s)
 
     def run(self) -> int:
         """The service loop until stop(): periodic jobs and sd_notify."""
         self.start()
         systemd.ready()
         watchdog_s = systemd.watchdog_interval_s()
+        told = ""
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:
                 log.exception("periodic job failed")
-            systemd.watchdog()
+            # The watchdog vouches for the ingest, not only for this loop: a worker
+            # stuck for a whole interval (a hung call, a deadlock) gets no ping and
+            # systemd restarts the collector. Waiting out a store outage is not stuck:
+            # the worker beats while it waits, so an outage alone keeps the pings.
+            if watchdog_s and self.worker_alive(watchdog_s):
+                systemd.watchdog()
+            text = status_text(self.health.get(), len(self.inbox), self.clock.now())
+            if text != told:
+                told = text if systemd.status(text) else told
             self._stop.wait(min(TICK_S, watchdog_s / 2) if watchdog_s else TICK_S)
         self.close()
         return 0
@@ -269,6 +333,7 @@ class CollectorService:
     def close(self) -> None:
         self._stop.set()
         systemd.stopping()
+        self.inbox.close()  # paho's thread may wait in put(): let it go
         if self._worker is not None:
             self._worker.join(timeout=10)
         # What is still in the inbox was never acknowledged: the broker keeps it for
@@ -290,18 +355,47 @@ class CollectorService:
         self._last_run[job] = now_mono
         return True
 
+    def silence_horizon(self, now: datetime) -> datetime:
+        """The instant silence is judged at: the arrival of the oldest message not yet
+        stored, or the processing clock after a store outage (storehealth), or now."""
+        oldest = self.inbox.oldest_at()
+        horizon = processing_clock(self.health.get(), now)
+        return min(horizon, oldest) if oldest is not None else horizon
+
     def tick(self) -> None:
         now = self.clock.now()
+        try:
+            self._tick(now)
+        except StoreUnavailable as exc:
+            # Not a traceback every 5 s: the outage is logged once, when it starts.
+            self._store_failed(exc)
+            return
+        if not self.health.get().is_up and len(self.inbox) == 0:
+            # Nothing held, so no batch of the worker's will find out: a small write of
+            # the tick's own does (the claim row of a job that is never run).
+            try:
+                self.store.try_claim("store.probe", now, 0.0)
+            except StoreUnavailable:
+                return
+            self._store_worked()
+
+    def _tick(self, now: datetime) -> None:
         per = self.periodic
+        while self._unrecorded:  # for `certmon-collector report`
+            outage = self._unrecorded[0].last_outage
+            if outage is not None:
+                self.store.record_outage(outage)
+            self._unrecorded.pop(0)
         if self._due("beacon", per.beacon_every_s) and \
                 self.store.try_claim("beacon", now, per.beacon_every_s * 0.9):
             self.publish(p.beacon_topic(self.prefix), p.encode_message(p.Beacon(ts=now)))
-        if self._due("silence", per.silence_every_s):
+        if self.health.get().is_up and self._due("silence", per.silence_every_s):
+            horizon = self.silence_horizon(now)
             for device_id in self.store.mark_silent(
-                    now, factor=self.config.ingest.offline_after_intervals):
+                    horizon, factor=self.config.ingest.offline_after_intervals):
                 log.info("%s is silent for more than %g intervals: offline", device_id,
                          self.config.ingest.offline_after_intervals)
-                self.listeners.on_online(device_id, False, now)
+                self.listeners.on_online(device_id, False, horizon)
         if self._due("summary", per.summary_every_s) and \
                 self.store.try_claim("summary", now, per.summary_every_s * 0.9):
             self.publish(p.fleet_summary_topic(self.prefix),
@@ -322,3 +416,4 @@ class CollectorService:
                 "rejected": self.store.rejection_counts(),
                 "next_expiry": p.format_instant(next_expiry) if next_expiry else None,
                 "expiring_within_warn_days": len({h.cert.sha256 for h in soon})}
+

@@ -25,6 +25,7 @@ from certmon.mqtt import MqttLink
 from .alerts.driver import AlertDriver
 from .alerts.engine import AlertEngine
 from .alerts.sinks import build_sinks
+from .backlog import Backlog
 from .config import CollectorConfig
 from .ingest import Ingestor
 from .service import (
@@ -36,9 +37,9 @@ from .service import (
     Publisher,
     collector_link,
     load_fleet_cas,
-    new_inbox,
 )
 from .store import open_store
+from .storehealth import HealthCell, StoreHealth
 from .trust import resolve_requirements
 from .verify import CertCache
 from .verifypool import VerifierPool
@@ -62,12 +63,14 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         store = open_store(config.store.url, reject_sample_limit=config.ingest.reject_samples)
         undo.callback(store.close)
         store.migrate()
-        inbox = new_inbox()
+        inbox = Backlog(clock.now)  # stamps each message's arrival
+        health = HealthCell()
         link = collector_link(config, inbox.put, clock.monotonic)
         publish = Publisher(link)
-        engine = AlertEngine(store, build_sinks(config.alerts, topic_prefix=prefix,
-                                                publish=publish),
+        sinks = build_sinks(config.alerts, topic_prefix=prefix, publish=publish)
+        engine = AlertEngine(store, sinks.notify, alertmanagers=sinks.alertmanager,
                              renotify_interval_s=config.alerts.renotify_interval_s,
+                             resend_interval_s=config.alerts.resend_interval_s,
                              clock=clock.now)
         undo.callback(engine.close, 1.0)
         alerts = AlertDriver(store, engine, requirements=requirements,
@@ -79,10 +82,14 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         if pool is not None:
             undo.callback(pool.close)
         ingestor = Ingestor(store, certs, prefix=prefix,
+                            legacy_v1_topics=config.mqtt.legacy_v1_topics,
                             max_payload_bytes=config.ingest.max_payload_bytes,
                             now=clock.now, on_stored=listeners.on_stored,
                             on_online=listeners.on_online, pool=pool)
         jobs = [Job("alerts.fleet", periodic.fleet_sweep_every_s, alerts.sweep, claimed=True)]
+        if sinks.alertmanager:  # every collector resends: Alertmanager dedups by labels
+            jobs.append(Job("alerts.resend", float(config.alerts.resend_interval_s),
+                            engine.resend))
         if config.scan_targets:
             from .scheduled_scan import make_scan_job
 
@@ -94,7 +101,8 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         if web:
             from .web.app import start_web
 
-            server = start_web(store, config.web.listen, process=LiveCounters(ingestor, link),
+            server = start_web(store, config.web.listen,
+                               process=LiveCounters(ingestor, link, inbox, health),
                                trust_requirements=requirements, basic_auth=basic_auth,
                                now=clock.now)
             on_close.append(server.stop)
@@ -102,7 +110,8 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         if pool is not None:
             on_close.append(pool.close)  # after the worker thread: the service joins it first
         service = CollectorService(config, store=store, clock=clock, link=link, inbox=inbox,
-                                   ingestor=ingestor, listeners=listeners, jobs=jobs,
+                                   ingestor=ingestor, listeners=listeners, health=health,
+                                   jobs=jobs,
                                    on_close=on_close, periodic=periodic, web_url=web_url)
         undo.pop_all()  # built: from now on the service closes what it was handed
     return service
@@ -114,17 +123,25 @@ class LiveCounters:
 
     ingestor: Ingestor
     link: MqttLink
+    inbox: Backlog
+    health: HealthCell
 
     def ingest_counts(self) -> Mapping[str, int]:
         ing = self.ingestor
         return {"accepted": ing.accepted, "duplicate": ing.duplicates,
-                "rejected": sum(ing.rejected.values())}
+                "rejected": sum(ing.rejected_counts().values())}
 
     def rejected_counts(self) -> Mapping[str, int]:
-        return dict(self.ingestor.rejected)
+        return self.ingestor.rejected_counts()
 
     def broker_connected(self) -> bool:
         return self.link.is_connected
+
+    def store_health(self) -> StoreHealth:
+        return self.health.get()
+
+    def backlog(self) -> int:
+        return len(self.inbox)
 
 
 def in_background(job: Callable[[], None]) -> Callable[[], None]:

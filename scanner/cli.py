@@ -1,8 +1,9 @@
 """`certmon-scan`: probe TLS endpoints (MQTT brokers, cloud endpoints) and judge their chains.
 
-Owns the command line: targets from arguments, a targets file or a collector config
-(`--config collector.toml` scans its `[[scan_targets]]` with its `scan_timeout_s`,
-`tls.ca_bundle` and `[policy]`; flags override what they name), loading the trust
+Owns the command line and its `--help` examples: targets from arguments, a targets
+file or a collector config (`--config collector.toml` scans its `[[scan_targets]]`
+with its `scan_timeout_s`, `tls.ca_bundle` and `[policy]`; flags override what they
+name), loading the trust
 store and the exit code, the Nagios worst over all targets (0 OK … 3 UNKNOWN; a usage
 error is 3 too, a config error 78). Reads the wall clock once per scan.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from certmon.cli import (
     EX_UNKNOWN,
-    NagiosParser,
+    add_examples,
     add_threshold_flags,
     add_verbose,
     new_parser,
@@ -44,7 +45,7 @@ DEFAULT_TIMEOUT_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(PROG, __doc__.split("\n")[0], parser_class=NagiosParser)
+    parser = new_parser(PROG, __doc__.split("\n")[0])
     add = parser.add_argument
     add("endpoints", nargs="*", metavar="HOST[:PORT]", help=f"default port {DEFAULT_PORT}")
     add("--targets", metavar="FILE", help="one `host[:port] [key=value …]` per line")
@@ -67,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="full facts as JSON")
     fmt.add_argument("--prometheus", action="store_true", help="Prometheus text exposition")
-    return parser
+    return add_examples(
+        parser,
+        "certmon-scan broker.example:8884 --ca-bundle broker-ca.pem --mqtt "
+        "--cert collector.crt --key collector.key",
+        "certmon-scan --config /etc/certmon/collector.toml --json",
+        "certmon-scan --targets brokers.txt --warn-days 21 --prometheus")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,9 @@ puts tests/ on sys.path).
 - `pki_now`, `pki` (session): one `PKIFactory` whose `now` is the session start.
 - `mosquitto_bin` (session): the binary, or skip — or *fail* when `CI` is set, so a
   CI machine without mosquitto can never go green by skipping the broker tests.
-- `fleet_broker` (session): the fleet PKI plus one broker with plain, TLS and mTLS
-  listeners and the certmon ACL (see `Fleet`).
+- `fleet_broker` (session): the fleet PKI plus one broker running certmon's documented
+  configuration (packaging/mosquitto/: a device and an operations listener), with an
+  anonymous plain and a TLS listener beside it (see `Fleet`).
 - `scenario_broker` (session): one broker, one TLS listener per named PKI scenario
   (see `ScenarioBroker`), for scanner tests.
 - `mosquitto_factory` (function): start private brokers a test may stop, kill or
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from kit.broker import FLEET_ACL, Listener, Mosquitto, find_mosquitto
+from kit.broker import Listener, Mosquitto, find_mosquitto
+from kit.brokerconf import BrokerFiles, DocumentedBroker, documented_broker
 from kit.pki import Issued, PKIFactory, write_bundle
 from kit.scenarios import SCENARIOS, Scenario, scenario
 
@@ -81,21 +83,27 @@ class Fleet:
     """The fleet PKI and its broker.
 
     PKI: "certmon-test Fleet Root CA" → "fleet-devices" intermediate → device certs
-    (CN = device id) and → "fleet-services" intermediate → the collector cert. The
-    broker's server cert comes from a separate "certmon-test Broker CA", as in real
-    deployments where the broker's CA is not the device CA; `ca_bundle_path` holds
-    both roots. The mTLS listener trusts only the fleet root, so a cert from any
-    other CA cannot log in.
+    (CN = device id); a separate "certmon-test Operations CA", which issues no device
+    certificate, → the collector cert. The broker's server cert comes from a third,
+    "certmon-test Broker CA", as in real deployments where the broker's CA is not the
+    device CA; `ca_bundle_path` holds the fleet and broker roots.
+
+    Listeners: 0 plain and 1 TLS (server auth only), both anonymous with no ACL:
+    "anyone with broker access", which lets a test inject a forged or unsigned
+    message into any topic, the threat the signatures exist for; 2 the documented
+    device listener (trusts only the fleet root) and 3 the documented operations
+    listener (trusts only the operations CA), with the shipped ACLs.
     """
 
     pki: PKIFactory
     broker: Mosquitto
     root: Issued
     devices_ca: Issued
-    services_ca: Issued
+    operations_ca: Issued
     broker_ca: Issued
     server: Issued
     ca_bundle_path: Path
+    files: BrokerFiles
     host: str = "127.0.0.1"
 
     @property
@@ -108,7 +116,17 @@ class Fleet:
 
     @property
     def mtls_port(self) -> int:
+        """The device listener."""
         return self.broker.listeners[2].port
+
+    @property
+    def operations_port(self) -> int:
+        """The operations listener: where the collector logs in."""
+        return self.broker.listeners[3].port
+
+    def documented(self, directory: Path, *, migration: bool = False) -> DocumentedBroker:
+        """This fleet's PKI in the documented configuration, for a private broker."""
+        return documented_broker(directory, self.files, migration=migration)
 
     def device_credentials(self, device_id: str, tmp_dir: Path, **leaf_kwargs: Any) -> DeviceCreds:
         """Issue a device cert (CN = device_id) under fleet-devices and write it."""
@@ -116,7 +134,7 @@ class Fleet:
         return self._write(leaf, device_id, tmp_dir)
 
     def collector_credentials(self, tmp_dir: Path, cn: str = "collector", **kw: Any) -> DeviceCreds:
-        leaf = self.pki.leaf(self.services_ca, cn, **kw)
+        leaf = self.pki.leaf(self.operations_ca, cn, **kw)
         return self._write(leaf, cn, tmp_dir)
 
     def _write(self, leaf: Issued, identity: str, tmp_dir: Path) -> DeviceCreds:
@@ -132,30 +150,33 @@ def fleet_broker(
     workdir = tmp_path_factory.mktemp("fleet-broker")
     root = pki.root("certmon-test Fleet Root CA", name="fleet-root")
     devices_ca = pki.intermediate(root, "fleet-devices")
-    services_ca = pki.intermediate(root, "fleet-services")
+    operations_ca = pki.root("certmon-test Operations CA", name="operations-ca")
     broker_ca = pki.root("certmon-test Broker CA", name="broker-ca")
     server = pki.leaf(
         broker_ca, "localhost", name="broker-server", usage="server",
         sans=("localhost", "127.0.0.1"),
     )  # fmt: skip
     server_cert, server_key = server.write(workdir)
-    fleet_ca = write_bundle(workdir / "fleet-root.pem", [root])
+    files = BrokerFiles(
+        fleet_ca=write_bundle(workdir / "fleet-root.pem", [root]),
+        operations_ca=write_bundle(workdir / "operations-ca.pem", [operations_ca]),
+        certfile=server_cert, keyfile=server_key,
+    )
     ca_bundle = write_bundle(workdir / "ca-bundle.pem", [root, broker_ca])
-    tls = {"tls": True, "certfile": server_cert, "keyfile": server_key}
+    documented = documented_broker(workdir / "documented", files)
     broker = Mosquitto(
         workdir,
         [
-            Listener(),
-            Listener(**tls),
-            Listener(
-                **tls, cafile=fleet_ca, require_certificate=True, use_identity_as_username=True
-            ),
+            Listener(allow_anonymous=True),
+            Listener(tls=True, certfile=server_cert, keyfile=server_key, allow_anonymous=True),
+            *documented.listeners,
         ],
-        acl=FLEET_ACL,
+        extra_conf=documented.global_conf,
         binary=mosquitto_bin,
     )
     with broker:
-        yield Fleet(pki, broker, root, devices_ca, services_ca, broker_ca, server, ca_bundle)
+        yield Fleet(pki, broker, root, devices_ca, operations_ca, broker_ca, server, ca_bundle,
+                    files)
 
 
 @dataclass(frozen=True)
@@ -222,7 +243,7 @@ def mosquitto_factory(
         broker.stop()
 
 
-# --- a collector on SQLite, connected to the fleet broker over mTLS ------------------
+# --- a collector on SQLite, on the fleet broker's operations listener -----------------
 
 
 def collector_config(fleet: Fleet, tmp_path: Path, **overrides: str) -> Any:
@@ -234,7 +255,7 @@ def collector_config(fleet: Fleet, tmp_path: Path, **overrides: str) -> Any:
     fleet_ca = tmp_path / "fleet-ca.pem"
     fleet_ca.write_bytes(fleet.root.cert_pem())
     values = {
-        "mqtt.broker": f"mqtts://127.0.0.1:{fleet.mtls_port}",
+        "mqtt.broker": f"mqtts://127.0.0.1:{fleet.operations_port}",
         "tls.ca_bundle": str(creds.ca_bundle_path), "tls.cert": str(creds.cert_path),
         "tls.key": str(creds.key_path), "tls.fleet_ca": str(fleet_ca),
         "store.url": f"sqlite:///{tmp_path / 'certmon.db'}",

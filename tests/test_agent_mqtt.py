@@ -18,13 +18,15 @@ from typing import Any
 import pytest
 from conftest import DeviceCreds, Fleet
 from cryptography import x509
-from kit.broker import FLEET_ACL, Listener, wait_until
+from kit.broker import wait_until
 from kit.mqttprobe import MqttProbe
 
 from agent.config import AgentConfig
 from agent.service import AgentService
 from certmon import wire as p
 from certmon.config import loads
+
+PREFIX = p.DEFAULT_PREFIX
 
 
 def agent_config(creds: DeviceCreds, port: int, state_dir: Path, **extra: str) -> AgentConfig:
@@ -37,16 +39,17 @@ def agent_config(creds: DeviceCreds, port: int, state_dir: Path, **extra: str) -
 
 
 def watcher(fleet: Fleet, tmp: Path, port: int | None = None) -> MqttProbe:
+    """The collector's view: its operations-CA certificate on the operations listener."""
     creds = fleet.collector_credentials(tmp)
     probe = MqttProbe("test-collector", ca_certs=str(creds.ca_bundle_path),
                       certfile=str(creds.cert_path), keyfile=str(creds.key_path))
-    probe.connect(port or fleet.mtls_port)
-    probe.subscribe("certmon/v1/#")
+    probe.connect(port or fleet.operations_port)
+    probe.subscribe(f"{PREFIX}/#")
     return probe
 
 
 def statuses(probe: MqttProbe, device_id: str) -> list[p.Status]:
-    topic = p.status_topic("certmon/v1", device_id)
+    topic = p.status_topic(PREFIX, device_id)
     return [p.decode_status(p.parse_jws(payload, p.MAX_STATUS_JWS_BYTES).payload)
             for t, payload, _ in list(probe.messages) if t == topic]
 
@@ -81,12 +84,12 @@ def test_once_delivers_a_status_that_verifies_with_the_published_cert(
         done = run_once(fleet_broker, creds, tmp_path / "state")
         assert done.returncode == 0, done.stderr
         assert "delivered status seq=1 for gw-once" in done.stdout
-        status_topic = p.status_topic("certmon/v1", "gw-once")
+        status_topic = p.status_topic(PREFIX, "gw-once")
         assert wait_until(lambda: last_payload(probe, status_topic) is not None, 5)
-        assert wait_until(lambda: last_payload(probe, p.cert_topic("certmon/v1", "gw-once")), 5)
+        assert wait_until(lambda: last_payload(probe, p.cert_topic(PREFIX, "gw-once")), 5)
         token = last_payload(probe, status_topic)
         cert_msg = p.decode_message(p.CertMessage,
-                                    last_payload(probe, p.cert_topic("certmon/v1", "gw-once")))  # type: ignore[arg-type]
+                                    last_payload(probe, p.cert_topic(PREFIX, "gw-once")))  # type: ignore[arg-type]
         signing_cert = cert_msg.certificates()[0]
         parsed = p.parse_jws(token, p.MAX_STATUS_JWS_BYTES)  # type: ignore[arg-type]
         assert parsed.cert_sha256 == cert_msg.sha256
@@ -105,7 +108,7 @@ def test_once_delivers_a_status_that_verifies_with_the_published_cert(
         print(f"status JWS bytes: {len(token)}")  # type: ignore[arg-type]
         assert len(token) < 2048  # type: ignore[arg-type]
         assert wait_until(
-            lambda: last_payload(probe, p.inventory_topic("certmon/v1", "gw-once")), 5)
+            lambda: last_payload(probe, p.inventory_topic(PREFIX, "gw-once")), 5)
     finally:
         stop(probe)
 
@@ -120,19 +123,17 @@ def test_a_device_cannot_publish_under_another_devices_topic(
                         timeout_s=10)
         assert done.returncode == 2
         assert "the broker refused status seq=1 for gw-victim" in done.stderr
-        assert last_payload(probe, p.status_topic("certmon/v1", "gw-victim")) is None
+        assert last_payload(probe, p.status_topic(PREFIX, "gw-victim")) is None
     finally:
         stop(probe)
 
 
 @pytest.fixture
-def own_broker(fleet_broker: Fleet, mosquitto_factory: Any) -> Any:
-    """A private copy of the fleet's mTLS listener: this test stops and kills it."""
-    mtls = fleet_broker.broker.listeners[2]
-    return mosquitto_factory(
-        [Listener(tls=True, certfile=mtls.certfile, keyfile=mtls.keyfile, cafile=mtls.cafile,
-                  require_certificate=True, use_identity_as_username=True)],
-        acl=FLEET_ACL)
+def own_broker(fleet_broker: Fleet, mosquitto_factory: Any, tmp_path: Path) -> Any:
+    """A private broker in the documented configuration (device listener first, then
+    operations), on the fleet's PKI: this test stops and kills it."""
+    documented = fleet_broker.documented(tmp_path / "own-broker")
+    return mosquitto_factory(documented.listeners, extra_conf=documented.global_conf)
 
 
 def test_broker_outage_spools_and_delivers_everything_in_order(
@@ -140,7 +141,7 @@ def test_broker_outage_spools_and_delivers_everything_in_order(
 ) -> None:
     creds = fleet_broker.device_credentials("gw-outage", tmp_path)
     service = AgentService(agent_config(creds, own_broker.port, tmp_path / "state"))
-    probe = watcher(fleet_broker, tmp_path, own_broker.port)
+    probe = watcher(fleet_broker, tmp_path, own_broker.listeners[1].port)
     try:
         service.report_once()
         assert service.link is not None and service.link.wait_connected(10)
@@ -153,7 +154,7 @@ def test_broker_outage_spools_and_delivers_everything_in_order(
         assert service.spool.depth == 5
         stop(probe)
         own_broker.start()
-        probe = watcher(fleet_broker, tmp_path, own_broker.port)
+        probe = watcher(fleet_broker, tmp_path, own_broker.listeners[1].port)
         assert service.wait_delivered(20), service.link.state.last_error  # type: ignore[union-attr]
         assert wait_until(lambda: len(statuses(probe, "gw-outage")) >= 5, 10)
         seqs = [s.seq for s in statuses(probe, "gw-outage")]
@@ -207,7 +208,7 @@ def test_leaving_is_visible_retained_on_the_online_topic(
     creds = fleet_broker.device_credentials(device, tmp_path)
     probe = watcher(fleet_broker, tmp_path)
     agent = start_agent(creds, fleet_broker.mtls_port, tmp_path / "state")
-    online = p.online_topic("certmon/v1", device)
+    online = p.online_topic(PREFIX, device)
     try:
         assert wait_until(lambda: last_payload(probe, online) == b'{"online":true}', 20)
         assert wait_until(lambda: statuses(probe, device), 20)

@@ -114,7 +114,7 @@ def test_agent_falls_back_to_mqtt_311_and_delivers(
         assert agent.wait_delivered(20), agent.link.state.last_error if agent.link else None
         assert v311_broker.levels[0] == 5 and v311_broker.levels[-1] == 4
         assert agent.link is not None and agent.link.settings.protocol == "v311"
-        assert wait_until(lambda: p.status_topic("certmon/v1", "gw-v311")
+        assert wait_until(lambda: p.status_topic(p.DEFAULT_PREFIX, "gw-v311")
                           in v311_broker.published, 5)
     finally:
         agent.shutdown()

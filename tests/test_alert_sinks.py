@@ -1,25 +1,29 @@
 """Alert sinks against real peers (an HTTP server on 127.0.0.1) and the engine's
-non-blocking dispatch: retries with backoff, isolation of a failing sink, close."""
+non-blocking dispatch: per-notification retries with backoff, isolation of a failing
+sink and of a failing notification, close. The Alertmanager feed is tested in
+tests/test_alert_feed.py (loopback peer) and tests/test_alertmanager.py (the real one)."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from kit.httppeer import HttpPeer, serve_http
 
 from certmon.pki import Severity
-from collector.alerts import AlertSinkError, Notification
+from certmon.wire import DEFAULT_PREFIX
+from collector.alerts import AlertmanagerAlert, AlertSinkError, Notification, ReceiverRejected
 from collector.alerts.engine import AlertEngine
 from collector.alerts.sinks import (
+    FEEDS,
     SINKS,
     AppriseSink,
     LogSink,
@@ -41,70 +45,24 @@ def note(**kw: Any) -> Notification:
         status="firing", reason="new", key=f"CERT_EXPIRING|gw-1|{REF}", rule="CERT_EXPIRING",
         device_id="gw-1", cert_sha256=REF, severity=Severity.WARNING, category="certificate",
         summary="gw-1: client certificate expires in 3 days", labels=LABELS,
-        starts_at=NOW, at=NOW, expires_at=NOW + timedelta(hours=8))
+        starts_at=NOW, at=NOW)
+    return replace(base, **kw)
+
+
+def am_alert(**kw: Any) -> AlertmanagerAlert:
+    base = AlertmanagerAlert(labels=LABELS,
+                             annotations={"summary": "gw-1: client certificate expires in 3 days"},
+                             starts_at=NOW, ends_at=NOW + timedelta(minutes=4))
     return replace(base, **kw)
 
 
 # --------------------------------------------------------------------------- a real peer
 
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float  # time.monotonic()
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class HttpPeer:
-    url: str
-    statuses: list[int] = field(default_factory=list)  # consumed per request; then 200
-    received: list[Received] = field(default_factory=list)
-    location: str | None = None
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[Received]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.received) >= n, timeout), self.received
-            return list(self.received)
-
-
 @pytest.fixture
 def peer() -> Iterator[HttpPeer]:
-    state = HttpPeer(url="")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            with state.cond:
-                state.received.append(Received(self.path, dict(self.headers), body,
-                                               time.monotonic()))
-                status = state.statuses.pop(0) if state.statuses else 200
-                state.cond.notify_all()
-            self.send_response(status)
-            if state.location and 300 <= status < 400:
-                self.send_header("Location", state.location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve_http() as state:
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # --------------------------------------------------------------------------- webhook
@@ -112,7 +70,9 @@ def peer() -> Iterator[HttpPeer]:
 
 def test_webhook_posts_the_alertmanager_v2_body(peer: HttpPeer) -> None:
     sink = WebhookSink(peer.url + "/api/v2/alerts")
-    sink.send(note(generator_url="https://certmon.example/devices/gw-1"))
+    sink.post_alerts([am_alert(generator_url="https://certmon.example/devices/gw-1"),
+                      am_alert(labels={**LABELS, "device": "gw-2"},
+                               ends_at=NOW + timedelta(minutes=30))])
     [r] = peer.wait_for(1)
     assert r.path == "/api/v2/alerts"
     assert r.headers["Content-Type"] == "application/json"
@@ -120,47 +80,43 @@ def test_webhook_posts_the_alertmanager_v2_body(peer: HttpPeer) -> None:
         "labels": LABELS,
         "annotations": {"summary": "gw-1: client certificate expires in 3 days"},
         "startsAt": "2026-03-01T12:00:00Z",
-        "endsAt": "2026-03-01T20:00:00Z",  # expires_at: Alertmanager must not time it out
+        "endsAt": "2026-03-01T12:04:00Z",
         "generatorURL": "https://certmon.example/devices/gw-1",
+    }, {
+        "labels": {**LABELS, "device": "gw-2"},
+        "annotations": {"summary": "gw-1: client certificate expires in 3 days"},
+        "startsAt": "2026-03-01T12:00:00Z", "endsAt": "2026-03-01T12:30:00Z",
     }]
 
 
-def test_webhook_resolved_carries_ends_at(peer: HttpPeer) -> None:
-    ended = NOW + timedelta(minutes=30)
-    WebhookSink(peer.url).send(note(status="resolved", reason="resolved", ends_at=ended,
-                                    expires_at=None))
-    [r] = peer.wait_for(1)
-    assert r.json() == [{"labels": LABELS, "annotations": {"summary": note().summary},
-                         "startsAt": "2026-03-01T12:00:00Z", "endsAt": "2026-03-01T12:30:00Z"}]
-
-
-def test_webhook_severity_change_ends_the_old_label_set(peer: HttpPeer) -> None:
-    later = NOW + timedelta(minutes=5)
-    new_labels = {**LABELS, "severity": "critical"}
-    WebhookSink(peer.url).send(note(reason="severity", severity=Severity.CRITICAL,
-                                    labels=new_labels, replaces_labels=LABELS, at=later))
-    [old, new] = peer.wait_for(1)[0].json()
-    assert (old["labels"], old["endsAt"]) == (LABELS, "2026-03-01T12:05:00Z")
-    assert (new["labels"], new["endsAt"]) == (new_labels, "2026-03-01T20:00:00Z")
+@pytest.mark.parametrize(("status", "error"), [(400, ReceiverRejected),
+                                               (422, ReceiverRejected),
+                                               (503, AlertSinkError), (404, AlertSinkError)])
+def test_webhook_tells_a_refused_content_from_a_failure(peer: HttpPeer, status: int,
+                                                         error: type[Exception]) -> None:
+    peer.statuses = [status]
+    with pytest.raises(AlertSinkError, match=f"HTTP {status}") as info:
+        WebhookSink(peer.url).post_alerts([am_alert()])
+    assert type(info.value) is error
 
 
 def test_webhook_non_2xx_raises_without_leaking_the_url(peer: HttpPeer) -> None:
     peer.statuses = [500]
     with pytest.raises(AlertSinkError, match="HTTP 500") as info:
-        WebhookSink(peer.url + "/hook?token=SECRET").send(note())
+        WebhookSink(peer.url + "/hook?token=SECRET").post_alerts([am_alert()])
     assert "SECRET" not in str(info.value)
 
 
 def test_webhook_does_not_follow_redirects(peer: HttpPeer) -> None:
     peer.statuses, peer.location = [307], "http://127.0.0.2:1/elsewhere"
     with pytest.raises(AlertSinkError, match="HTTP 307"):
-        WebhookSink(peer.url).send(note())
+        WebhookSink(peer.url).post_alerts([am_alert()])
     assert len(peer.received) == 1
 
 
 def test_webhook_unreachable_raises() -> None:
     with pytest.raises(AlertSinkError, match=r"webhook 127\.0\.0\.1"):
-        WebhookSink("http://127.0.0.1:1/", timeout_s=2).send(note())
+        WebhookSink("http://127.0.0.1:1/", timeout_s=2).post_alerts([am_alert()])
 
 
 def test_webhook_refuses_other_schemes() -> None:
@@ -227,20 +183,86 @@ def make_engine(sinks: Mapping[str, Any], **kw: Any) -> AlertEngine:
                        rng=random.Random(7), **kw)
 
 
-def test_webhook_500_is_retried_with_backoff_then_succeeds(peer: HttpPeer) -> None:
-    peer.statuses = [500, 500]
-    eng = make_engine({"webhook-1": WebhookSink(peer.url)}, backoff_base_s=0.05)
+class Flaky(Recorder):
+    """Fails the first `fails` attempts of each key in `keys` (every key: None)."""
+
+    def __init__(self, fails: int, keys: set[str] | None = None) -> None:
+        super().__init__()
+        self.fails, self.keys = fails, keys
+        self.attempts: list[tuple[float, str]] = []
+
+    def send(self, notification: Notification) -> None:
+        key = notification.key
+        self.attempts.append((time.monotonic(), key))
+        if (self.keys is None or key in self.keys) and \
+                sum(1 for _, k in self.attempts if k == key) <= self.fails:
+            raise ConnectionError(f"refused {key}")
+        super().send(notification)
+
+
+def test_a_failed_notification_is_retried_with_backoff_then_sent() -> None:
+    flaky = Flaky(fails=2)
+    eng = make_engine({"flaky": flaky}, backoff_base_s=0.05)
     try:
         eng.dispatch(note())
-        r1, r2, r3 = peer.wait_for(3)
+        flaky.wait_for(1)
     finally:
         eng.close(5)
+    (t1, _), (t2, _), (t3, _) = flaky.attempts
     # Backoff = min(cap, base · 2^n) · U(0.5, 1): ≥ 25 ms, then ≥ 50 ms.
-    assert r2.at - r1.at >= 0.025
-    assert r3.at - r2.at >= 0.05
-    assert r1.body == r3.body
-    s = eng.stats()["webhook-1"]
+    assert t2 - t1 >= 0.025
+    assert t3 - t2 >= 0.05
+    s = eng.stats()["flaky"]
     assert (s.sent, s.failed, s.dropped, s.queued) == (1, 2, 0, 0)
+
+
+def test_a_failing_notification_does_not_hold_back_the_others_of_its_sink() -> None:
+    # The receiver refuses one notification for a while (an apprise service that
+    # rejects one message): the ones queued behind it go out at once, not after its
+    # retries (up to 8 attempts, backoff up to the cap).
+    flaky = Flaky(fails=3, keys={"k0"})
+    eng = make_engine({"flaky": flaky}, backoff_base_s=0.5, backoff_cap_s=5.0)
+    try:
+        start = time.monotonic()
+        for i in range(10):
+            eng.dispatch(note(key=f"k{i}"))
+        got = flaky.wait_for(9, timeout=2)
+        assert got[8][0] - start < 0.4  # before k0's first retry could even start
+        assert [n.key for _, n in got[:9]] == [f"k{i}" for i in range(1, 10)]
+        assert eng.stats()["flaky"].queued == 1  # k0, waiting for its retry
+        assert flaky.wait_for(10, timeout=10)[9][1].key == "k0"
+    finally:
+        eng.close(2)
+    s = eng.stats()["flaky"]
+    assert (s.sent, s.failed, s.dropped) == (10, 3, 0)
+
+
+def test_a_retry_is_dropped_once_its_key_has_newer_news() -> None:
+    # k0 fires, the MQTT link refuses; then k0 resolves and the resolution goes out.
+    # The firing retried after that would leave a retained "firing" over "resolved".
+    flaky = Flaky(fails=1, keys={"k0"})
+    eng = make_engine({"flaky": flaky}, backoff_base_s=0.3)
+    try:
+        eng.dispatch(note(key="k0"))
+        assert wait(lambda: flaky.attempts)
+        eng.dispatch(note(key="k0", status="resolved", reason="resolved", ends_at=NOW))
+        [(_, resolved)] = flaky.wait_for(1)
+        assert resolved.status == "resolved"
+        assert wait(lambda: eng.stats()["flaky"].superseded == 1, 3)
+    finally:
+        eng.close(2)
+    assert [n.status for _, n in flaky.got] == ["resolved"]
+    s = eng.stats()["flaky"]
+    assert (s.sent, s.failed, s.dropped, s.superseded, s.queued) == (1, 1, 0, 1, 0)
+
+
+def wait(predicate: Any, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_failing_and_hanging_sinks_delay_neither_ingest_nor_other_sinks() -> None:
@@ -372,11 +394,11 @@ class Published:
 
 def test_mqtt_firing_is_retained_json_resolved_clears_it() -> None:
     pub = Published()
-    sink = MqttSink(pub, "certmon/v1")
+    sink = MqttSink(pub, "certmon/v2")
     sink.send(note())
     sink.send(note(status="resolved", reason="resolved", ends_at=NOW))
     (t1, p1, r1), (t2, p2, r2) = pub.calls
-    assert t1 == t2 == f"certmon/v1/alerts/gw-1/CERT_EXPIRING/{REF}"
+    assert t1 == t2 == f"certmon/v2/alerts/gw-1/CERT_EXPIRING/{REF}"
     assert (r1, r2, p2) == (True, True, b"")
     assert json.loads(p1) == {
         "status": "firing", "rule": "CERT_EXPIRING", "device": "gw-1", "severity": "warning",
@@ -418,10 +440,12 @@ def test_log_sink_writes_one_line(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_registry_and_build_sinks(peer: HttpPeer) -> None:
-    assert set(SINKS) == {"log", "mqtt", "webhook", "apprise"}
+    assert set(SINKS) == {"log", "mqtt", "apprise"}
+    assert set(FEEDS) == {"webhook"}
     cfg = AlertsConfig(webhook_urls=(peer.url + "/a", peer.url + "/b"),
                        apprise_urls=(peer.url.replace("http://", "json://"),))
-    sinks = build_sinks(cfg, topic_prefix="certmon/v1", publish=Published())
-    assert list(sinks) == ["log", "mqtt", "webhook-1", "webhook-2", "apprise-1"]
+    sinks = build_sinks(cfg, topic_prefix=DEFAULT_PREFIX, publish=Published())
+    assert list(sinks.notify) == ["log", "mqtt", "apprise-1"]
+    assert list(sinks.alertmanager) == ["webhook-1", "webhook-2"]
     assert list(build_sinks(AlertsConfig(mqtt_topic_enabled=False), topic_prefix="x",
-                            publish=Published())) == ["log"]
+                            publish=Published()).notify) == ["log"]

@@ -1,4 +1,4 @@
-"""The broker fixtures tell the truth: mTLS identity, the certmon ACL, restarts.
+"""The broker fixtures tell the truth: mTLS identity, the certmon ACLs, restarts.
 
 Every later integration test leans on these properties; if one breaks, the failure
 should point here and not at the agent or the collector.
@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kit.broker import BrokerStartError, Listener, Mosquitto, wait_until
 from kit.mqttprobe import MqttProbe
 from kit.pki import PKIFactory
+
+from certmon import wire as p
 
 TIMEOUT_S = 5.0
 
@@ -38,12 +40,13 @@ def test_device_publishes_own_topic_and_collector_receives(
         MqttProbe("collector-1", **tls_args(collector)) as sub,
         MqttProbe("dev-own-topic", **tls_args(device)) as pub,
     ):
-        sub.connect(fleet_broker.mtls_port)
-        sub.subscribe("certmon/v1/#")
+        sub.connect(fleet_broker.operations_port)
+        sub.subscribe("certmon/v2/#")
         pub.connect(fleet_broker.mtls_port)
-        pub.client.publish("certmon/v1/dev-own-topic/status", b"hello", qos=1)
-        assert wait_until(lambda: sub.received("certmon/v1/dev-own-topic/status"), TIMEOUT_S)
-        assert sub.received("certmon/v1/dev-own-topic/status") == [b"hello"]
+        own = p.status_topic(p.DEFAULT_PREFIX, "dev-own-topic")
+        pub.client.publish(own, b"hello", qos=1)
+        assert wait_until(lambda: sub.received(own), TIMEOUT_S)
+        assert sub.received(own) == [b"hello"]
 
 
 def test_device_cannot_write_another_devices_topic(fleet_broker: Fleet, tmp_path: Path) -> None:
@@ -53,17 +56,19 @@ def test_device_cannot_write_another_devices_topic(fleet_broker: Fleet, tmp_path
         MqttProbe("collector-2", **tls_args(collector)) as sub,
         MqttProbe("dev-mallory", **tls_args(device)) as pub,
     ):
-        sub.connect(fleet_broker.mtls_port)
-        sub.subscribe("certmon/v1/#")
+        sub.connect(fleet_broker.operations_port)
+        sub.subscribe("certmon/v2/#")
         pub.connect(fleet_broker.mtls_port)
-        pub.client.publish("certmon/v1/dev-victim/status", b"forged", qos=1)
-        pub.client.publish("certmon/v1/fleet/summary", b"forged", qos=1)
+        victim = p.status_topic(p.DEFAULT_PREFIX, "dev-victim")
+        pub.client.publish(victim, b"forged", qos=1)
+        pub.client.publish(p.fleet_summary_topic(p.DEFAULT_PREFIX), b"forged", qos=1)
         # One publisher's messages arrive in order, so once this marker is in, the
         # forged ones would have been too: no sleep needed to prove absence.
-        pub.client.publish("certmon/v1/dev-mallory/status", b"marker", qos=1)
-        assert wait_until(lambda: sub.received("certmon/v1/dev-mallory/status"), TIMEOUT_S)
-        assert sub.received("certmon/v1/dev-victim/status") == []
-        assert sub.received("certmon/v1/fleet/summary") == []
+        marker = p.status_topic(p.DEFAULT_PREFIX, "dev-mallory")
+        pub.client.publish(marker, b"marker", qos=1)
+        assert wait_until(lambda: sub.received(marker), TIMEOUT_S)
+        assert sub.received(victim) == []
+        assert sub.received(p.fleet_summary_topic(p.DEFAULT_PREFIX)) == []
 
 
 def test_collector_shared_subscription_passes_the_acl(fleet_broker: Fleet, tmp_path: Path) -> None:
@@ -75,17 +80,21 @@ def test_collector_shared_subscription_passes_the_acl(fleet_broker: Fleet, tmp_p
         MqttProbe("collector-shared", **tls_args(collector)) as sub,
         MqttProbe("dev-shared", **tls_args(device)) as pub,
     ):
-        sub.connect(fleet_broker.mtls_port)
-        sub.subscribe("$share/collectors/certmon/v1/+/status")
+        sub.connect(fleet_broker.operations_port)
+        sub.subscribe("$share/collectors/" + p.device_topic_filter(p.DEFAULT_PREFIX,
+                                                                   p.TopicKind.STATUS))
         assert [getattr(r, "is_failure", True) for r in sub.subscribed] == [False]
         pub.connect(fleet_broker.mtls_port)
-        pub.client.publish("certmon/v1/dev-shared/status", b"s", qos=1)
-        assert wait_until(lambda: sub.received("certmon/v1/dev-shared/status"), TIMEOUT_S)
+        own = p.status_topic(p.DEFAULT_PREFIX, "dev-shared")
+        pub.client.publish(own, b"s", qos=1)
+        assert wait_until(lambda: sub.received(own), TIMEOUT_S)
 
 
-def test_client_without_certificate_is_refused_on_mtls(fleet_broker: Fleet) -> None:
+@pytest.mark.parametrize("listener", ["mtls_port", "operations_port"])
+def test_client_without_certificate_is_refused_on_mtls(fleet_broker: Fleet,
+                                                       listener: str) -> None:
     with MqttProbe("no-cert", ca_certs=str(fleet_broker.ca_bundle_path)) as probe:
-        assert probe.attempt(fleet_broker.mtls_port) is not None
+        assert probe.attempt(getattr(fleet_broker, listener)) is not None
 
 
 def test_client_without_certificate_is_refused_on_mtls_tls12(fleet_broker: Fleet) -> None:
@@ -164,3 +173,13 @@ def test_scenario_broker_presents_each_scenario_chain(scenario_broker: ScenarioB
             ctx.wrap_socket(sock) as tls,
         ):
             assert tls.getpeercert(binary_form=True) == leaf.cert.public_bytes(Encoding.DER), name
+
+
+def test_global_acl_with_per_listener_settings_is_refused(
+    mosquitto_bin: str, tmp_path: Path
+) -> None:
+    """Mosquitto would apply a global acl_file to no listener at all once listeners
+    carry their own settings: the kit refuses the mix instead of running it."""
+    with pytest.raises(ValueError, match="per listener"):
+        Mosquitto(tmp_path, [Listener(allow_anonymous=True)], acl="topic read #",
+                  binary=mosquitto_bin)

@@ -22,7 +22,7 @@ from kit.mqttprobe import MqttProbe
 
 from certmon import wire as p
 
-PREFIX = "certmon/v1"
+PREFIX = p.DEFAULT_PREFIX
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
                          p.sign_jws(status_payload("gw-carol", 1), unknown_key.key,
                                        unknown_key.cert)),
         # a reserved id: matches the subscription, is no device's topic
-        "bad_topic": (f"{PREFIX}/_collector/status", good),
+        "bad_topic": (f"{PREFIX}/devices/_collector/status", good),
     }
     for topic, payload in bad.values():
         publish(attacker, topic, payload)
@@ -143,7 +143,7 @@ def test_reject_samples_sets_how_many_rejected_messages_are_kept(
     service = build_collector(collector_config(fleet_broker, tmp_path,
                                                **{"ingest.reject_samples": "3"}), web=False)
     try:
-        topic = p.status_topic("certmon/v1", "gw-noisy")
+        topic = p.status_topic(PREFIX, "gw-noisy")
         service.ingestor.process([Incoming(topic, b"not a jws %d" % i, False, 1)
                                   for i in range(10)])
         assert service.ingestor.rejected["not_jws"] == 10  # every one counted

@@ -38,7 +38,7 @@ servername = "localhost"
 mqtt = true  # a broker: also a clean MQTT CONNECT, and its leaf judged as a broker's
 """
     config = loads(CollectorConfig, text, source="<test>", overrides={
-        "mqtt.broker": f"mqtts://127.0.0.1:{fleet_broker.mtls_port}",
+        "mqtt.broker": f"mqtts://127.0.0.1:{fleet_broker.operations_port}",
         "tls.ca_bundle": str(bundle), "tls.cert": str(creds.cert_path),
         "tls.key": str(creds.key_path), "tls.fleet_ca": str(fleet_ca),
         "store.url": f"sqlite:///{tmp_path / 'certmon.db'}", "web.listen": "127.0.0.1:0",

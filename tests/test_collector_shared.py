@@ -73,15 +73,16 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     server.server_close()
 
 
-def start_collector(fleet: Fleet, tmp: Path, name: str, db: str, hook: str) -> subprocess.Popen[str]:
+def start_collector(fleet: Fleet, tmp: Path, name: str, db: str, hook: str,
+                    group: str = "collectors") -> subprocess.Popen[str]:
     creds = fleet.collector_credentials(tmp / name)
     fleet_ca = tmp / "fleet-ca.pem"
     fleet_ca.write_bytes(fleet.root.cert_pem())
     return subprocess.Popen(
         [sys.executable, "-m", "collector.cli", "run", "--broker",
-         f"mqtts://127.0.0.1:{fleet.mtls_port}", "--ca-bundle", str(creds.ca_bundle_path),
+         f"mqtts://127.0.0.1:{fleet.operations_port}", "--ca-bundle", str(creds.ca_bundle_path),
          "--cert", str(creds.cert_path), "--key", str(creds.key_path),
-         "--fleet-ca", str(fleet_ca), "--db", db, "--share-group", "collectors",
+         "--fleet-ca", str(fleet_ca), "--db", db, "--share-group", group,
          "--client-id", f"{name}-{tmp.name}", "--listen", "127.0.0.1:0", "--webhook-url", hook],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -174,6 +175,114 @@ def test_two_collectors_share_the_load_and_notify_once(
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_one_collector_of_the_group_killed_mid_stream_the_other_carries_on(
+    fleet_broker: Fleet, tmp_path: Path, pg_url: str, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """Two collectors share the statuses; collector a is killed -9 mid-stream. b goes on
+    storing its share; a's share (what the broker had sent it unacknowledged, and what
+    it goes on dealing to a's persistent session) waits in a's session and arrives when
+    a comes back with its client id (systemd's Restart=): in the end every status is
+    stored exactly once."""
+    import os
+    import signal
+    import time
+    from datetime import UTC, datetime
+
+    import paho.mqtt.client as mqtt
+    from kit.fleet import SimCA, cert_message, make_devices, signed_status
+
+    from certmon import wire as p
+
+    hook_url, _ = webhook
+    logs: dict[str, list[str]] = {"a": [], "b": []}
+    # A group of their own: the broker deals a share to every member's session, and the
+    # sessions of other tests' (stopped) collectors persist for an hour.
+    group = f"kill-{tmp_path.name[-12:]}"
+    procs = {n: start_collector(fleet_broker, tmp_path, f"collector-{n}", pg_url, hook_url,
+                                group) for n in logs}
+    now = datetime.now(UTC)
+    ca = SimCA(fleet_broker.devices_ca.cert, fleet_broker.devices_ca.key)  # type: ignore[arg-type]
+    devices = make_devices(ca, 10, now, prefix="share-kill")
+    per_device = 40
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{tmp_path.name}",
+                      protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", fleet_broker.plain_port)
+    pub.loop_start()
+    store = open_store(pg_url)
+    killed: list[subprocess.Popen[str]] = []
+
+    def stored() -> int:
+        return sum(store.seen_count(d.device_id) for d in devices)  # type: ignore[attr-defined]
+
+    def publish(seqs: range) -> None:
+        for seq in seqs:
+            infos = [pub.publish(p.status_topic(p.DEFAULT_PREFIX, d.device_id),
+                                 signed_status(d, seq, datetime.now(UTC)), qos=1)
+                     for d in devices]
+            for info in infos:
+                info.wait_for_publish(10)
+            time.sleep(0.05)  # a stream, not one burst
+
+    try:
+        for n, proc in procs.items():
+            assert wait_for_line(proc, "connected to", logs[n]), "".join(logs[n])
+        for info in [pub.publish(p.cert_topic(p.DEFAULT_PREFIX, d.device_id), cert_message(d),
+                                 qos=1, retain=True) for d in devices]:
+            info.wait_for_publish(10)
+        publish(range(1, 11))
+        assert wait_until(lambda: stored() == 10 * len(devices), 20), stored()
+        stream = threading.Thread(target=publish, args=(range(11, per_device + 1),))
+        stream.start()
+        assert wait_until(lambda: stored() >= 15 * len(devices), 20), stored()
+        os.kill(procs["a"].pid, signal.SIGKILL)  # mid-stream: statuses are flowing
+        procs["a"].wait(10)
+        killed_at = stored()
+        stream.join(60)
+        total = per_device * len(devices)
+        # b carries on: it stores its share of what is published after the kill. The
+        # broker (Mosquitto 2.0) still deals a's share to a's session, which persists
+        # (mqtt.session_expiry_s): it waits there, unacknowledged, not lost.
+        after_kill = total - killed_at
+        assert wait_until(lambda: stored() >= killed_at + 0.4 * after_kill, 30), \
+            (killed_at, stored(), "".join(logs["b"])[-2000:])
+        last, quiet_since = stored(), time.monotonic()
+        while time.monotonic() - quiet_since < 2:  # until b has stored all it was given
+            time.sleep(0.2)
+            if stored() != last:
+                last, quiet_since = stored(), time.monotonic()
+        held_by_a = total - last
+        killed.append(procs["a"])  # its stdout is closed at the end, once drained
+        procs["a"] = start_collector(fleet_broker, tmp_path, "collector-a", pg_url, hook_url,
+                                     group)
+        logs["a"] = []
+        assert wait_for_line(procs["a"], "connected to", logs["a"]), "".join(logs["a"])
+        assert wait_until(lambda: stored() == total, 30), (stored(), total, held_by_a)
+        for dev in devices:
+            seqs = [seq for _, seq in store.seen_seqs(dev.device_id)]  # type: ignore[attr-defined]
+            assert sorted(seqs) == list(range(1, per_device + 1)), (dev.device_id, seqs)
+        ours = [s for s in store.rejection_samples(limit=500)  # type: ignore[attr-defined]
+                if "/share-kill-" in s.topic]
+        assert {s.reason for s in ours} <= {"replay"}, ours  # a re-sent unacked copy at most
+        assert "Traceback" not in "".join(logs["b"])
+        print(f"\nshare group: a killed after {killed_at}/{total} stored; b stored "
+              f"{total - killed_at - held_by_a} of the {total - killed_at} not yet stored then; "
+              f"a's session held {held_by_a}, all stored once a returned")
+    finally:
+        store.close()
+        pub.disconnect()
+        pub.loop_stop()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in [*procs.values(), *killed]:
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:

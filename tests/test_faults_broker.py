@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import Fleet, collector_config
-from kit.broker import FLEET_ACL, Listener, Mosquitto, wait_until
+from kit.broker import Mosquitto, wait_until
 
 from agent.config import AgentConfig
 from agent.service import AgentService
@@ -38,26 +38,25 @@ from collector.wiring import build_collector
 DEVICES = ("gw-bf-1", "gw-bf-2", "gw-bf-3", "gw-bf-4")
 
 
-def private_broker(fleet: Fleet, factory: Any, persist_in: Path | None = None) -> Mosquitto:
-    """A private copy of the fleet's mTLS listener (same PKI, same ACL). With
-    `persist_in`, it keeps sessions on disk as production brokers should
-    (docs/mosquitto.md), saving on every change so even a SIGKILL keeps them."""
-    mtls = fleet.broker.listeners[2]
-    extra = ""
+def private_broker(fleet: Fleet, factory: Any, tmp: Path,
+                   persist_in: Path | None = None) -> Mosquitto:
+    """A private broker in the documented configuration on the fleet's PKI: device
+    listener first, operations (the collector's) second. With `persist_in`, it keeps
+    sessions on disk as production brokers should (docs/mosquitto.md), saving on
+    every change so even a SIGKILL keeps them."""
+    documented = fleet.documented(tmp / "broker-conf")
+    extra = documented.global_conf
     if persist_in is not None:
         persist_in.mkdir(parents=True, exist_ok=True)
-        extra = (f"persistence true\npersistence_location {persist_in}/\n"
-                 "autosave_on_changes true\nautosave_interval 1\n")
-    return factory(  # type: ignore[no-any-return]
-        [Listener(tls=True, certfile=mtls.certfile, keyfile=mtls.keyfile, cafile=mtls.cafile,
-                  require_certificate=True, use_identity_as_username=True)],
-        acl=FLEET_ACL, extra_conf=extra)
+        extra += (f"persistence true\npersistence_location {persist_in}/\n"
+                  "autosave_on_changes true\nautosave_interval 1\n")
+    return factory(documented.listeners, extra_conf=extra)  # type: ignore[no-any-return]
 
 
 def start_collector(fleet: Fleet, broker: Mosquitto, tmp: Path, **overrides: str
                     ) -> CollectorService:
     config = collector_config(fleet, tmp, **{
-        "mqtt.broker": f"mqtts://127.0.0.1:{broker.port}", **overrides})
+        "mqtt.broker": f"mqtts://127.0.0.1:{broker.listeners[1].port}", **overrides})
     service = build_collector(config, web=False, periodic=Periodic(
         beacon_every_s=3600, silence_every_s=3600, summary_every_s=3600))
     service.start()
@@ -103,7 +102,7 @@ class Fleet4:
 def fleet4(fleet_broker: Fleet, mosquitto_factory: Any, tmp_path: Path,
            request: pytest.FixtureRequest) -> Iterator[tuple[Mosquitto, Fleet4]]:
     persistent = request.node.get_closest_marker("persistent_broker") is not None
-    broker = private_broker(fleet_broker, mosquitto_factory,
+    broker = private_broker(fleet_broker, mosquitto_factory, tmp_path,
                             tmp_path / "broker-db" if persistent else None)
     agents = [make_agent(fleet_broker, broker, tmp_path, d) for d in DEVICES]
     yield broker, Fleet4(agents)

@@ -12,9 +12,12 @@ every status is stored once (`status_seen` is the replay guard); and no publishe
 (device, seq) is missing — what was published while the collector was down is
 delivered from the persistent session.
 
-Alerts (wired by `collector.wiring`) are not checked here: "alerts neither lost nor
-re-sent" across a kill is the engine's re-notify guarantee (docs/alerts.md,
-"Delivery"; docs/reliability.md).
+Alerts: the devices report a CERT_EXPIRING finding from a seq of their own on (a
+few before the kill, most after), and the collector feeds a real Alertmanager
+(`--webhook-url`, tests/kit/alertmanager.py). Each alert firing in the store at the
+end must be at Alertmanager, also one whose notification died with the killed
+process: the restarted collector re-posts the store's active set at its first tick
+and every `alerts.resend_interval_s` (docs/alerts.md, "Alertmanager").
 """
 
 from __future__ import annotations
@@ -32,9 +35,17 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Fleet
-from kit.broker import FLEET_ACL, Listener, Mosquitto, wait_until
-from kit.fleet import SimCA, SimDevice, cert_message, make_devices, signed_status
+from conftest import Fleet, missing
+from kit.alertmanager import Alertmanager, find_alertmanager, label_set
+from kit.broker import Listener, Mosquitto, wait_until
+from kit.fleet import (
+    SimCA,
+    SimDevice,
+    cert_message,
+    expiring_finding,
+    make_devices,
+    signed_status,
+)
 
 from certmon import wire as p
 from collector.store import open_store
@@ -45,19 +56,53 @@ CLIENT_ID = "collector-kill9"
 
 
 @pytest.fixture
-def broker(fleet_broker: Fleet, mosquitto_factory: Any) -> Mosquitto:
-    """mTLS for the collector, plain for the publisher; room to queue the flood."""
-    mtls = fleet_broker.broker.listeners[2]
+def broker(fleet_broker: Fleet, mosquitto_factory: Any, tmp_path: Path) -> Mosquitto:
+    """The documented device and operations listeners (the collector on the latter),
+    plain for the publisher; room to queue the flood."""
+    documented = fleet_broker.documented(tmp_path / "broker")
     return mosquitto_factory(  # type: ignore[no-any-return]
-        [Listener(tls=True, certfile=mtls.certfile, keyfile=mtls.keyfile, cafile=mtls.cafile,
-                  require_certificate=True, use_identity_as_username=True), Listener()],
-        acl=FLEET_ACL, extra_conf="max_queued_messages 100000\nmax_inflight_messages 100\n")
+        [*documented.listeners, Listener(allow_anonymous=True)],
+        extra_conf=documented.global_conf + "max_inflight_messages 100\n")
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
+    binary = find_alertmanager()
+    if binary is None:
+        missing("prometheus-alertmanager not found (apt install prometheus-alertmanager)")
+    with Alertmanager(binary, tmp_path / "alertmanager") as am:
+        yield am
+
+
+def first_alerting_seq(i: int) -> int:
+    """Device i reports CERT_EXPIRING from this seq on: 2, 5, 8 … 59."""
+    return 2 + 3 * i
+
+
+def open_alerts(db: Path) -> set[tuple[tuple[str, str], ...]]:
+    store = open_store(f"sqlite:///{db}")
+    try:
+        return {label_set(r.labels) for r in store.active_alerts()}
+    except Exception:  # tables not created yet
+        return set()
+    finally:
+        store.close()
+
+
+def assert_every_firing_alert_reached(db: Path, am: Alertmanager) -> None:
+    firing = open_alerts(db)
+    assert len(firing) == DEVICES  # every device reached its alerting seq
+    # Alerts fired after the restart are posted at once; the ones fired before it at
+    # the restarted collector's first tick (the resend cycle).
+    assert wait_until(lambda: am.label_sets() == firing, 20), (
+        sorted(firing - am.label_sets()), am.log_text()[-2000:])
 
 
 class Collector:
     """`python -m collector.cli run` with flags, as systemd would start it."""
 
-    def __init__(self, fleet: Fleet, broker: Mosquitto, tmp: Path) -> None:
+    def __init__(self, fleet: Fleet, broker: Mosquitto, tmp: Path,
+                 alertmanager: Alertmanager) -> None:
         creds = fleet.collector_credentials(tmp / "creds")
         fleet_ca = tmp / "fleet-ca.pem"
         fleet_ca.write_bytes(fleet.root.cert_pem())
@@ -65,10 +110,11 @@ class Collector:
         self.log = tmp / "collector.log"
         self.argv = [
             sys.executable, "-m", "collector.cli", "run",
-            "--broker", f"mqtts://127.0.0.1:{broker.port}", "--ca-bundle",
+            "--broker", f"mqtts://127.0.0.1:{broker.listeners[1].port}", "--ca-bundle",
             str(creds.ca_bundle_path), "--cert", str(creds.cert_path), "--key",
             str(creds.key_path), "--fleet-ca", str(fleet_ca), "--db", f"sqlite:///{self.db}",
-            "--client-id", CLIENT_ID, "--listen", "127.0.0.1:0"]
+            "--client-id", CLIENT_ID, "--listen", "127.0.0.1:0",
+            "--webhook-url", alertmanager.alerts_url]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -114,8 +160,10 @@ class Flood:
         now = datetime.now(UTC)
         ca = SimCA(fleet.devices_ca.cert, fleet.devices_ca.key)  # type: ignore[arg-type]
         self.devices: list[SimDevice] = make_devices(ca, DEVICES, now, prefix="flood")
-        self.statuses = [(d.device_id, s, signed_status(d, s, now))
-                         for s in range(1, PER_DEVICE + 1) for d in self.devices]
+        self.statuses = [
+            (d.device_id, s, signed_status(d, s, now, findings=[expiring_finding(3, now)]
+                                           if s >= first_alerting_seq(i) else []))
+            for s in range(1, PER_DEVICE + 1) for i, d in enumerate(self.devices)]
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flood",
                                   protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(50)
@@ -162,15 +210,16 @@ def settled(value: Any, target: int, quiet_s: float = 3.0, timeout_s: float = 60
 
 @pytest.fixture
 def flood(broker: Mosquitto, fleet_broker: Fleet) -> Iterator[Flood]:
-    f = Flood(broker.ports[1], fleet_broker)
+    f = Flood(broker.ports[2], fleet_broker)
     yield f
     f.close()
 
 
 def test_kill9_mid_ingest_loses_nothing_and_stores_each_status_once(
-    fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path
+    fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path,
+    alertmanager: Alertmanager
 ) -> None:
-    collector = Collector(fleet_broker, broker, tmp_path)
+    collector = Collector(fleet_broker, broker, tmp_path, alertmanager)
     try:
         collector.start_subscribed(broker)
         flood.certs()
@@ -181,6 +230,10 @@ def test_kill9_mid_ingest_loses_nothing_and_stores_each_status_once(
         collector.kill9()
         killed_at = collector.stored()
         assert killed_at < total
+        # Alertmanager restarts meanwhile: what the killed collector told it is gone,
+        # and the alerts fired before the kill are not fired again (already firing).
+        fired_before = len(open_alerts(collector.db))
+        alertmanager.restart(empty=True)
         # The flood goes on while it is down; the broker queues for its session.
         assert wait_until(lambda: flood.sent >= total * 0.6, 60)
         collector.start()
@@ -201,16 +254,20 @@ def test_kill9_mid_ingest_loses_nothing_and_stores_each_status_once(
             assert set(store.rejection_counts()) <= {"replay"}
         finally:
             store.close()
+        assert fired_before >= 1  # the kill came after some alerts fired
+        assert_every_firing_alert_reached(collector.db, alertmanager)
     finally:
         collector.stop()
 
 
 def test_a_collector_down_for_a_while_receives_what_was_published_meanwhile(
-    fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path
+    fleet_broker: Fleet, broker: Mosquitto, flood: Flood, tmp_path: Path,
+    alertmanager: Alertmanager
 ) -> None:
     """A clean stop (SIGTERM, nothing in flight), a flood while it is down, a restart:
-    the persistent session delivers every status, each stored once."""
-    collector = Collector(fleet_broker, broker, tmp_path)
+    the persistent session delivers every status, each stored once, and every alert
+    reaches Alertmanager."""
+    collector = Collector(fleet_broker, broker, tmp_path, alertmanager)
     try:
         collector.start_subscribed(broker)
         flood.certs()
@@ -232,5 +289,6 @@ def test_a_collector_down_for_a_while_receives_what_was_published_meanwhile(
             assert store.rejection_counts() == {}
         finally:
             store.close()
+        assert_every_firing_alert_reached(collector.db, alertmanager)
     finally:
         collector.stop()

@@ -290,7 +290,8 @@ def test_unicode_device_ids_and_topics_never_crash(
     doc = world.fresh_status(dev)
     doc["device_id"] = device_id
     token = world.token(dev, json.dumps(doc, ensure_ascii=False).encode())
-    topic = f"{PREFIX}/{device_id}/{kind}" if kind else f"{PREFIX}/{device_id}"
+    # Raw, not the builders (they refuse bad ids): the layout of docs/protocol.md.
+    topic = f"{PREFIX}/devices/{device_id}/{kind}" if kind else f"{PREFIX}/devices/{device_id}"
     grew = world.feed(topic, token)
     is_device_status = p.parse_device_topic(PREFIX, topic) is not None and kind == "status"
     # A status (or anything on a non-device topic) is counted once. Cert, online and

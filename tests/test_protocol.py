@@ -564,35 +564,75 @@ def test_trust_store_digest_is_order_independent() -> None:
 
 def test_topic_builders() -> None:
     pre = P.DEFAULT_PREFIX
-    assert P.status_topic(pre, "gw-1") == "certmon/v1/gw-1/status"
-    assert P.cert_topic(pre, "gw-1") == "certmon/v1/gw-1/cert"
-    assert P.online_topic(pre, "gw-1") == "certmon/v1/gw-1/online"
-    assert P.inventory_topic(pre, "gw-1") == "certmon/v1/gw-1/inventory"
-    assert P.beacon_topic(pre) == "certmon/v1/_collector/time"
-    assert P.fleet_summary_topic(pre) == "certmon/v1/fleet/summary"
-    assert P.fleet_device_topic(pre, "summary") == "certmon/v1/fleet/devices/summary"
-    assert P.alerts_topic(pre) == "certmon/v1/alerts"
-    assert P.alerts_topic(pre, "gw-1") == "certmon/v1/alerts/gw-1"
-    assert P.device_topic_filter(pre, P.TopicKind.STATUS) == "certmon/v1/+/status"
-    assert P.device_topic_filter("site/a") == "site/a/+/+"
+    assert P.status_topic(pre, "gw-1") == "certmon/v2/devices/gw-1/status"
+    assert P.cert_topic(pre, "gw-1") == "certmon/v2/devices/gw-1/cert"
+    assert P.online_topic(pre, "gw-1") == "certmon/v2/devices/gw-1/online"
+    assert P.inventory_topic(pre, "gw-1") == "certmon/v2/devices/gw-1/inventory"
+    assert P.beacon_topic(pre) == "certmon/v2/_collector/time"
+    assert P.fleet_summary_topic(pre) == "certmon/v2/fleet/summary"
+    assert P.fleet_device_topic(pre, "summary") == "certmon/v2/fleet/devices/summary"
+    assert P.alerts_topic(pre) == "certmon/v2/alerts"
+    assert P.alerts_topic(pre, "gw-1") == "certmon/v2/alerts/gw-1"
+    assert P.device_topic_filter(pre, P.TopicKind.STATUS) == "certmon/v2/devices/+/status"
+    assert P.device_topic_filter("site/a") == "site/a/devices/+/+"
+    assert P.legacy_v1_device_topic("gw-1", P.TopicKind.CERT) == "certmon/v1/gw-1/cert"
     with pytest.raises(ValueError, match="wildcard"):
         P.status_topic(pre, "#")
+    with pytest.raises(ValueError, match="reserved"):
+        P.legacy_v1_device_topic("fleet", P.TopicKind.STATUS)
+
+
+def test_no_device_topic_reaches_a_fleet_alert_or_collector_topic() -> None:
+    """The broker lets a CN write `<prefix>/devices/<CN>/#`: whatever the CN, that is
+    never a topic dashboards, alert consumers or agents read from the collector."""
+    pre = P.DEFAULT_PREFIX
+    collector_topics = [P.fleet_summary_topic(pre), P.fleet_device_topic(pre, "gw-1"),
+                        P.alerts_topic(pre), P.alerts_topic(pre, "gw-1"), P.beacon_topic(pre)]
+    for cn in ("fleet", "alerts", "_collector", "collector", "devices", "gw-1"):
+        own = f"{pre}/devices/{cn}/"
+        assert not [t for t in collector_topics if t.startswith(own)], cn
+
+
+def test_device_topic_filters_add_the_v1_layout_only_when_asked() -> None:
+    kind = P.TopicKind.STATUS
+    assert P.device_topic_filters("certmon/v2", kind) == ("certmon/v2/devices/+/status",)
+    assert P.device_topic_filters("certmon/v2", kind, legacy_v1=True) == (
+        "certmon/v2/devices/+/status", "certmon/v1/+/status")
+
+
+@pytest.mark.parametrize(("topic", "expected"), [
+    ("certmon/v2/devices/gw-1/status", ("gw-1", P.TopicKind.STATUS)),
+    ("certmon/v2/devices/gw-1/inventory", ("gw-1", P.TopicKind.INVENTORY)),
+    ("certmon/v2/devices/devices/cert", ("devices", P.TopicKind.CERT)),
+    ("certmon/v2/devices/gw-1/status/extra", None),
+    ("certmon/v2/devices/gw-1/bogus", None),
+    ("certmon/v2/devices/fleet/status", None),
+    ("certmon/v2/devices/_collector/status", None),
+    ("certmon/v2/fleet/summary", None),
+    ("certmon/v2/fleet/devices/gw-1", None),
+    ("certmon/v2/alerts/gw-1", None),
+    ("certmon/v2/_collector/time", None),
+    ("certmon/v2/devices/status", None),
+    ("certmon/v2/gw-1/status", None),  # the v1 layout under the v2 prefix
+    ("certmon/v1/gw-1/status", None),  # v1: only with legacy_v1
+    ("certmon/v2x/devices/gw-1/status", None),
+])
+def test_parse_device_topic(topic: str, expected: Any) -> None:
+    assert P.parse_device_topic("certmon/v2", topic) == expected
 
 
 @pytest.mark.parametrize(("topic", "expected"), [
     ("certmon/v1/gw-1/status", ("gw-1", P.TopicKind.STATUS)),
-    ("certmon/v1/gw-1/inventory", ("gw-1", P.TopicKind.INVENTORY)),
-    ("certmon/v1/gw-1/status/extra", None),
-    ("certmon/v1/gw-1/bogus", None),
+    ("certmon/v1/gw-1/online", ("gw-1", P.TopicKind.ONLINE)),
+    ("certmon/v2/devices/gw-1/cert", ("gw-1", P.TopicKind.CERT)),
     ("certmon/v1/fleet/summary", None),
-    ("certmon/v1/alerts/gw-1", None),
     ("certmon/v1/_collector/time", None),
-    ("certmon/v1/status", None),
-    ("certmon/v2/gw-1/status", None),
+    ("certmon/v1/devices/gw-1/status", None),
+    ("certmon/v1/gw-1/status/extra", None),
     ("certmon/v1x/gw-1/status", None),
 ])
-def test_parse_device_topic(topic: str, expected: Any) -> None:
-    assert P.parse_device_topic("certmon/v1", topic) == expected
+def test_parse_device_topic_with_the_v1_layout(topic: str, expected: Any) -> None:
+    assert P.parse_device_topic("certmon/v2", topic, legacy_v1=True) == expected
 
 
 @pytest.mark.parametrize(("device_id", "problem"), [

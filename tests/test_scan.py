@@ -544,3 +544,16 @@ def test_each_endpoint_gets_its_own_mqtt_client_id_unless_one_was_chosen() -> No
                ProbeTarget("127.0.0.1", 8885, mqtt=True)]
     ids = [t.mqtt_client_id for t in scan.distinct_client_ids(targets, "certmon-scan-7")]
     assert ids == ["certmon-scan-7-0", "ops-probe", "certmon-scan-7-2"]
+
+
+def test_cli_on_a_plain_mqtt_port_says_it_does_not_speak_tls(
+    mosquitto_factory: MosquittoFactory, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A newcomer's `certmon-scan 127.0.0.1:1883` (here: a plain listener of our own):
+    one finding saying what the port is, not "handshake_failed: Connection reset"."""
+    port = mosquitto_factory([Listener()]).ports[0]
+    assert cli.main([f"127.0.0.1:{port}", "--timeout-s", "2"]) == 3
+    out = capsys.readouterr().out
+    assert (f"UNKNOWN  PROBE_FAILED             not_tls: 127.0.0.1:{port} does not speak "
+            "TLS: it answers MQTT without TLS (CONNACK 0 to a plain CONNECT)") in out
+    assert "Connection reset" not in out

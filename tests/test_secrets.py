@@ -73,7 +73,7 @@ def test_nothing_secret_is_logged_in_a_full_story_at_debug(
     db = tmp_path / "certmon.db"
     (tmp_path / "collector.toml").write_text(f"""
 [mqtt]
-broker = "mqtts://127.0.0.1:{fleet_broker.mtls_port}"
+broker = "mqtts://127.0.0.1:{fleet_broker.operations_port}"
 client_id = "collector-secrets"
 session_expiry_s = 0
 

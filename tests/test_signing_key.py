@@ -59,7 +59,7 @@ def clear_retained(fleet: Fleet, creds: DeviceCreds) -> None:
     probe.connect(fleet.mtls_port)
     try:
         for kind in p.TopicKind:
-            info = probe.client.publish(p.device_topic("certmon/v1", creds.device_id, kind),
+            info = probe.client.publish(p.device_topic(p.DEFAULT_PREFIX, creds.device_id, kind),
                                         b"", qos=1, retain=True)
             info.wait_for_publish(5)
     finally:
@@ -80,14 +80,14 @@ def test_statuses_are_signed_with_the_dedicated_key_and_the_collector_stores_the
     probe_creds = fleet_broker.collector_credentials(tmp_path / "probe", cn="collector")
     probe = MqttProbe("test-signing-watch", ca_certs=str(probe_creds.ca_bundle_path),
                       certfile=str(probe_creds.cert_path), keyfile=str(probe_creds.key_path))
-    probe.connect(fleet_broker.mtls_port)
-    probe.subscribe("certmon/v1/gw-signer/#")
+    probe.connect(fleet_broker.operations_port)
+    probe.subscribe(p.device_topic_filter(p.DEFAULT_PREFIX))
     try:
         done = agent_once(fleet_broker, creds, signing_cert, signing_key, tmp_path)
         assert done.returncode == 0, done.stderr
 
         def last(kind: p.TopicKind) -> bytes | None:
-            topic = p.device_topic("certmon/v1", "gw-signer", kind)
+            topic = p.device_topic(p.DEFAULT_PREFIX, "gw-signer", kind)
             found = [m for t, m, _ in list(probe.messages) if t == topic]
             return found[-1] if found else None
 
@@ -185,9 +185,9 @@ def test_a_client_certificate_renewed_under_the_same_signing_key_replaces_the_st
             token = p.sign_jws(p.encode_status(body), signer.key, signer.cert)
             cert_msg = p.cert_message("gw-renew", [signer.cert], [tls.cert, *tls.chain])
             ingest.process([
-                Incoming(p.cert_topic("certmon/v1", "gw-renew"), p.encode_message(cert_msg),
+                Incoming(p.cert_topic(p.DEFAULT_PREFIX, "gw-renew"), p.encode_message(cert_msg),
                          False, 1),
-                Incoming(p.status_topic("certmon/v1", "gw-renew"), token, False, 1)])
+                Incoming(p.status_topic(p.DEFAULT_PREFIX, "gw-renew"), token, False, 1)])
             assert ingest.accepted == seq, dict(ingest.rejected)
             clients = [link.cert.sha256 for link in store.device_certs("gw-renew")
                        if link.role == CertRole.CLIENT]

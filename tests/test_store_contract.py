@@ -27,10 +27,12 @@ from collector.store import (
     CertRow,
     FindingRecord,
     InventoryRecord,
+    OutageRecord,
     ScanRecord,
     StatusRecord,
     Store,
     StoreError,
+    StoreUnavailable,
     open_store,
 )
 from collector.store.sqlite import path_from_url
@@ -301,6 +303,35 @@ def test_set_online_and_mark_silent(store: Store) -> None:
     assert store.set_online("new-dev", False, at) is False  # unknown devices start offline
 
 
+def test_mark_silent_judges_at_the_horizon_it_is_given(store: Store) -> None:
+    """The collector passes its ingest watermark: silence is dated there, not at now."""
+    store.record_statuses([status("dev1", 1, interval_s=60)])
+    horizon = T0 + timedelta(seconds=200)
+    assert store.mark_silent(horizon) == ["dev1"]
+    dev = store.device("dev1")
+    assert dev is not None and not dev.is_online and dev.online_changed_at == horizon
+    # A status that arrived before the horizon but is stored later still brings it back:
+    # its received time is its arrival, which is after the silence began.
+    store.record_statuses([status("dev1", 2, 190)])
+    dev = store.device("dev1")
+    assert dev is not None and not dev.is_online  # 190 s < the horizon: not newer
+    store.record_statuses([status("dev1", 3, 201)])
+    dev = store.device("dev1")
+    assert dev is not None and dev.is_online
+
+
+def test_store_outages_recorded_newest_first_and_bounded(store: Store) -> None:
+    for i in range(103):
+        store.record_outage(OutageRecord(f"collector-{i % 2}", T0 + timedelta(minutes=i),
+                                         T0 + timedelta(minutes=i, seconds=20 + i), i, "x\x00"))
+    newest = store.store_outages(limit=2)
+    assert [(o.collector, o.messages_held, o.duration_s) for o in newest] == [
+        ("collector-0", 102, 122.0), ("collector-1", 101, 121.0)]
+    assert newest[0].started_at == T0 + timedelta(minutes=102)
+    assert newest[0].error == "x\ufffd"  # NUL: PostgreSQL refuses it in text
+    assert len(store.store_outages(limit=1000)) == 100  # the newest 100 are kept
+
+
 def test_alert_lifecycle(store: Store) -> None:
     def fire(minutes: float, severity: int = 1, renotify: float | None = 3600) -> bool:
         return store.alert_fire("expiry|dev1|x", rule="expiry", device_id="dev1",
@@ -370,7 +401,7 @@ def test_rejections_counted_and_samples_bounded(db: Db) -> None:
     store.migrate()
     for i in range(10):
         store.count_rejection("bad_signature", at=T0 + timedelta(seconds=i),
-                              topic="certmon/v1/dev1/status", detail=f"try {i}\x00",
+                              topic="certmon/v2/devices/dev1/status", detail=f"try {i}\x00",
                               sample=bytes([i]) * 600)
     store.count_rejection("not_json", at=T0, topic="t", detail="d", sample=b"{")
     assert store.rejection_counts() == {"bad_signature": 10, "not_json": 1}
@@ -404,6 +435,21 @@ def test_prune_seen_scans_and_integrity(store: Store) -> None:
     store.put_scan(ScanRecord("broker.example:8883", T0 + timedelta(hours=1), 0, "{}"))
     assert store.scans() == [ScanRecord("broker.example:8883", T0 + timedelta(hours=1), 0, "{}")]
     assert store.integrity_check()
+
+
+def test_an_unreachable_database_is_unavailable_not_refused(tmp_path: Path) -> None:
+    """The ingest retries `StoreUnavailable` and only that: a server that refuses the
+    connection and a SQLite file on a disk that cannot be opened are "not now"."""
+    import socket
+
+    with socket.socket() as sock:  # a free port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StoreUnavailable, match="cannot connect"):
+        open_store(f"postgresql://postgres@127.0.0.1:{port}/test")
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StoreUnavailable):  # SQLITE_CANTOPEN
+        open_store(f"sqlite://{tmp_path}/dir.db").migrate()
 
 
 def test_naive_datetimes_are_refused(store: Store) -> None:

@@ -469,3 +469,60 @@ def test_ipv6_loopback(pki: Pki) -> None:
     assert result.address == "::1"
     assert bracketed.address == "::1"
     assert server.server_names == [None, None]
+
+
+# --- a port that does not speak TLS ----------------------------------------------------------
+
+
+def test_plain_mqtt_port_is_named_not_a_tls_failure(tmp_path: Path) -> None:
+    """`certmon-scan 127.0.0.1:1883`: Mosquitto resets a ClientHello on a plain listener;
+    the follow-up plain CONNECT gets a CONNACK, so the probe says what the port is."""
+    with mosquitto(tmp_path, []) as broker:
+        for mqtt in (False, True):
+            result = probe(ProbeTarget("127.0.0.1", broker.port, mqtt=mqtt, timeout_s=TIMEOUT_S))
+            assert result.error_kind == "not_tls", result
+            assert result.error == (
+                f"127.0.0.1:{broker.port} does not speak TLS: it answers MQTT without TLS "
+                "(CONNACK 0 to a plain CONNECT); use mqtt:// for it, or the broker's TLS "
+                "listener (usually port 8883)")
+            assert result.presented_der == () and result.tls_version is None
+        time.sleep(0.1)
+        log = broker.log()
+    # The ClientHello is the broker's "protocol error"; the plain CONNECT ends cleanly.
+    assert log.count("Sending CONNACK to certmon-scan (0, 0)") == 2
+    assert log.count("Received DISCONNECT from certmon-scan") == 2
+
+
+@contextmanager
+def raw_server(reply: bytes | None) -> Iterator[int]:
+    """A TCP server that sends `reply` on connect (a banner, like SSH) then closes, or,
+    with None, closes at once without a word."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(3)
+
+        def serve() -> None:
+            for _ in range(2):  # the handshake attempt and the plain-CONNECT follow-up
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    if reply is not None:
+                        conn.sendall(reply)
+                        time.sleep(0.05)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        thread.join(5)
+
+
+def test_a_banner_instead_of_tls_is_not_tls_and_a_silent_close_stays_a_handshake_failure() -> None:
+    with raw_server(b"SSH-2.0-OpenSSH_9.2p1\r\n") as port:
+        result = probe(ProbeTarget("127.0.0.1", port, timeout_s=TIMEOUT_S))
+    assert result.error_kind == "not_tls"
+    assert "answered the ClientHello with non-TLS data" in (result.error or "")
+    with raw_server(None) as port:
+        result = probe(ProbeTarget("127.0.0.1", port, timeout_s=TIMEOUT_S))
+    # Nothing says "not TLS" here (no CONNACK, no bytes): no claim either way.
+    assert result.error_kind == "handshake_failed"

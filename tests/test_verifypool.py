@@ -25,18 +25,18 @@ def test_pool_verdicts_and_survival_of_a_lost_worker(tmp_path: Path) -> None:
     pool = VerifierPool(1)
     ingest = Ingestor(store, CertCache([root.cert]), now=lambda: datetime.now(UTC), pool=pool)
     try:
-        ingest.process([Incoming(p.cert_topic("certmon/v1", d.device_id), cert_message(d), False, 1)
-                        for d in devices])
-        good = [Incoming(p.status_topic("certmon/v1", d.device_id), signed_status(d, 1, now),
+        ingest.process([Incoming(p.cert_topic(p.DEFAULT_PREFIX, d.device_id), cert_message(d),
+                                 False, 1) for d in devices])
+        good = [Incoming(p.status_topic(p.DEFAULT_PREFIX, d.device_id), signed_status(d, 1, now),
                          False, 1) for d in devices]
         # One of them forged: device 0's status on device 1's topic.
-        forged = Incoming(p.status_topic("certmon/v1", devices[1].device_id),
+        forged = Incoming(p.status_topic(p.DEFAULT_PREFIX, devices[1].device_id),
                           signed_status(devices[0], 2, now), False, 1)
         ingest.process([*good, forged])
         assert ingest.accepted == 6 and dict(ingest.rejected) == {"topic_mismatch": 1}
         pool._procs[0].kill()  # the worker dies (OOM killer, an operator's kill -9)
         pool._procs[0].join()
-        ingest.process([Incoming(p.status_topic("certmon/v1", d.device_id),
+        ingest.process([Incoming(p.status_topic(p.DEFAULT_PREFIX, d.device_id),
                                  signed_status(d, 3, now), False, 1) for d in devices])
         assert ingest.accepted == 12 and ingest.pool is None  # verified in-process now
     finally:

@@ -27,6 +27,7 @@ from kit.seed import BROKER_TARGET, CLOUD_TARGET, Pki, seed_fleet
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.store import Store, open_store
+from collector.storehealth import StoreHealth, came_back, went_down
 from collector.web import FleetApi, TrustRequirementView, WebError, WebServer, start_web
 from collector.web.app import is_loopback
 
@@ -40,7 +41,7 @@ NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, dict[str, list[str]]]]:
     store = open_store(f"sqlite:///{tmp_path_factory.mktemp('web')}/fleet.db")
     seeded = seed_fleet(store, NOW, n=50, seed=1)
-    store.count_rejection("bad_signature", at=NOW, topic="certmon/v1/x/status", detail="d",
+    store.count_rejection("bad_signature", at=NOW, topic="certmon/v2/devices/x/status", detail="d",
                           sample=b"x")
     yield store, seeded
     store.close()
@@ -53,11 +54,13 @@ def requirements() -> list[TrustRequirementView]:
 
 
 class Process:
-    """A collector process as /metrics sees it (`ProcessCounters`): counters and a
-    broker link the test connects and disconnects."""
+    """A collector process as /metrics sees it (`ProcessCounters`): counters, a broker
+    link the test connects and disconnects, and a store health it sets."""
 
     def __init__(self) -> None:
         self.connected = True
+        self.health = StoreHealth()
+        self.held = 0
 
     def ingest_counts(self) -> dict[str, int]:
         return {"accepted": 50, "rejected": 1}
@@ -67,6 +70,12 @@ class Process:
 
     def broker_connected(self) -> bool:
         return self.connected
+
+    def store_health(self) -> StoreHealth:
+        return self.health
+
+    def backlog(self) -> int:
+        return self.held
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +366,52 @@ def test_snapshot_is_served_stale_while_a_rebuild_runs(tmp_path: Path) -> None:
         time.sleep(0.01)
     assert len(fleet_api.snapshot().devices) == 8
     store.close()
+
+
+def test_a_store_outage_shows_in_metrics_api_and_page(
+        fleet: tuple[Store, dict[str, list[str]]]) -> None:
+    """The process's store health is read on every scrape, not once per snapshot (during
+    an outage no snapshot can be rebuilt): /metrics and /api/health say so at once, and
+    after it the last outage is shown. (The views' behaviour against a stopped database
+    is tests/test_faults_postgres.py's.)"""
+    process = Process()
+    srv = start_web(fleet[0], "127.0.0.1:0", now=lambda: NOW, process=process)
+    try:
+        fams = scrape(srv)
+        assert [s.value for s in fams["certmon_collector_store_up"].samples] == [1.0]
+        assert api(srv, "/api/health")["store"]["up"] is True
+        process.health = went_down(process.health, NOW, "OperationalError", 20)
+        process.held = 57
+        fams = scrape(srv)
+        assert [s.value for s in fams["certmon_collector_store_up"].samples] == [0.0]
+        assert [s.value for s in fams["certmon_collector_ingest_backlog_messages"].samples] == [
+            57.0]
+        assert [s.value for s in fams["certmon_collector_store_outages"].samples] == [1.0]
+        assert [s.value for s in fams["certmon_collector_store_down_since_seconds"].samples] \
+            == [NOW.timestamp()]
+        assert "certmon_devices" in fams  # the fleet part: the memoised snapshot's
+        health = api(srv, "/api/health")
+        assert health["store"] == {"up": False, "since": "2026-03-02T12:00:00Z", "down_s": 0.0,
+                                   "error": "OperationalError", "held": 57, "outages": 1,
+                                   "last_outage": None}
+        process.health = came_back(process.health, NOW.replace(minute=1), "collector-a")
+        process.held = 0
+        last = api(srv, "/api/health")["store"]["last_outage"]
+        assert last == {"started_at": "2026-03-02T12:00:00Z", "ended_at": "2026-03-02T12:01:00Z",
+                        "duration_s": 60.0, "messages_held": 20, "error": "OperationalError"}
+        fams = scrape(srv)
+        assert [s.value for s in fams["certmon_collector_store_last_outage_seconds"].samples] \
+            == [60.0]
+        assert "certmon_collector_store_down_since_seconds" not in fams
+        page = get(srv, "/")[2].decode()
+        assert 'id="store-banner"' in page
+        assert "store-banner" in get(srv, "/app.js")[2].decode()
+    finally:
+        srv.stop()
+    bare = start_web(fleet[0], "127.0.0.1:0", now=lambda: NOW, snapshot_ttl_s=0)
+    try:
+        assert api(bare, "/api/health") == {"generated_at": "2026-03-02T12:00:00Z", "store": None,
+                                            "backlog": None, "broker_connected": None}
+        assert "certmon_collector_store_up" not in scrape(bare)
+    finally:
+        bare.stop()

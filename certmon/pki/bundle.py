@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from ..errors import unreadable_hint
 from .facts import facts_from_cert, tolerant
 from .model import Bundle, Finding, FindingCode, LoadedCert, Severity
 
@@ -69,7 +70,7 @@ def parse_bundle(data: bytes, source: str) -> Bundle:
             Finding(
                 FindingCode.NO_CERTIFICATE,
                 Severity.CRITICAL,
-                f"{source}: no certificate found (neither a PEM certificate block nor DER)",
+                f"{source}: {_why_no_certificate(data)}",
                 source=source,
             )
         )
@@ -84,8 +85,22 @@ def read_bundle(path: str | Path) -> Bundle:
     except OSError as exc:
         return Bundle(source, findings=(Finding(
             FindingCode.FILE_UNREADABLE, Severity.CRITICAL,
-            f"{source}: cannot read: {exc.strerror or exc}", source=source),))
+            f"{source}: cannot read: {exc.strerror or exc}{unreadable_hint(exc)}",
+            source=source),))
     return parse_bundle(data, source)
+
+
+def _why_no_certificate(data: bytes) -> str:
+    # The classic mix-up is the key file given where the certificate belongs.
+    if not data.strip():
+        return "empty file, no certificate in it"
+    if _PRIVATE_KEY.search(data):
+        return ("holds a private key, not a certificate (a key where a certificate is "
+                "expected? a certificate starts -----BEGIN CERTIFICATE-----)")
+    return "no certificate found (neither a PEM certificate block nor DER)"
+
+
+_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 def _loaded(cert: x509.Certificate, source: str, index: int) -> LoadedCert | None:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from ..errors import unreadable_hint
 from .model import Finding, FindingCode, KeyFacts, Severity
 
 
@@ -64,8 +65,8 @@ def read_private_key(
         mode = stat.S_IMODE(Path(path).stat().st_mode)
     except OSError as exc:
         return None, [Finding(FindingCode.KEY_UNREADABLE, Severity.CRITICAL,
-                              f"{source}: cannot read private key: {exc.strerror or exc}",
-                              source=source)], None
+                              f"{source}: cannot read private key: {exc.strerror or exc}"
+                              f"{unreadable_hint(exc)}", source=source)], None
     try:
         if b"-----BEGIN" in data:
             key = serialization.load_pem_private_key(data, password=password)
@@ -77,8 +78,10 @@ def read_private_key(
                               source=source)], None
     except (ValueError, UnsupportedAlgorithm) as exc:
         # The exception text from cryptography never contains key material.
+        why = (" (it holds a certificate: a certificate where the key is expected?)"
+               if b"-----BEGIN CERTIFICATE-----" in data else f" ({type(exc).__name__})")
         return None, [Finding(FindingCode.KEY_UNREADABLE, Severity.CRITICAL,
-                              f"{source}: not a usable private key ({type(exc).__name__})",
+                              f"{source}: not a usable private key{why}",
                               source=source)], None
     key_type, key_bits = describe_public_key(key.public_key())
     facts = KeyFacts(source, key_type, key_bits, spki_sha256(key.public_key()), mode)

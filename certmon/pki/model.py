@@ -40,6 +40,9 @@ class FindingCode(enum.StrEnum):
     INTERMEDIATE_EXPIRES_BEFORE_LEAF = "INTERMEDIATE_EXPIRES_BEFORE_LEAF"
     CA_EXPIRING = "CA_EXPIRING"
     CA_EXPIRED = "CA_EXPIRED"
+    # An expired or expiring CA that no chain of the device goes through (severity OK:
+    # information, agent.report.judged_by_use); never sent in a status.
+    STALE_CA = "STALE_CA"
     KEY_MISMATCH = "KEY_MISMATCH"
     KEY_PERMISSIONS = "KEY_PERMISSIONS"
     KEY_UNREADABLE = "KEY_UNREADABLE"

@@ -61,6 +61,7 @@ from .messages import (
 )
 from .topics import (
     DEFAULT_PREFIX,
+    LEGACY_V1_PREFIX,
     MAX_DEVICE_ID_LEN,
     RESERVED_DEVICE_IDS,
     TopicKind,
@@ -69,9 +70,11 @@ from .topics import (
     cert_topic,
     device_topic,
     device_topic_filter,
+    device_topic_filters,
     fleet_device_topic,
     fleet_summary_topic,
     inventory_topic,
+    legacy_v1_device_topic,
     online_payload,
     online_topic,
     parse_device_topic,
@@ -83,7 +86,7 @@ from .topics import (
 )
 
 __all__ = [
-    "CERT_REF_LEN", "DEFAULT_PREFIX", "INVENTORY_TYP", "MAX_DEVICE_ID_LEN",
+    "CERT_REF_LEN", "DEFAULT_PREFIX", "INVENTORY_TYP", "LEGACY_V1_PREFIX", "MAX_DEVICE_ID_LEN",
     "MAX_INVENTORY_JWS_BYTES", "MAX_MESSAGE_BYTES", "MAX_STATUS_JWS_BYTES",
     "PROTOCOL_REASONS", "RESERVED_DEVICE_IDS", "SCHEMA_VERSION", "STATUS_TYP",
     "SUPPORTED_ALGS", "AgentSelf", "Beacon", "BeaconEcho", "BrokerSeen", "CaEntry",
@@ -91,9 +94,11 @@ __all__ = [
     "Inventory", "Message", "ParsedJWS", "Status", "TopicKind", "TrustStoreSummary",
     "alerts_topic", "alg_for_key", "beacon_topic", "cert_brief_from_facts", "cert_message",
     "cert_ref", "cert_summary_from_facts", "cert_topic", "decode_message", "decode_status",
-    "device_topic", "device_topic_filter", "encode_message", "encode_status",
+    "device_topic", "device_topic_filter", "device_topic_filters", "encode_message",
+    "encode_status",
     "finding_to_wire", "fleet_device_topic", "fleet_summary_topic", "format_instant",
-    "inventory_topic", "online_payload", "online_topic", "parse_device_topic",
+    "inventory_topic", "legacy_v1_device_topic", "online_payload", "online_topic",
+    "parse_device_topic",
     "parse_instant", "parse_jws", "parse_online", "sign_jws", "status_topic",
     "trust_store_digest", "validate_device_id", "validate_topic_level",
     "validate_topic_prefix", "verify_jws", "x5t_s256",

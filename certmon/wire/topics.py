@@ -2,8 +2,16 @@
 
 Owns the device-id rule (the one the agent's config refuses at start and the
 collector's ingest rejects on the wire: `certmon.config` imports it from here), the
-per-device and fleet topic builders, the parser that maps a topic back to
-(device id, kind), and the two payloads of the retained online topic.
+topic layout (per-device topics below `<prefix>/devices/`, fleet, alert and
+collector topics beside that subtree), its builders and subscription filters, the
+parser that maps a topic back to (device id, kind) — for the current layout and,
+while a fleet migrates, the certmon/v1 one — and the two payloads of the retained
+online topic.
+
+Why a subtree of their own: a broker lets a device write below a level named by its
+certificate CN (`pattern write <prefix>/devices/%u/#`). In v1 that level sat beside
+`fleet`, `alerts` and `_collector`, so a CN `fleet` could write the fleet summary on
+the broker whatever certmon refused; below `devices/` no CN names those topics.
 
 It must not import paho, do I/O or know about message bodies (`codec`, `messages`).
 """
@@ -16,7 +24,13 @@ import unicodedata
 
 from certmon.errors import ProtocolError
 
-DEFAULT_PREFIX = "certmon/v1"
+DEFAULT_PREFIX = "certmon/v2"
+DEVICES_LEVEL = "devices"
+# The v1 layout, `certmon/v1/<device>/<kind>` (its default prefix), read while a fleet
+# migrates (collector `mqtt.legacy_v1_topics`; docs/mosquitto.md).
+LEGACY_V1_PREFIX = "certmon/v1"
+# No longer needed to keep apart device and fleet topics (they live in different
+# subtrees now), still refused: a v1 broker ACL maps these CNs onto collector topics.
 RESERVED_DEVICE_IDS = frozenset({"fleet", "alerts"})
 MAX_DEVICE_ID_LEN = 64
 
@@ -58,7 +72,7 @@ def validate_device_id(device_id: str) -> str | None:
 
 
 def validate_topic_prefix(prefix: str) -> str | None:
-    """The problem with `prefix` as the topic prefix (e.g. "certmon/v1"), or None."""
+    """The problem with `prefix` as the topic prefix (e.g. "certmon/v2"), or None."""
     if prefix.startswith("$"):
         return "must not start with '$' (reserved for broker topics)"
     for level in prefix.split("/"):
@@ -76,7 +90,12 @@ def _checked(device_id: str) -> str:
 
 
 def device_topic(prefix: str, device_id: str, kind: TopicKind) -> str:
-    return f"{prefix}/{_checked(device_id)}/{kind}"
+    return f"{prefix}/{DEVICES_LEVEL}/{_checked(device_id)}/{kind}"
+
+
+def legacy_v1_device_topic(device_id: str, kind: TopicKind) -> str:
+    """Where a certmon/v1 agent (default prefix) publishes: `certmon/v1/<dev>/<kind>`."""
+    return f"{LEGACY_V1_PREFIX}/{_checked(device_id)}/{kind}"
 
 
 def status_topic(prefix: str, device_id: str) -> str:
@@ -114,15 +133,32 @@ def alerts_topic(prefix: str, device_id: str | None = None) -> str:
 
 def device_topic_filter(prefix: str, kind: TopicKind | None = None) -> str:
     """Subscription filter for one kind (or all kinds) of every device's topics."""
-    return f"{prefix}/+/{kind or '+'}"
+    return f"{prefix}/{DEVICES_LEVEL}/+/{kind or '+'}"
 
 
-def parse_device_topic(prefix: str, topic: str) -> tuple[str, TopicKind] | None:
-    """(device_id, kind) of a per-device topic under `prefix`, or None for anything else
-    (fleet, alerts and collector topics, bad ids, unknown kinds)."""
-    if not topic.startswith(prefix + "/"):
+def device_topic_filters(prefix: str, kind: TopicKind, *,
+                         legacy_v1: bool = False) -> tuple[str, ...]:
+    """What a collector subscribes to for `kind`: the current layout, and with
+    `legacy_v1` the certmon/v1 one as well (`certmon/v1/+/<kind>`)."""
+    current = device_topic_filter(prefix, kind)
+    return (current, f"{LEGACY_V1_PREFIX}/+/{kind}") if legacy_v1 else (current,)
+
+
+def parse_device_topic(prefix: str, topic: str, *,
+                       legacy_v1: bool = False) -> tuple[str, TopicKind] | None:
+    """(device_id, kind) of a per-device topic `<prefix>/devices/<dev>/<kind>` — and,
+    with `legacy_v1`, of a v1 one, `certmon/v1/<dev>/<kind>` — or None for anything
+    else (fleet, alerts and collector topics, bad ids, unknown kinds)."""
+    parsed = _parse_below(f"{prefix}/{DEVICES_LEVEL}/", topic)
+    if parsed is None and legacy_v1:
+        parsed = _parse_below(f"{LEGACY_V1_PREFIX}/", topic)
+    return parsed
+
+
+def _parse_below(head: str, topic: str) -> tuple[str, TopicKind] | None:
+    if not topic.startswith(head):
         return None
-    device_id, sep, kind = topic[len(prefix) + 1 :].partition("/")
+    device_id, sep, kind = topic[len(head):].partition("/")
     if not sep or kind not in TopicKind.__members__.values():
         return None
     if validate_device_id(device_id) is not None:

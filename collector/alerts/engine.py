@@ -1,28 +1,30 @@
-"""The alert lifecycle (firing → resolved, re-notify) and non-blocking dispatch.
+"""The alert lifecycle (firing → resolved, re-notify), dispatch and the resend cycle.
 
 Owns: turning a scope's candidates into store transitions (`alert_fire`,
 `alert_resolve`, which are atomic across collectors and say whether *this* caller
-must notify), the `Notification`s those transitions claim, and their delivery: one
-bounded queue and one worker thread per sink, retries with capped exponential
-backoff and jitter, per-sink counters. Must not judge findings (that is `rules`),
-format for a channel (that is each sink) or block the ingest path on a sink.
+must notify), the `Notification`s those transitions claim, handing them to every
+sink's worker without blocking (`delivery.NotifyWorker` per human channel,
+`feed.AlertmanagerFeed` per Alertmanager receiver), and the Alertmanager resend
+cycle (`resend`: the store's active set to every feed). Must not judge findings
+(that is `rules`), format for a channel (that is each sink), retry or batch (the
+workers) or block the ingest path on a sink.
 
 Delivery guarantee (docs/alerts.md, "Delivery"): the store records the transition
 (and `last_notified_at`) before the notification is queued, so N collectors send one
-notification. A notification lost after that (process killed, queue full, retries
-exhausted) is made good by the next re-notify: a firing alert is delivered at least
-once per `renotify_interval_s` while it keeps firing and is evaluated (or swept by
-`renotify_due`, which the collector runs at start and periodically). A resolution is
-sent at most once; Alertmanager still ends a lost one by itself at `expires_at`.
+notification. Human channels: a notification lost after that (process killed, queue
+full, retries exhausted) is made good by the next re-notify: a firing alert is
+delivered at least once per `renotify_interval_s` while it keeps firing and is
+evaluated (or swept by `renotify_due`, which the collector runs at start and
+periodically); a resolution at most once. Alertmanager receivers get every active
+alert every `resend_interval_s`, whoever fired it, so a lost notification or a
+receiver that lost its memory is made good within one resend interval.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
-import queue
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,11 +33,13 @@ from typing import Literal
 
 from certmon.pki import Severity
 from collector.alerts import Notification
+from collector.alerts.delivery import NotifyWorker, SinkStats
+from collector.alerts.feed import AlertmanagerFeed, FeedStats
 from collector.alerts.rules import AlertCandidate, Scope
-from collector.alerts.sinks import Sink
+from collector.alerts.sinks import AlertmanagerSink, Sink
 from collector.store import AlertRow, AlertStore
 
-__all__ = ["AlertEngine", "AlertStore", "Evaluation", "SinkStats"]
+__all__ = ["AlertEngine", "AlertStore", "Evaluation", "FeedStats", "SinkStats"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,6 @@ log = logging.getLogger(__name__)
 # A device's alert rows read per evaluation (firing and resolved: one row per key, so a
 # few per rule and certificate it ever had); past this many the fleet list is read.
 DEVICE_ROWS_MAX = 1000
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,119 +58,13 @@ class Evaluation:
     firing: int  # candidates held (notified or not)
 
 
-@dataclass(frozen=True, slots=True)
-class SinkStats:
-    sent: int  # notifications delivered
-    failed: int  # attempts that raised (a notification may fail, then be sent)
-    dropped: int  # given up: queue full, retries exhausted, or still queued at close
-    queued: int
-
-
-_STOP = object()
-
-
-class _Worker:
-    """One sink's queue and thread. A sink that hangs or fails only delays itself."""
-
-    def __init__(self, name: str, sink: Sink, *, queue_size: int, max_attempts: int,
-                 backoff_base_s: float, backoff_cap_s: float, rng: random.Random) -> None:
-        self.name, self.sink = name, sink
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
-        self._max_attempts, self._base_s, self._cap_s = max_attempts, backoff_base_s, backoff_cap_s
-        self._rng = rng
-        self._abort = threading.Event()  # set at the close deadline: stop retrying
-        self._lock = threading.Lock()
-        self._closed = False
-        self.sent = self.failed = self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name=f"alert-sink-{name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, n: Notification) -> None:
-        try:
-            if self._closed:
-                raise queue.Full
-            self._queue.put_nowait(n)
-        except queue.Full:
-            self._count("dropped")
-            log.warning("alert sink %s: queue full, dropped %s %s", self.name, n.status, n.key)
-
-    def stats(self) -> SinkStats:
-        with self._lock:
-            return SinkStats(self.sent, self.failed, self.dropped, self._queue.qsize())
-
-    def _count(self, what: str) -> None:
-        with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
-
-    def backoff_s(self, attempt: int) -> float:
-        # Jitter spreads N collectors' retries against one recovering receiver.
-        return min(self._cap_s, self._base_s * 2.0**attempt) * self._rng.uniform(0.5, 1.0)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            assert isinstance(item, Notification)
-            self._deliver(item)
-
-    def _deliver(self, n: Notification) -> None:
-        for attempt in range(self._max_attempts):
-            if self._abort.is_set():
-                break
-            try:
-                self.sink.send(n)
-            except Exception as exc:  # noqa: BLE001 - any sink failure is data, never fatal
-                self._count("failed")
-                log.warning("alert sink %s: attempt %d for %s failed: %s",
-                            self.name, attempt + 1, n.key, exc)
-                if attempt + 1 < self._max_attempts and self._abort.wait(self.backoff_s(attempt)):
-                    break
-            else:
-                self._count("sent")
-                return
-        self._count("dropped")
-        log.error("alert sink %s: gave up on %s %s", self.name, n.status, n.key)
-
-    def post_stop(self, deadline: float | None) -> bool:
-        """Queue the end marker behind what is queued; `deadline` None: only if there
-        is room now. At the deadline, give up on the backlog instead."""
-        self._closed = True
-        try:
-            if deadline is None:
-                self._queue.put_nowait(_STOP)
-            else:
-                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-            return True
-        except queue.Full:
-            if deadline is None:
-                return False
-        self._give_up()
-        return True
-
-    def join(self, deadline: float) -> None:
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            # A send in progress (an HTTP request up to its timeout) cannot be
-            # interrupted; the daemon thread is left to finish or die with the process.
-            self._give_up()
-            self._thread.join(0.1)
-
-    def _give_up(self) -> None:
-        self._abort.set()  # the worker stops retrying and drops what it still gets
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                self._count("dropped")
-        with contextlib.suppress(queue.Full):  # a racing submit cannot refill it: closed
-            self._queue.put_nowait(_STOP)
-
-
 class AlertEngine:
     """`evaluate` candidates per (device, scope); dispatch off the caller's thread."""
 
     def __init__(self, store: AlertStore, sinks: Mapping[str, Sink], *,
                  renotify_interval_s: float, clock: Callable[[], datetime],
+                 alertmanagers: Mapping[str, AlertmanagerSink] | None = None,
+                 resend_interval_s: float = 60.0,
                  queue_size: int = 1000, max_attempts: int = 8,
                  backoff_base_s: float = 1.0, backoff_cap_s: float = 300.0,
                  generator_url: str | None = None, rng: random.Random | None = None) -> None:
@@ -175,11 +72,23 @@ class AlertEngine:
         self._renotify_interval_s = renotify_interval_s
         self._clock = clock
         self._generator_url = generator_url
+        # One order for notifications and snapshot reads across threads (ingest,
+        # service tick): a feed tells a resolution from a snapshot read before it.
+        # next() on itertools.count is atomic under the GIL.
+        self._seq = itertools.count(1)
         rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._workers = [_Worker(name, sink, queue_size=queue_size, max_attempts=max_attempts,
-                                 backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s,
-                                 rng=random.Random(rng.random()))  # noqa: S311
+        self._workers = [NotifyWorker(name, sink, queue_size=queue_size,
+                                      max_attempts=max_attempts,
+                                      backoff_base_s=backoff_base_s,
+                                      backoff_cap_s=backoff_cap_s,
+                                      rng=random.Random(rng.random()))  # noqa: S311
                          for name, sink in sinks.items()]
+        self._feeds = [AlertmanagerFeed(name, sink, resend_interval_s=resend_interval_s,
+                                        clock=clock, max_resolving=queue_size,
+                                        backoff_base_s=backoff_base_s,
+                                        backoff_cap_s=backoff_cap_s,
+                                        rng=random.Random(rng.random()))  # noqa: S311
+                       for name, sink in (alertmanagers or {}).items()]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -275,31 +184,65 @@ class AlertEngine:
             status="firing", reason=reason, key=c.key, rule=c.rule, device_id=c.device_id,
             cert_sha256=c.cert_sha256, severity=c.severity, category=c.category,
             summary=c.summary, labels=c.labels, starts_at=starts_at, at=now,
-            expires_at=now + 2 * timedelta(seconds=self._renotify_interval_s),
             replaces_labels=replaces, generator_url=self._generator_url))
         return True
 
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, n: Notification) -> None:
-        """Queue `n` for every sink; never blocks (a full queue drops and counts). Public
+        """Hand `n` to every sink; never blocks (a full schedule drops and counts). Public
         for callers that notify outside the lifecycle, e.g. a "send a test alert" command."""
+        seq = next(self._seq)
         for w in self._workers:
-            w.submit(n)  # never blocks: a full queue drops and counts
+            w.submit(n, seq)
+        for f in self._feeds:
+            f.update(n, seq)
+
+    def resend(self, now: datetime | None = None) -> None:
+        """The Alertmanager cycle (every `resend_interval_s`, on every collector of a
+        group: Alertmanager dedups by labels, and a collector cut off from it must not
+        starve it): the store's active set, whoever fired it, to every feed, which
+        posts it in one batch. If the store cannot be read, the feeds post what they
+        hold, so a store outage does not make Alertmanager time the alerts out."""
+        if not self._feeds:
+            return
+        now = now or self._clock()
+        seq = next(self._seq)  # before the read: what happens after it is newer
+        active: list[Notification] | None
+        try:
+            active = [self._active(row) for row in self._store.active_alerts()]
+        except Exception as exc:  # noqa: BLE001 - the store is down: resend what is held
+            log.warning("alert resend: cannot read the active alerts (%s); resending the "
+                        "last set", exc)
+            active = None
+        for f in self._feeds:
+            f.cycle(active, seq, now)
+
+    def _active(self, row: AlertRow) -> Notification:
+        c = _candidate_of(row)
+        return Notification(
+            status="firing", reason="repeat", key=c.key, rule=c.rule, device_id=c.device_id,
+            cert_sha256=c.cert_sha256, severity=c.severity, category=c.category,
+            summary=c.summary, labels=c.labels, starts_at=row.started_at,
+            at=row.last_notified_at or row.updated_at, generator_url=self._generator_url)
 
     def stats(self) -> dict[str, SinkStats]:
-        """Per sink name: the counters behind certmon_alert_notifications_total."""
+        """Per human channel: the counters behind certmon_alert_notifications_total."""
         return {w.name: w.stats() for w in self._workers}
 
+    def feed_stats(self) -> dict[str, FeedStats]:
+        """Per Alertmanager receiver."""
+        return {f.name: f.stats() for f in self._feeds}
+
     def close(self, timeout: float = 10.0) -> None:
-        """Deliver what is queued within `timeout` seconds, then stop the workers;
-        whatever is left is counted as dropped (re-notify makes good firing alerts)."""
+        """Deliver what is due within `timeout` seconds, then stop the workers;
+        whatever is left is counted as dropped (re-notify makes good firing alerts,
+        Alertmanager ends them by `endsAt`, four resend intervals)."""
         deadline = time.monotonic() + timeout
-        # First every worker whose queue has room, so no full queue delays the others.
-        full = [w for w in self._workers if not w.post_stop(None)]
-        for w in full:
-            w.post_stop(deadline)
-        for w in self._workers:
+        workers: list[NotifyWorker | AlertmanagerFeed] = [*self._workers, *self._feeds]
+        for w in workers:  # all at once, so no slow sink eats the others' time
+            w.close()
+        for w in workers:
             w.join(deadline)
 
     def __enter__(self) -> AlertEngine:

@@ -25,12 +25,21 @@ from certmon.pki import CertFacts, Severity
 __all__ = [
     "SEVERITY_NAMES", "AlertRow", "AlertStore", "CertHolding", "CertLink", "CertRole",
     "CertRow", "DeviceOrder", "DeviceRow", "FindingRecord", "HistoryRow", "InventoryRecord",
-    "RejectSample", "ScanRecord", "StatusRecord", "Store", "StoreError", "open_store", "utc",
+    "OutageRecord", "RejectSample", "ScanRecord", "StatusRecord", "Store", "StoreError",
+    "StoreUnavailable", "open_store", "utc",
 ]
 
 
 class StoreError(CertmonError):
     """The database failed or refused (sqlite3 / psycopg errors, translated here)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be used now but may be later: connection refused or lost,
+    server shutting down, disk full, locked, read-only standby. The same call can
+    succeed on retry, so the ingest holds its messages and retries; any other
+    `StoreError` is the database refusing this call's data, which a retry will not
+    change."""
 
 
 class CertRole(enum.StrEnum):
@@ -189,6 +198,21 @@ class InventoryRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OutageRecord:
+    """A store outage one collector lived through, recorded once the store is back."""
+
+    collector: str
+    started_at: datetime
+    ended_at: datetime
+    messages_held: int  # the most messages it held unacknowledged meanwhile
+    error: str  # the error class (e.g. "OperationalError"), never a URL or password
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
 class ScanRecord:
     target: str
     scanned_at: datetime
@@ -224,13 +248,17 @@ class Store(AlertStore, Protocol):
     # ingest (writes). Each call is one transaction.
     def record_statuses(self, batch: Sequence[StatusRecord]) -> list[bool]: ...
     def set_online(self, device_id: str, online: bool, at: datetime) -> bool: ...
-    def mark_silent(self, now: datetime, factor: float = 3.0) -> list[str]: ...
+    # `horizon`: the instant silence is judged at. The service passes its ingest
+    # watermark, not the wall clock: what it has not been able to store yet must not
+    # count as silence (docs/reliability.md, "Store outages").
+    def mark_silent(self, horizon: datetime, factor: float = 3.0) -> list[str]: ...
     def put_inventory(self, inventory: InventoryRecord) -> None: ...
     def prune_seen(self, before: datetime) -> int: ...
     def count_rejection(self, reason: str, *, at: datetime, topic: str, detail: str,
                         sample: bytes) -> None: ...
     def put_scan(self, scan: ScanRecord) -> None: ...
     def try_claim(self, job: str, now: datetime, every_s: float) -> bool: ...
+    def record_outage(self, outage: OutageRecord) -> None: ...
 
     # queries
     def device(self, device_id: str) -> DeviceRow | None: ...
@@ -247,6 +275,7 @@ class Store(AlertStore, Protocol):
     def devices_with_inventory(self) -> set[str]: ...
     def scans(self) -> list[ScanRecord]: ...
     def rejection_counts(self) -> dict[str, int]: ...
+    def store_outages(self, limit: int = 10) -> list[OutageRecord]: ...  # newest first
 
 
 def _open_sqlite(url: str, reject_sample_limit: int) -> Store:

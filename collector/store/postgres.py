@@ -9,8 +9,9 @@ statement (insert-if-absent, conditional upsert with RETURNING), device rows are
 `FOR NO KEY UPDATE` in device_id order (NO KEY, so foreign-key checks from other
 batches do not conflict) and every multi-row write is sorted by key, so concurrent
 batches take row locks in the same order. Deadlocks and serialization failures are
-retried here. It must not hold queries (they are `collector.store.sql`'s), decide what
-changed or read the clock.
+retried here; a lost or refused connection is `StoreUnavailable` (the ingest retries
+with back-off) and the next call reconnects. It must not hold queries (they are
+`collector.store.sql`'s), decide what changed or read the clock.
 """
 
 from __future__ import annotations
@@ -22,14 +23,28 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from collector.store import StoreError, utc
+from collector.store import StoreError, StoreUnavailable, utc
 from collector.store.dialect import Dialect, Session, pyformat
 from collector.store.sql import SqlStore
 
 _T = TypeVar("_T")
 _Conn = psycopg.Connection[tuple[Any, ...]]
 _ATTEMPTS = 3
+# A server that does not answer (host down, partition) must not hold the ingest for
+# libpq's default of "forever"; a URL's own connect_timeout wins.
+CONNECT_TIMEOUT_S = 10
+# Connection lost or refused, shutting down, out of resources (class 53: disk full, too
+# many connections), read-only standby after a failover, lost connection object:
+# a retry can succeed. DataError, IntegrityError, ProgrammingError: it cannot.
+_TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError)
+
+
+def translate(exc: psycopg.Error) -> StoreError:
+    """psycopg's error as ours: `StoreUnavailable` when a retry can succeed."""
+    kind = StoreUnavailable if isinstance(exc, _TRANSIENT) else StoreError
+    return kind(f"postgresql: {exc}")
 
 
 def _decode(value: datetime) -> datetime:
@@ -66,11 +81,16 @@ class PostgresStore(SqlStore):
 
     def _connect(self) -> _Conn:
         try:
-            conn = psycopg.connect(self._url, autocommit=True)
+            url = self._url
+            if "connect_timeout" not in conninfo_to_dict(url):
+                url = make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
+            conn = psycopg.connect(url, autocommit=True)
             # Instants come back tz-aware in UTC whatever the server's default zone.
             conn.execute("SET TIME ZONE 'UTC'")
-        except psycopg.Error as exc:
+        except psycopg.ProgrammingError as exc:  # a malformed URL: no retry helps
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         return conn
 
     def close(self) -> None:
@@ -82,7 +102,9 @@ class PostgresStore(SqlStore):
         concurrent collectors can provoke and which leave nothing behind."""
         with self._lock:
             for attempt in range(1, _ATTEMPTS + 1):
-                if self._conn.broken:  # server restart, network blip: one fresh connection
+                if self._conn.broken or self._conn.closed:
+                    # Server restart, network blip: a fresh connection (once per call;
+                    # the caller retries with back-off while the server is away).
                     self._conn.close()
                     self._conn = self._connect()
                 try:
@@ -90,9 +112,9 @@ class PostgresStore(SqlStore):
                         return fn(Session(cur, self._d))
                 except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
                     if attempt == _ATTEMPTS:
-                        raise StoreError(f"postgresql: {exc}") from exc
+                        raise translate(exc) from exc
                 except psycopg.Error as exc:
-                    raise StoreError(f"postgresql: {exc}") from exc
+                    raise translate(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read(self, fn: Callable[[Session], _T]) -> _T:

@@ -1,7 +1,7 @@
 """The store's read side, written once: every query of the contract over a `Dialect`.
 
 Owns the `Store` queries (devices, certificates, alerts, history, inventories, scans,
-rejection counts), the inspections only tests use (`seen_count`, `seen_seqs`,
+rejection counts, store outages), the inspections only tests use (`seen_count`, `seen_seqs`,
 `devices_holding_count`, `rejection_samples`, `integrity_check`: methods of the shared
 implementation, left out of the `Store` Protocol) and the decoding of rows to records.
 It must not write, open connections or name a backend: `SqlQueries._read` is the
@@ -28,6 +28,7 @@ from collector.store import (
     FindingRecord,
     HistoryRow,
     InventoryRecord,
+    OutageRecord,
     RejectSample,
     ScanRecord,
 )
@@ -164,6 +165,12 @@ class SqlQueries(abc.ABC):
 
     def rejection_counts(self) -> dict[str, int]:
         return {r: int(n) for r, n in self._rows("SELECT reason, count FROM rejections")}
+
+    def store_outages(self, limit: int = 10) -> list[OutageRecord]:
+        rows = self._rows("SELECT collector, started_at, ended_at, messages_held, error"
+                          " FROM store_outages ORDER BY id DESC LIMIT ?", (limit,))
+        return [OutageRecord(c, self._d.decode(s), self._d.decode(e), int(h), err)
+                for c, s, e, h, err in rows]
 
     # ------------------------------------------------ inspections (tests, not the Protocol)
 

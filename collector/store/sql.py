@@ -1,8 +1,8 @@
 """The store's SQL, written once: the writes of the contract, over a `Dialect`.
 
 Owns the statements of every `Store` write (ingest, online state, inventories,
-rejections, scans, job claims, alerts) and migrations' bookkeeping; reads are
-`collector.store.queries`', both halves of `SqlStore`. A backend subclasses `SqlStore`
+rejections, scans, job claims, store outages, alerts) and migrations' bookkeeping;
+reads are `collector.store.queries`', both halves of `SqlStore`. A backend subclasses `SqlStore`
 with its connections, its transactions (`_write`, `_read`) and its migration runner.
 It must not decide what a batch changes (that is `collector.store.plan`), read the
 clock, or name a backend: what differs between databases is the dialect's.
@@ -21,6 +21,7 @@ from collector.store import (
     CertRole,
     FindingRecord,
     InventoryRecord,
+    OutageRecord,
     ScanRecord,
     StatusRecord,
     StoreError,
@@ -41,6 +42,7 @@ from collector.store.queries import SqlQueries, findings_from_json
 # arguments: hence the `noqa: S608` on those lines.
 _T = TypeVar("_T")
 _NEVER = datetime.min.replace(tzinfo=UTC)
+_OUTAGES_KEPT = 100
 _NEW_DEVICE = ("INSERT INTO devices (device_id, first_seen_at, updated_at)"
                " VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
 
@@ -236,8 +238,9 @@ class SqlStore(SqlQueries):
 
         return self._write(run)
 
-    def mark_silent(self, now: datetime, factor: float = 3.0) -> list[str]:
-        t = self._d.encode(now)
+    def mark_silent(self, horizon: datetime, factor: float = 3.0) -> list[str]:
+        # The change is dated at the horizon: that is when the silence was established.
+        t = self._d.encode(horizon)
 
         def run(s: Session) -> list[str]:
             ids = sorted(str(dev) for (dev,) in s.rows(
@@ -308,6 +311,21 @@ class SqlStore(SqlQueries):
             " scanned_at = excluded.scanned_at, severity = excluded.severity,"
             " result_json = excluded.result_json",
             (scan.target, self._d.encode(scan.scanned_at), int(scan.severity), scan.result_json)))
+
+    def record_outage(self, outage: OutageRecord) -> None:
+        o = outage
+        args = {"c": clean_text(o.collector)[:256], "s": self._d.encode(o.started_at),
+                "e": self._d.encode(o.ended_at), "h": int(o.messages_held),
+                "err": clean_text(o.error)[:200], "k": _OUTAGES_KEPT}
+
+        def run(s: Session) -> None:
+            s.rows("INSERT INTO store_outages (collector, started_at, ended_at, messages_held,"
+                   " error) VALUES (:c, :s, :e, :h, :err)", args)
+            # The newest K: a flapping database must not grow the table.
+            s.rows("DELETE FROM store_outages WHERE id <= (SELECT id FROM store_outages"
+                   " ORDER BY id DESC LIMIT 1 OFFSET :k)", args)
+
+        self._write(run)
 
     def try_claim(self, job: str, now: datetime, every_s: float) -> bool:
         args = (job, self._d.encode(now), self._d.encode(now - timedelta(seconds=every_s)))

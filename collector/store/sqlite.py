@@ -5,7 +5,8 @@ busy_timeout, foreign keys; a second connection for reads), the transactions, th
 migration runner and the `SQLITE` dialect (fixed-width ISO-8601 text instants with 'Z',
 `max()`, julianday arithmetic). One write connection is shared by the ingest worker and
 the web thread behind a lock; writes run in BEGIN IMMEDIATE transactions so that a
-second process on the same file waits instead of failing halfway.
+second process on the same file waits instead of failing halfway. Errors a retry can
+cure (busy, disk full, I/O, read-only) are `StoreUnavailable`.
 It must not hold queries (they are `collector.store.sql`'s), decide what changed or
 read the clock.
 """
@@ -21,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from collector.store import StoreError, utc
+from collector.store import StoreError, StoreUnavailable, utc
 from collector.store.dialect import Dialect, Session, same
 from collector.store.sql import SqlStore
 
@@ -74,6 +75,19 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError(f"incomplete SQL statement at the end of a migration: {buf[:80]!r}")
 
 
+# Primary result codes that say "not now" rather than "not this": busy/locked beyond
+# busy_timeout, out of memory, read-only (a remount), I/O error, disk full, cannot
+# open, lock protocol. The same statement can succeed later (docs/store.md).
+_TRANSIENT = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
+def translate(exc: sqlite3.Error, what: str = "sqlite") -> StoreError:
+    """sqlite3's error as ours: `StoreUnavailable` when a retry can succeed."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    kind = StoreUnavailable if code is not None and code & 0xFF in _TRANSIENT else StoreError
+    return kind(f"{what}: {exc}")
+
+
 @contextlib.contextmanager
 def _transaction(c: sqlite3.Connection, lock: threading.Lock,
                  begin: str) -> Iterator[sqlite3.Cursor]:
@@ -85,8 +99,9 @@ def _transaction(c: sqlite3.Connection, lock: threading.Lock,
             c.execute("COMMIT")
         except sqlite3.Error as exc:
             if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise StoreError(f"sqlite: {exc}") from exc
+                with contextlib.suppress(sqlite3.Error):  # the error stands, not this one
+                    c.execute("ROLLBACK")
+            raise translate(exc) from exc
         except BaseException:
             if c.in_transaction:
                 c.execute("ROLLBACK")
@@ -117,7 +132,7 @@ class SqliteStore(SqlStore):
             self._conn.execute("PRAGMA foreign_keys=ON")
             limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite database {path}: {exc}") from exc
+            raise translate(exc, f"cannot open SQLite database {path}") from exc
         if path != ":memory:" and mode != "wal":
             self._conn.close()
             raise StoreError(f"{path}: cannot switch to WAL (journal_mode is {mode})")
@@ -133,7 +148,7 @@ class SqliteStore(SqlStore):
                 self._reader = _connect(path, busy_timeout_s)
             except sqlite3.Error as exc:
                 self._conn.close()
-                raise StoreError(f"cannot open SQLite database {path}: {exc}") from exc
+                raise translate(exc, f"cannot open SQLite database {path}") from exc
             self._read_lock = threading.Lock()
 
     @classmethod

@@ -2,9 +2,9 @@
 
 Owns what the dashboard and API clients see (docs/dashboard.md is the contract):
 device states, expiry timeline buckets, CA readiness, broker chains as seen versus
-scanned, clock-offset distribution and alerts. Fleet-wide views read one cached
-`Snapshot` (collector.web.fleet: what it holds, its TTL and memo) and are memoised
-on it; per-device views read the store directly.
+scanned, clock-offset distribution, alerts and the running collector's store health.
+Fleet-wide views read one cached `Snapshot` (collector.web.fleet: what it holds, its
+TTL and memo) and are memoised on it; per-device views read the store directly.
 
 It must not write to the store, serve HTTP (collector.web.app) or read the clock
 except through the injected `now`. Instants leave as RFC 3339 'Z' strings.
@@ -22,7 +22,8 @@ from certmon import wire as p
 from certmon.clock import monotonic_s
 from certmon.pki import Severity
 from collector import aggregate
-from collector.store import SEVERITY_NAMES, AlertRow, CertRole, CertRow, Store
+from collector.store import SEVERITY_NAMES, AlertRow, CertRole, CertRow, Store, StoreError
+from collector.storehealth import StoreHealth
 from collector.trust import RequiredCA
 
 from .fleet import (
@@ -132,9 +133,31 @@ class FleetApi:
     # ------------------------------------------------------------------ fleet views
 
     def summary(self) -> JSON:
-        rejected = self.store.rejection_counts()  # cheap, and counts move between snapshots
-        return {**self.memo("summary", self._summary),
-                "rejected": {"total": sum(rejected.values()), "by_reason": rejected}}
+        summary = self.memo("summary", self._summary)
+        try:
+            rejected = self.store.rejection_counts()  # cheap; counts move between snapshots
+        except StoreError:  # an outage: the snapshot's views still serve, this part waits
+            return {**summary, "rejected": None}
+        return {**summary, "rejected": {"total": sum(rejected.values()), "by_reason": rejected}}
+
+    def health(self, store: StoreHealth | None, backlog: int | None,
+               broker_connected: bool | None) -> JSON:
+        """The running collector's own state (None: a bare store is served): read from
+        the process, never from the store, so it answers during a store outage."""
+        now = self.now()
+        store_json: JSON | None = None
+        if store is not None:
+            last = store.last_outage
+            store_json = {
+                "up": store.is_up, "since": instant(store.since_at),
+                "down_s": round(store.down_s(now), 1), "error": store.error,
+                "held": backlog if not store.is_up else 0, "outages": store.outages,
+                "last_outage": None if last is None else {
+                    "started_at": instant(last.started_at), "ended_at": instant(last.ended_at),
+                    "duration_s": round(last.duration_s, 1),
+                    "messages_held": last.messages_held, "error": last.error}}
+        return {"generated_at": instant(now), "store": store_json, "backlog": backlog,
+                "broker_connected": broker_connected}
 
     def _summary(self, s: Snapshot) -> JSON:
         now = s.taken_at
@@ -304,8 +327,12 @@ class FleetApi:
         fleet-wide outage can fire one alert per device: 26k rows are not a page."""
         limit = _int_param(params, "limit", 100, 1000)
         active = self.snapshot().alerts
+        try:
+            history = [alert_json(a) for a in self.store.alert_history(limit=limit)]
+        except StoreError:  # an outage: active alerts from the snapshot still show
+            history = []
         return {"active_total": len(active), "active": [alert_json(a) for a in active[:limit]],
-                "history": [alert_json(a) for a in self.store.alert_history(limit=limit)]}
+                "history": history}
 
     # ------------------------------------------------------------------ one device
 

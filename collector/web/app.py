@@ -2,7 +2,7 @@
 
 Owns routing, basic auth, response headers, static files and the waitress server's
 lifecycle (`start_web` → `WebServer.stop`). What a route returns is `api.FleetApi`'s
-business; what /metrics says is `metrics.FleetCollector`'s. No framework: nine
+business; what /metrics says is `metrics.FleetCollector`'s. No framework: a dozen
 routes do not need one, and `wsgiref.util` plus a dict stays readable. Must not know
 the collector service: it is handed a store, resolved trust requirements and,
 when a collector runs, its `ProcessCounters`.
@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 
 from certmon.clock import SystemClock
 from certmon.errors import CertmonError
-from collector.store import Store
+from collector.store import Store, StoreError
 from collector.trust import RequiredCA
 
 from .api import BadRequest, FleetApi
@@ -102,6 +102,7 @@ class WebApp:
             "/api/brokers": lambda r: _json(self.api.brokers()),
             "/api/clock": lambda r: _json(self.api.clock()),
             "/api/alerts": lambda r: _json(self.api.alerts(r.params)),
+            "/api/health": lambda r: _json(self._health()),
         }
         self._static_cache: dict[str, bytes] = {}
 
@@ -134,15 +135,32 @@ class WebApp:
             return _error("404 Not Found", f"no route {path[:100]}")
         except BadRequest as exc:
             return _error("400 Bad Request", str(exc))
+        except StoreError:
+            # The store is down and this view has no snapshot to fall back on: say so
+            # (the dashboard shows /api/health's banner), not a traceback per request.
+            return _error("503 Service Unavailable", "the store is unavailable; see /api/health")
         except Exception:
             log.exception("web request %s failed", path[:200])
             return _error("500 Internal Server Error", "internal error (see collector log)")
 
     def _metrics(self) -> bytes:
-        # Once per snapshot: at 100k devices the exposition is ~650k samples and seconds
-        # of prometheus_client formatting, too much per scrape; the snapshot's
-        # background rebuild regenerates it before the swap (start_web's extra_views).
-        return self.api.memo(METRICS_VIEW, self.metrics.exposition)
+        # The fleet once per snapshot: at 100k devices the exposition is ~650k samples
+        # and seconds of prometheus_client formatting, too much per scrape; the
+        # snapshot's background rebuild regenerates it before the swap (start_web's
+        # extra_views). The process's few series are read on every scrape: during a
+        # store outage no new snapshot comes, and store_up must still say 0.
+        live = self.metrics.live_exposition()
+        try:
+            return self.api.memo(METRICS_VIEW, self.metrics.exposition) + live
+        except StoreError:
+            return live  # no snapshot yet and the store is down: what the process knows
+
+    def _health(self) -> JSON:
+        process = self.metrics.process
+        if process is None:
+            return self.api.health(None, None, None)
+        return self.api.health(process.store_health(), process.backlog(),
+                               process.broker_connected())
 
     def _authorised(self, environ: WSGIEnvironment) -> bool:
         given = str(environ.get("HTTP_AUTHORIZATION", "")).encode("latin-1", "replace")

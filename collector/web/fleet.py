@@ -21,7 +21,15 @@ from typing import Any, TypeVar, cast
 
 from certmon import wire as p
 from collector import aggregate
-from collector.store import SEVERITY_NAMES, AlertRow, CertRole, CertRow, DeviceRow, Store
+from collector.store import (
+    SEVERITY_NAMES,
+    AlertRow,
+    CertRole,
+    CertRow,
+    DeviceRow,
+    Store,
+    StoreError,
+)
 from collector.trust import RequiredCA
 
 log = logging.getLogger("certmon.collector.web")
@@ -253,6 +261,11 @@ class SnapshotCache:
             self._warm(snap, list(previous) or ["summary", "timeline:26"])
             with self._lock:
                 self._snap, self._snap_mono = snap, mono
+        except StoreError as exc:  # an outage: one line per TTL, not a traceback
+            log.warning("fleet snapshot not rebuilt (%s); serving the previous one",
+                        " ".join(str(exc).split()))
+            with self._lock:  # the next try after another TTL, not on the next request
+                self._snap_mono = self._monotonic()
         except Exception:
             log.exception("fleet snapshot failed; serving the previous one")
         finally:

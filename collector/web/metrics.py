@@ -5,16 +5,18 @@ low-cardinality: at most one series per device and role or bound, never a serial
 or fingerprint, so a certificate renewal updates a value instead of minting a
 series. Instants are absolute Unix timestamps (`*_not_after_seconds`), so rules
 subtract `time()` themselves and a stale scrape never shows a wrong "days left".
-Values come from the web layer's `Snapshot` (shared with the dashboard, bounded by
-its TTL) plus what the running collector process tells (`ProcessCounters`). Must
-not read the store beyond the snapshot, except the persistent rejection totals when
-no process is given.
+Fleet values come from the web layer's `Snapshot` (shared with the dashboard, bounded
+by its TTL, rendered once per snapshot); what the running collector process tells
+(`ProcessCounters`: link, ingest counters, store health, backlog) is rendered anew on
+every scrape (`live_exposition`), so a store outage shows at once even though no new
+snapshot can be read meanwhile. Must not read the store beyond the snapshot, except
+the persistent rejection totals when no process is given.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,6 +27,7 @@ from prometheus_client.registry import Collector
 import certmon
 from certmon import wire as p
 from collector.store import SEVERITY_NAMES, Store
+from collector.storehealth import StoreHealth
 
 from .api import STATE_RANK
 from .fleet import Snapshot
@@ -47,6 +50,14 @@ class ProcessCounters(Protocol):
         """Whether the collector's MQTT link is connected (statuses can arrive)."""
         ...
 
+    def store_health(self) -> StoreHealth:
+        """The store as the ingest sees it (up, or down since when, outages)."""
+        ...
+
+    def backlog(self) -> int:
+        """Messages received and not yet stored (held unacknowledged)."""
+        ...
+
 
 class FleetCollector:
     """Every certmon_* family from one snapshot; `exposition` renders them."""
@@ -56,10 +67,13 @@ class FleetCollector:
         self.process = process
 
     def exposition(self, snap: Snapshot) -> bytes:
-        """The text format for one given snapshot (memoised on it by the web app)."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Fixed(self, snap))
-        return generate_latest(registry)
+        """The fleet's text format for one given snapshot (memoised on it by the web
+        app); without a process, the store's rejection totals too."""
+        return _render(lambda: self.families(snap))
+
+    def live_exposition(self) -> bytes:
+        """The process's families, read now (cheap: a handful of series)."""
+        return _render(self._process) if self.process is not None else b""
 
     def families(self, s: Snapshot) -> Iterator[Metric]:
         not_after = GaugeMetricFamily(
@@ -129,7 +143,8 @@ class FleetCollector:
         yield success
         yield scanned_at
 
-        yield from self._process()
+        if self.process is None:
+            yield self._rejected(self.store.rejection_counts())
         info = InfoMetricFamily("certmon_build", "certmon version")
         info.add_metric([], {"version": certmon.__version__})
         yield info
@@ -140,32 +155,66 @@ class FleetCollector:
 
     def _process(self) -> Iterator[Metric]:
         process = self.process
-        if process is not None:
-            up = GaugeMetricFamily("certmon_collector_up",
-                                   "1 while the collector is connected to the broker")
-            up.add_metric([], 1.0 if process.broker_connected() else 0.0)
-            yield up
-            msgs = CounterMetricFamily("certmon_ingest_messages",
-                                       "Messages handled by this collector process, by result",
-                                       labels=["result"])
-            for result, n in sorted(process.ingest_counts().items()):
-                msgs.add_metric([result], float(n))
-            yield msgs
-        # This process's counters when the service is known (they reset on restart,
-        # which rate() handles); else the store's fleet-wide persistent totals.
-        counts = process.rejected_counts() if process else self.store.rejection_counts()
+        assert process is not None
+        up = GaugeMetricFamily("certmon_collector_up",
+                               "1 while the collector is connected to the broker")
+        up.add_metric([], 1.0 if process.broker_connected() else 0.0)
+        yield up
+        msgs = CounterMetricFamily("certmon_ingest_messages",
+                                   "Messages handled by this collector process, by result",
+                                   labels=["result"])
+        for result, n in sorted(process.ingest_counts().items()):
+            msgs.add_metric([result], float(n))
+        yield msgs
+        # This process's counters (they reset on restart, which rate() handles).
+        yield self._rejected(process.rejected_counts())
+        yield from _store_health(process.store_health(), process.backlog())
+
+    @staticmethod
+    def _rejected(counts: Mapping[str, int]) -> Metric:
         rej = CounterMetricFamily("certmon_ingest_rejected",
                                   "Rejected messages by reason", labels=["reason"])
         for reason, n in sorted(counts.items()):
             rej.add_metric([reason], float(n))
-        yield rej
+        return rej
+
+
+def _store_health(h: StoreHealth, backlog: int) -> Iterator[Metric]:
+    up = GaugeMetricFamily("certmon_collector_store_up",
+                           "1 while the collector can write its store, 0 during an outage")
+    up.add_metric([], 1.0 if h.is_up else 0.0)
+    yield up
+    held = GaugeMetricFamily("certmon_collector_ingest_backlog_messages",
+                             "Messages received and not yet stored (unacknowledged)")
+    held.add_metric([], float(backlog))
+    yield held
+    outages = CounterMetricFamily("certmon_collector_store_outages",
+                                  "Store outages this collector process lived through")
+    outages.add_metric([], float(h.outages))
+    yield outages
+    if not h.is_up and h.since_at is not None:
+        since = GaugeMetricFamily("certmon_collector_store_down_since_seconds",
+                                  "When the current store outage began (Unix time)")
+        since.add_metric([], h.since_at.timestamp())
+        yield since
+    if h.last_outage is not None:
+        last = GaugeMetricFamily("certmon_collector_store_last_outage_seconds",
+                                 "How long the last store outage lasted")
+        last.add_metric([], h.last_outage.duration_s)
+        yield last
+
+
+def _render(families: Callable[[], Iterable[Metric]]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
+    return generate_latest(registry)
 
 
 class _Fixed(Collector):
-    """One snapshot as a prometheus_client collector, for one `generate_latest`."""
+    """Some families as a prometheus_client collector, for one `generate_latest`."""
 
-    def __init__(self, fleet: FleetCollector, snap: Snapshot) -> None:
-        self.fleet, self.snap = fleet, snap
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self.families = families
 
     def collect(self) -> Iterator[Metric]:
-        yield from self.fleet.families(self.snap)
+        yield from self.families()

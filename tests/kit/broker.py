@@ -1,8 +1,9 @@
 """A real Mosquitto for tests and benchmarks: free loopback ports, config in a tmp dir.
 
 Owns: starting, restarting and killing mosquitto processes (`Mosquitto`, `Listener`),
-free loopback ports, the certmon ACL a fleet broker runs with (`FLEET_ACL`), and
-`wait_until`, the one way the kit and the tests wait for something.
+free loopback ports and `wait_until`, the one way the kit and the tests wait for
+something. certmon's own broker configuration is kit.brokerconf's (it renders the
+shipped packaging/mosquitto/ files into `Listener`s this module runs).
 
 Must not: touch the system broker (1883/8883 are never bound), issue certificates
 (kit.pki does), or sleep a fixed time where a condition can be polled.
@@ -16,8 +17,13 @@ Mosquitto quirks (2.0.11) this module encodes:
   0600 key files; `user <current user>` keeps it as us.
 - `cafile/certfile/keyfile/require_certificate/use_identity_as_username/ciphers` are
   per listener whatever `per_listener_settings` says. With `per_listener_settings
-  false` (our default) `allow_anonymous` and `acl_file` are global: one ACL file
+  false` (the default here) `allow_anonymous` and `acl_file` are global: one ACL file
   covers every listener, and its leading `topic` lines are what anonymous clients get.
+  A broker any of whose listeners carries its own `allow_anonymous` or a documented
+  `section` (certmon's own configuration, kit.brokerconf) runs with
+  `per_listener_settings true`; a listener that then says nothing about anonymous
+  clients refuses them (Mosquitto 2's default), and one without `acl_file` lets its
+  clients do anything.
 - OpenSSL's security level refuses to *load* a SHA-1-signed or RSA-1024 certificate
   ("ca md too weak", "ee key too small") and mosquitto exits; a listener serving one
   needs `ciphers="DEFAULT:@SECLEVEL=0"` (the cipher string sets the whole context's
@@ -43,7 +49,6 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = [
-    "FLEET_ACL",
     "BrokerStartError",
     "Listener",
     "Mosquitto",
@@ -55,29 +60,6 @@ __all__ = [
 
 _SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 SYSTEM_PORTS = frozenset({1883, 8883})  # a system broker may own these; never bind them
-
-# The certmon ACL (DESIGN §4). Leading `topic` lines apply to anonymous clients only;
-# anonymous clients exist only on listeners without `use_identity_as_username` (the
-# mTLS listener makes every client's username its certificate CN), and not at all on
-# a broker started with `allow_anonymous=False`. They may do anything: they play
-# "anyone with broker access", which is what lets a test inject a forged or unsigned
-# status into a device topic — the threat the signatures exist for.
-FLEET_ACL = """\
-# anonymous (plain / TLS-server-auth listeners only)
-topic readwrite #
-
-user collector
-topic read certmon/v1/#
-topic write certmon/v1/fleet/#
-topic write certmon/v1/alerts/#
-topic write certmon/v1/_collector/#
-
-# every authenticated client, i.e. every device (username = certificate CN). A
-# `pattern` without %u is the only way to grant all users; mosquitto logs a harmless
-# warning for it.
-pattern write certmon/v1/%u/#
-pattern read certmon/v1/_collector/#
-"""
 
 
 class BrokerStartError(RuntimeError):
@@ -132,9 +114,26 @@ class Listener:
     ciphers: str | None = None
     tls_version: str | None = None  # "tlsv1.2" pins it; None lets OpenSSL negotiate
     extra: str = ""  # raw lines appended inside this listener's block
+    # This listener's own anonymous rule; setting it runs the broker with
+    # per_listener_settings true (see the module docstring).
+    allow_anonymous: bool | None = None
+    # A documented listener's lines after its `listener` line (kit.brokerconf renders
+    # them from packaging/mosquitto/certmon.conf), written instead of the ones the
+    # fields above describe; `tls` then only tells the readiness check to handshake.
+    section: str | None = None
+
+    @property
+    def has_own_settings(self) -> bool:
+        """Whether this listener needs `per_listener_settings true`."""
+        return self.allow_anonymous is not None or self.section is not None
 
     def conf(self) -> str:
-        lines = [f"listener {self.port} 127.0.0.1", f"protocol {self.protocol}"]
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if self.section is not None:
+            return "\n".join([*lines, self.section.strip()])
+        lines.append(f"protocol {self.protocol}")
+        if self.allow_anonymous is not None:
+            lines.append(f"allow_anonymous {str(self.allow_anonymous).lower()}")
         if self.tls:
             if not (self.certfile and self.keyfile):
                 raise ValueError(f"TLS listener on {self.port} needs certfile and keyfile")
@@ -166,7 +165,7 @@ class Mosquitto:
         listeners: Sequence[Listener],
         *,
         acl: str | None = None,
-        allow_anonymous: bool = True,
+        allow_anonymous: bool | None = None,
         extra_conf: str = "",
         binary: str | None = None,
         start_timeout_s: float = 10.0,
@@ -187,8 +186,14 @@ class Mosquitto:
         for lst in self.listeners:
             if lst.port in SYSTEM_PORTS:
                 raise ValueError(f"port {lst.port} belongs to the system broker")
+        self.per_listener_settings = any(lst.has_own_settings for lst in self.listeners)
+        if self.per_listener_settings and (acl is not None or allow_anonymous is not None):
+            # Mosquitto would apply global ones to no listener at all: say so here.
+            raise ValueError("listeners carry their own settings (per_listener_settings "
+                             "true): give acl and allow_anonymous per listener")
         self.acl = acl
-        self.allow_anonymous = allow_anonymous
+        # Global mode: anonymous clients allowed unless told otherwise (plain test brokers).
+        self.allow_anonymous = True if allow_anonymous is None else allow_anonymous
         self.extra_conf = extra_conf
         self.start_timeout_s = start_timeout_s
         self.conf_path = workdir / "mosquitto.conf"
@@ -214,8 +219,7 @@ class Mosquitto:
         lines = [
             "# written by tests/kit/broker.py",
             f"user {getpass.getuser()}",  # as root it would otherwise become "mosquitto"
-            "per_listener_settings false",
-            f"allow_anonymous {str(self.allow_anonymous).lower()}",
+            f"per_listener_settings {str(self.per_listener_settings).lower()}",
             "persistence false",
             "log_dest stderr",
             "log_type all",
@@ -223,6 +227,8 @@ class Mosquitto:
             "log_timestamp_format %H:%M:%S",
             "set_tcp_nodelay true",
         ]
+        if not self.per_listener_settings:
+            lines.append(f"allow_anonymous {str(self.allow_anonymous).lower()}")
         if self.acl_path is not None:
             lines.append(f"acl_file {self.acl_path}")
         if self.extra_conf:

@@ -2,7 +2,8 @@
 what it sees.
 
 Owns: `MqttProbe`, the test's own view of the broker (CONNACKs, messages,
-disconnects, SUBACKs), with thread-safe capture and waits built on `wait_until`.
+disconnects, SUBACKs, PUBACK reasons), with thread-safe capture and waits built on
+`wait_until`.
 
 Must not: be used by product code (production code reaches paho only through
 certmon.mqtt), or start brokers (kit.broker does). Tests talk to the broker directly
@@ -40,6 +41,7 @@ class MqttProbe:
         self.disconnects = 0
         self.messages: list[tuple[str, bytes, bool]] = []
         self.subscribed: list[object] = []
+        self.pubacks: dict[int, object] = {}  # mid → PUBACK reason code (QoS 1)
         if tls:
             self.client.tls_set(
                 ca_certs=tls.get("ca_certs"),
@@ -53,6 +55,7 @@ class MqttProbe:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
     def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
         with self._lock:
@@ -71,6 +74,10 @@ class MqttProbe:
     def _on_subscribe(self, _c: object, _u: object, _mid: int, reasons: Any, _p: object) -> None:
         with self._lock:
             self.subscribed.extend(reasons)
+
+    def _on_publish(self, _c: object, _u: object, mid: int, reason: object, _p: object) -> None:
+        with self._lock:
+            self.pubacks[mid] = reason
 
     def connect(self, port: int, host: str = "127.0.0.1", *, wait_s: float = 5.0) -> MqttProbe:
         """Connect and start the network thread; waits for a successful CONNACK."""
@@ -112,6 +119,16 @@ class MqttProbe:
         self.client.subscribe(topic, qos)
         if not wait_until(lambda: len(self.subscribed) > before, wait_s):
             raise AssertionError(f"no SUBACK for {topic}")
+
+    def publish_acked(self, topic: str, payload: bytes, *, retain: bool = False,
+                      wait_s: float = 5.0) -> object:
+        """Publish at QoS 1 and return the broker's PUBACK reason code (e.g. 135,
+        "Not authorized", for a publish the ACL refuses)."""
+        mid = self.client.publish(topic, payload, qos=1, retain=retain).mid
+        if not wait_until(lambda: mid in self.pubacks, wait_s):
+            raise AssertionError(f"no PUBACK for {topic}")
+        with self._lock:
+            return self.pubacks.pop(mid)  # popped: paho reuses message ids
 
     def received(self, topic: str) -> list[bytes]:
         with self._lock:

@@ -1,11 +1,12 @@
 """The webhook sink: Alertmanager-compatible `POST /api/v2/alerts` with stdlib urllib.
 
-Body: a JSON array of {labels, annotations, startsAt, endsAt, generatorURL}, the
-format Alertmanager's API and most "Alertmanager webhook" receivers accept. A firing
-alert's endsAt is its `expires_at` (two renotify intervals): Alertmanager resolves an
-alert whose endsAt has passed, so a lost resolution or a dead collector does not
-leave it firing forever — and a firing alert without endsAt would be resolved by
-Alertmanager after its resolve_timeout (5 min), long before our next re-notify.
+Owns the body and the HTTP exchange: a JSON array of {labels, annotations, startsAt,
+endsAt, generatorURL}, the format Alertmanager's API and most "Alertmanager webhook"
+receivers accept, one POST per batch. What goes into a batch, and when (the whole
+active set every resend interval, `endsAt` a few intervals ahead), is the feed's
+(`collector.alerts.feed`); this module only says whether the receiver took it:
+HTTP 400/413/422 raise `ReceiverRejected` (the content; the feed splits the batch),
+anything else that is not 2xx raises `AlertSinkError`.
 
 Must not follow redirects (a POST is not safely re-sent elsewhere, and a redirect
 to another host would leak the alert) and must not put the URL in errors or logs.
@@ -16,12 +17,17 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from email.message import Message
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 from certmon.wire import format_instant
-from collector.alerts import AlertSinkError, Notification
+from collector.alerts import AlertmanagerAlert, AlertSinkError, ReceiverRejected
+
+# Statuses that refuse what was sent rather than the sending: 400 (Alertmanager: an
+# invalid alert, e.g. "start time must be before end time"), 413, 422.
+CONTENT_REFUSED = frozenset({400, 413, 422})
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -30,23 +36,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises HTTPError for the 3xx
 
 
-def alertmanager_alerts(n: Notification) -> list[dict[str, Any]]:
-    """The Alertmanager v2 representation; a severity change also ends the old label
-    set, since Alertmanager identifies alerts by labels."""
-    def one(labels: dict[str, str], ends_at: str) -> dict[str, Any]:
-        doc: dict[str, Any] = {"labels": labels, "annotations": n.annotations,
-                               "startsAt": format_instant(n.starts_at), "endsAt": ends_at}
-        if n.generator_url:
-            doc["generatorURL"] = n.generator_url
-        return doc
-
-    if n.status == "resolved":
-        return [one(dict(n.labels), format_instant(n.ends_at or n.at))]
-    out = []
-    if n.replaces_labels is not None:
-        out.append(one(dict(n.replaces_labels), format_instant(n.at)))
-    out.append(one(dict(n.labels), format_instant(n.expires_at or n.at)))
-    return out
+def alertmanager_body(alerts: Sequence[AlertmanagerAlert]) -> bytes:
+    """The Alertmanager v2 `postableAlerts` JSON array."""
+    docs: list[dict[str, Any]] = []
+    for a in alerts:
+        doc: dict[str, Any] = {"labels": dict(a.labels), "annotations": dict(a.annotations),
+                               "startsAt": format_instant(a.starts_at),
+                               "endsAt": format_instant(a.ends_at)}
+        if a.generator_url:
+            doc["generatorURL"] = a.generator_url
+        docs.append(doc)
+    return json.dumps(docs, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class WebhookSink:
@@ -59,11 +59,9 @@ class WebhookSink:
         self._timeout_s = timeout_s
         self._opener = urllib.request.build_opener(_NoRedirect())
 
-    def send(self, notification: Notification) -> None:
-        body = json.dumps(alertmanager_alerts(notification), separators=(",", ":"),
-                          ensure_ascii=False).encode()
+    def post_alerts(self, alerts: Sequence[AlertmanagerAlert]) -> None:
         req = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
-            self._url, data=body, method="POST",
+            self._url, data=alertmanager_body(alerts), method="POST",
             headers={"Content-Type": "application/json", "User-Agent": "certmon"})
         try:
             with self._opener.open(req, timeout=self._timeout_s) as resp:
@@ -71,7 +69,8 @@ class WebhookSink:
                 resp.read()
         except urllib.error.HTTPError as exc:
             exc.close()
-            raise AlertSinkError(f"webhook {self._host}: HTTP {exc.code}") from None
+            error = ReceiverRejected if exc.code in CONTENT_REFUSED else AlertSinkError
+            raise error(f"webhook {self._host}: HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise AlertSinkError(f"webhook {self._host}: {reason}") from None

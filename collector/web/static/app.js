@@ -120,7 +120,7 @@ function renderTiles(s) {
     ["Offline", d.offline, "offline"],
     ["Expiring ≤ 14 d", s.devices_expiring["14d"], "warning"],
     ["Active alerts", s.alerts_active, s.alerts_active ? "critical" : "ok"],
-    ["Rejected messages", s.rejected.total, s.rejected.total ? "warning" : "ok"],
+    ["Rejected messages", s.rejected ? s.rejected.total : "—", s.rejected && s.rejected.total ? "warning" : "ok"],
     ["Scans failing", `${s.scans.failing} / ${s.scans.targets}`, s.scans.failing ? "warning" : "ok"],
   ];
   const ul = document.getElementById("tiles");
@@ -377,7 +377,34 @@ function route() {
   return refreshOverview();
 }
 
+// ---------------------------------------------------------------- store health
+// From /api/health, which the collector answers from its own memory: it works while
+// the store is down, when the other views may be stale or failing.
+function renderStoreHealth(hl) {
+  const box = document.getElementById("store-banner");
+  const st = hl && hl.store;
+  if (!st || (st.up && !st.last_outage)) {
+    box.hidden = true;
+    box.replaceChildren();
+    return;
+  }
+  box.hidden = false;
+  if (!st.up) {
+    box.className = "down";
+    box.replaceChildren(h("strong", {}, "Store unavailable"),
+      ` since ${when(st.since)} (${seconds(st.down_s).replace(/^\+/, "")}, ${st.error}): `,
+      `${st.held} messages held unacknowledged, none lost; devices are not judged offline meanwhile. `,
+      "The figures below are from before the outage.");
+    return;
+  }
+  const o = st.last_outage;
+  box.className = "recovered";
+  box.replaceChildren(`Last store outage: ${when(o.started_at)} for ${seconds(o.duration_s).replace(/^\+/, "")}, `,
+    `${o.messages_held} messages held, all stored (${o.error}).`);
+}
+
 function refresh() {
+  getJSON("/api/health").then(renderStoreHealth).catch((err) => reportError(err && err.message ? err.message : err));
   route().catch((err) => reportError(err && err.message ? err.message : err));
 }
 
