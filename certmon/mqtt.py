@@ -106,6 +106,9 @@ class LinkState:
     subscriptions: dict[str, int] = field(default_factory=dict)
 
 
+FAIL_LOG_EVERY_S = 600.0
+
+
 class MqttLink:
     """One MQTT connection that keeps itself up in paho's network thread."""
 
@@ -133,6 +136,7 @@ class MqttLink:
         self._client = self._new_client(settings.protocol)
         self._started = False
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._fail_logged_at: float | None = None  # monotonic; None: connected since
 
     # ------------------------------------------------------------------ set-up
 
@@ -309,6 +313,7 @@ class MqttLink:
         self.state.connects += 1
         self.state.is_connected = True
         self.state.last_error = None
+        self._fail_logged_at = None
         client.reconnect_delay_set(int(self.settings.reconnect_min_s),
                                    int(self.settings.reconnect_max_s))
         with self._lock:
@@ -331,6 +336,13 @@ class MqttLink:
 
     def _handle_connect_fail(self, client: paho.Client, _u: Any) -> None:
         self.state.last_error = self.state.last_error or "connect failed"
+        # A service that cannot reach its broker says so at once, then every ten
+        # minutes while it lasts (paho retries far more often than anyone reads).
+        now = self._monotonic()
+        if self._fail_logged_at is None or now - self._fail_logged_at >= FAIL_LOG_EVERY_S:
+            self._fail_logged_at = now
+            log.warning("cannot connect to broker %s:%s (%s); retrying",
+                        self.settings.host, self.settings.port, self.state.last_error)
         self._jitter_backoff(client)
 
     def _jitter_backoff(self, client: paho.Client) -> None:

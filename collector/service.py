@@ -33,6 +33,7 @@ from certmon import pki, systemd
 from certmon import wire as p
 from certmon.config import broker_endpoint
 from certmon.errors import ConfigError, TransportError
+from certmon.fleetsig import FleetSigner
 from certmon.mqtt import Incoming, LinkSettings, MqttLink
 
 from . import aggregate
@@ -118,14 +119,19 @@ def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], Non
 class Publisher:
     """QoS 1 publishes on the link that never raise: what the collector publishes
     (beacon, fleet topics, alert messages) is re-published later anyway, so a
-    disconnected link drops it (logged at debug) instead of failing the caller."""
+    disconnected link drops it (logged at debug) instead of failing the caller.
+    With a signer, each payload carries the collector's signature (certmon.fleetsig)
+    as a user property, for consumers that cannot rely on the broker's ACL."""
 
-    def __init__(self, link: MqttLink) -> None:
+    def __init__(self, link: MqttLink, signer: FleetSigner | None = None) -> None:
         self._link = link
+        self._signer = signer
 
     def __call__(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        props = self._signer.user_properties(topic, payload) if (
+            self._signer is not None and payload) else ()  # b"": clearing a retained topic
         try:
-            self._link.publish(topic, payload, qos=1, retain=retain)
+            self._link.publish(topic, payload, qos=1, retain=retain, user_properties=props)
         except TransportError as exc:
             log.debug("not published to %s: %s", topic, exc)
 
@@ -206,7 +212,8 @@ class CollectorService:
                  link: MqttLink, inbox: Backlog, ingestor: Ingestor, listeners: DeviceListener,
                  health: HealthCell | None = None,
                  jobs: Sequence[Job] = (), on_close: Sequence[Callable[[], None]] = (),
-                 periodic: Periodic | None = None, web_url: str | None = None) -> None:
+                 periodic: Periodic | None = None, web_url: str | None = None,
+                 publisher: Publisher | None = None) -> None:
         self.config = config
         self.web_url = web_url  # where the web face listens (None: none), e.g. for logs
         self.clock = clock
@@ -220,7 +227,7 @@ class CollectorService:
         self.jobs = tuple(jobs)
         self.on_close = tuple(on_close)
         self.periodic = periodic or Periodic()
-        self.publish = Publisher(link)
+        self.publish = publisher or Publisher(link)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._last_run: dict[str, float] = {}

@@ -25,9 +25,11 @@ from certmon import wire as p
 from certmon.chain import verify_chain
 from certmon.errors import ProtocolError
 
-# Reasons added here on top of certmon.protocol's parsing reasons.
+# Reasons added here on top of certmon.wire's parsing reasons; the last two are
+# ingest's (a bug caught per message, and a row the database refused).
 REASONS = (*p.PROTOCOL_REASONS, "unknown_cert", "untrusted_cert", "identity_mismatch",
-           "topic_mismatch", "bad_topic", "replay", "bad_cert_message")
+           "topic_mismatch", "bad_topic", "replay", "bad_cert_message",
+           "internal_error", "store_refused")
 
 
 @dataclass(frozen=True, slots=True)

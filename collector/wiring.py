@@ -27,6 +27,7 @@ from .alerts.engine import AlertEngine
 from .alerts.sinks import build_sinks
 from .backlog import Backlog
 from .config import CollectorConfig
+from .identity import collector_signer
 from .ingest import Ingestor
 from .service import (
     CollectorService,
@@ -66,7 +67,7 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         inbox = Backlog(clock.now)  # stamps each message's arrival
         health = HealthCell()
         link = collector_link(config, inbox.put, clock.monotonic)
-        publish = Publisher(link)
+        publish = Publisher(link, collector_signer(config))
         sinks = build_sinks(config.alerts, topic_prefix=prefix, publish=publish)
         engine = AlertEngine(store, sinks.notify, alertmanagers=sinks.alertmanager,
                              renotify_interval_s=config.alerts.renotify_interval_s,
@@ -112,7 +113,8 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         service = CollectorService(config, store=store, clock=clock, link=link, inbox=inbox,
                                    ingestor=ingestor, listeners=listeners, health=health,
                                    jobs=jobs,
-                                   on_close=on_close, periodic=periodic, web_url=web_url)
+                                   on_close=on_close, periodic=periodic, web_url=web_url,
+                                   publisher=publish)
         undo.pop_all()  # built: from now on the service closes what it was handed
     return service
 

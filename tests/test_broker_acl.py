@@ -31,7 +31,8 @@ from kit.mqttprobe import MqttProbe
 
 from certmon import wire as p
 from certmon.config import loads
-from certmon.errors import ConfigError
+from certmon.errors import ConfigError, ProtocolError
+from certmon.fleetsig import SIG_PROPERTY, verify_fleet
 from collector.config import CollectorConfig
 from collector.service import CollectorService, Periodic
 from collector.wiring import build_collector
@@ -234,11 +235,42 @@ def test_the_collector_on_the_operations_listener_works_end_to_end(
                                              retain=True))
         assert wait_until(lambda: collector.store.device("gw-acl-e2e") is not None, 10), \
             collector.ingestor.rejected
-        assert wait_until(lambda: board.received(p.fleet_device_topic(PREFIX, "gw-acl-e2e")), 10)
+        view_topic = p.fleet_device_topic(PREFIX, "gw-acl-e2e")
+        assert wait_until(lambda: board.received(view_topic), 10)
+        # The view carries the collector's signature; a dashboard that trusts the
+        # operations CA can check it, whichever broker or bridge it reads through.
+        i = next(i for i, (t, _m, _r) in enumerate(list(board.messages)) if t == view_topic)
+        sig = dict(board.user_properties[i]).get(SIG_PROPERTY)
+        signer = verify_fleet(view_topic, board.messages[i][1], sig,
+                              [fleet_broker.operations_ca.cert], datetime.now(UTC))
+        assert signer.subject.rfc4514_string() == "CN=collector"
         # The broker is the whole session's: a later collector must not meet these.
         for kind in (p.TopicKind.CERT, p.TopicKind.STATUS):
             assert accepted(device.publish_acked(p.device_topic(PREFIX, dev.device_id, kind),
                                                  b"", retain=True))
+
+
+def test_a_forged_summary_from_a_wider_path_fails_the_consumers_check(
+    fleet_broker: Fleet, collector: CollectorService, tmp_path: Path
+) -> None:
+    """Anyone with write access the ACL does not see (here the anonymous test
+    listener; in real life a bridge or a second broker) can put bytes on a fleet
+    topic, but not the collector's signature over them."""
+    topic = p.fleet_summary_topic(PREFIX)
+    forged = b'{"counts":{"ok":1000},"v":1}'
+    with (MqttProbe("acl-forger") as forger,
+          probe("acl-board2", fleet_broker.collector_credentials(tmp_path / "b2")) as board):
+        board.connect(fleet_broker.operations_port)
+        board.subscribe(topic)
+        forger.connect(fleet_broker.plain_port)
+        forger.publish_acked(topic, forged, retain=False)
+        assert wait_until(lambda: any(m == forged for t, m, _r in list(board.messages)
+                                      if t == topic), 10)
+        i = next(i for i, (_t, m, _r) in enumerate(list(board.messages)) if m == forged)
+        with pytest.raises(ProtocolError) as err:
+            verify_fleet(topic, forged, dict(board.user_properties[i]).get(SIG_PROPERTY),
+                         [fleet_broker.operations_ca.cert], datetime.now(UTC))
+        assert err.value.reason == "unsigned"
 
 
 # --------------------------------------------------------------------------- migration

@@ -56,13 +56,15 @@ class AlertDriver:
             key = tuple(sorted((f.code, int(f.severity), f.cert) for f in status.findings))
             if self._evaluated.get(status.device_id) == key:
                 continue
-            self._evaluated[status.device_id] = key
             # One store read for both: the findings, and the offline alerts that a
             # fresh status ends (the device is back).
             self.engine.evaluate_device(status.device_id, {
                 Scope.FINDINGS: device_alerts(status.device_id, status.findings, online=True,
                                               now=now, certs=_names(status)),
                 Scope.OFFLINE: []}, now=now)
+            # Marked only once evaluated: when the store fails mid-batch, ingest
+            # re-runs this listener and the devices not yet evaluated still are.
+            self._evaluated[status.device_id] = key
 
     def on_online(self, device_id: str, online: bool, at: datetime) -> None:
         row = self.store.device(device_id)

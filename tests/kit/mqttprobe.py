@@ -40,6 +40,8 @@ class MqttProbe:
         self.is_connected = False
         self.disconnects = 0
         self.messages: list[tuple[str, bytes, bool]] = []
+        # Beside `messages`, index for index: each message's MQTT v5 user properties.
+        self.user_properties: list[tuple[tuple[str, str], ...]] = []
         self.subscribed: list[object] = []
         self.pubacks: dict[int, object] = {}  # mid → PUBACK reason code (QoS 1)
         if tls:
@@ -70,6 +72,8 @@ class MqttProbe:
     def _on_message(self, _c: object, _u: object, msg: Any) -> None:
         with self._lock:
             self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+            props = getattr(getattr(msg, "properties", None), "UserProperty", None) or ()
+            self.user_properties.append(tuple(props))
 
     def _on_subscribe(self, _c: object, _u: object, _mid: int, reasons: Any, _p: object) -> None:
         with self._lock:
