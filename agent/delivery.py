@@ -7,7 +7,9 @@ message ids to spooled files, PUBACK bookkeeping (a status is removed when the b
 accepts it; one its ACL refuses is dropped, counted and logged, since resending it
 would block the spool forever), and the retained side messages (certificate chain,
 trust-store inventory), each re-sent only when its content changes or a new session
-starts.
+starts. A PUBACKed status leaves the disk in the PUBACK callback itself, not at the
+service's next wake-up: a process stopped (SIGTERM, `once` exiting) before then must
+not find it in the spool and send it again (the collector would see a second copy).
 Must not: build, judge or sign messages (`agent.service` hands them in), manage the
 link's life (it is handed the current link), or read the clock except through the
 injected `Clock`.
@@ -15,6 +17,7 @@ injected `Clock`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 from datetime import datetime
@@ -56,11 +59,25 @@ class Delivery:
         self._side_digest: dict[str, str] = {}
 
     def on_published(self, mid: int, accepted: bool) -> None:
-        """The link's PUBACK callback (its network thread): handled by `drain_acks`."""
+        """The link's PUBACK callback (its network thread). An accepted status's file
+        goes at once; counters and the in-flight map are `drain_acks`'s (the
+        service's thread), and so is a refused one's file: it stays until the refusal
+        is counted (`once` exits 2 for it), and is only refused again if a stop comes
+        first. No lock: paho calls this holding its own message lock, which `send`'s
+        `publish` needs. A PUBACK that beats `send` recording its mid (loopback) finds
+        no file here and is applied by the drain at the end of `send`."""
+        path = self._inflight.get(mid)  # a single dict read: atomic under the GIL
+        if path is not None and accepted:
+            with contextlib.suppress(OSError):  # drain_acks tries again
+                self.spool.remove(path)
         self._acks.put((mid, accepted))
 
     def forget_inflight(self) -> None:
-        """The link was replaced: the old one's message ids will never be acknowledged."""
+        """The link was replaced: the old one's message ids will never be acknowledged.
+        Its PUBACKs received so far are applied first (its network thread has
+        stopped): left queued, they would match the new link's ids, which restart at
+        1, and remove statuses it has not delivered."""
+        self.drain_acks(None)
         self._inflight.clear()
 
     def spool_status(self, seq: int, topic: str, token: bytes, link: MqttLink | None) -> None:
@@ -102,6 +119,7 @@ class Delivery:
             except TransportError:
                 break
             self._inflight[mid] = msg.path
+        self.drain_acks(link)  # PUBACKs that arrived before their mid was recorded
 
     def drain_acks(self, link: MqttLink | None) -> int:
         """Apply the PUBACKs received so far; `link` only names the error in the log."""

@@ -10,15 +10,19 @@ one: nothing is written twice, listeners are told once, a rejection is counted o
 A store refusal that no retry cures (any other `StoreError`) is not retried: a batch
 of statuses is split and retried one by one, and what the store still refuses is
 rejected as `store_refused`, counted like every rejection.
+A status whose (boot_id, seq) the store already had is a `duplicate` when it is a copy
+of what was stored (retained, re-sent by the broker, or the same signed payload again:
+the agent's at-least-once resend) and a `replay` otherwise (docs/reliability.md).
 Must not decide anything about a message (collector.ingest does) or read the wall
 clock other than through the `now` it is given (for the rejection log's rate limit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,6 +39,10 @@ log = logging.getLogger("certmon.collector.ingest")
 # sending garbage every second must not fill the disk with the same line.
 LOG_EVERY = timedelta(minutes=10)
 STORE_REFUSED = "store_refused"  # the database refused a message's data (not an outage)
+# Digests of the statuses this process stored lately, to recognise a resent copy
+# without a store read: 32 bytes each, about 10 MB at the cap (minutes of a 10 000
+# device fleet; the device's newest status is also recognised from the store).
+RECENT_STORED = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,14 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Repeated:
+    """A verified status whose (boot_id, seq) was already stored, neither retained nor
+    marked DUP: a resent copy (duplicate) or a replay, which applying it decides."""
+
+    item: Pending
+
+
+@dataclass(frozen=True, slots=True)
 class NotifyStored:
     stored: tuple[Stored, ...]
 
@@ -95,7 +111,7 @@ class NotifyOnline:
     at: datetime
 
 
-Effect = Statuses | Online | Inventory | Reject | NotifyStored | NotifyOnline
+Effect = Statuses | Online | Inventory | Reject | Repeated | NotifyStored | NotifyOnline
 
 
 @dataclass(slots=True)
@@ -123,13 +139,16 @@ class Applier:
         self.on_stored = on_stored
         self.on_online = on_online
         self.accepted = 0
-        self.duplicates = 0  # retained statuses seen again: normal after a (re)subscribe
+        # Statuses stored before and seen again for a benign reason: retained after a
+        # (re)subscribe, re-sent by the broker (DUP) or by the agent (same payload).
+        self.duplicates = 0
         self.rejected: Counter[str] = Counter()
         self._lock = threading.Lock()  # the web thread copies the counter
         self._logged: dict[tuple[str, str], datetime] = {}
         # device → (signing, client) certificate SHA-256 whose rows were last stored: with
         # a dedicated signing key the client certificate is renewed on its own.
         self.stored_certs: dict[str, tuple[str, str | None]] = {}
+        self._recent: OrderedDict[bytes, None] = OrderedDict()  # RECENT_STORED digests
 
     def rejected_counts(self) -> dict[str, int]:
         with self._lock:
@@ -157,10 +176,13 @@ class Applier:
             if isinstance(effect, Reject):
                 self._reject(effect)
                 return []
+            if isinstance(effect, Repeated):
+                self._repeated(effect.item)
+                return []
         except StoreUnavailable:
             raise
         except StoreError as exc:
-            assert not isinstance(effect, (Reject, NotifyStored, NotifyOnline))
+            assert not isinstance(effect, (Reject, Repeated, NotifyStored, NotifyOnline))
             return self._refused(effect, exc)
         self._notify(effect)
         return []
@@ -176,17 +198,48 @@ class Applier:
             if is_new:
                 self.accepted += 1
                 stored.append(Stored(item.verified.status, record))
+                self._remember(item.verified.payload)
             elif msg.retained or msg.dup:
                 # Seen again for a benign reason: the retained copy after a (re)subscribe,
                 # or the broker re-sending what a crashed collector had not acknowledged.
                 self.duplicates += 1
             else:
-                follow.append(Reject("replay", msg, f"(boot_id, seq) = ({record.boot_id}, "
-                                     f"{record.seq}) already seen for {record.device_id}",
-                                     record.received_at))
+                follow.append(Repeated(item))
         if stored and self.on_stored is not None:
             follow.append(NotifyStored(tuple(stored)))
         return follow
+
+    def _remember(self, payload: bytes) -> None:
+        self._recent[hashlib.sha256(payload).digest()] = None
+        if len(self._recent) > RECENT_STORED:
+            self._recent.popitem(last=False)
+
+    def _repeated(self, item: Pending) -> None:
+        """A byte-identical copy of a stored status is a duplicate: the agent resends
+        what it could not know the broker had (a PUBACK lost to a power cut or a
+        dropped connection), and a copy makes nothing current. A different payload
+        under a stored (boot_id, seq) is a replay: a reused sequence number, or a
+        status signed twice for one place in the device's history."""
+        record = item.record
+        if (hashlib.sha256(item.verified.payload).digest() in self._recent
+                or self._is_stored_newest(record)):
+            self.duplicates += 1
+            return
+        self._reject(Reject("replay", item.msg, f"(boot_id, seq) = ({record.boot_id}, "
+                            f"{record.seq}) already seen for {record.device_id}, and not a "
+                            "copy of a status known here", record.received_at))
+
+    def _is_stored_newest(self, record: StatusRecord) -> bool:
+        """The device's newest stored status is this very payload (stored by another
+        collector of the share group, or by this one before a restart)."""
+        try:
+            row = self.store.device(record.device_id)
+        except StoreUnavailable:
+            raise  # decided when the store is back: counted exactly once
+        except StoreError:
+            return False  # cannot tell: the stricter reading
+        return (row is not None and row.boot_id == record.boot_id and row.seq == record.seq
+                and row.status_json == record.status_json)
 
     def _refused(self, effect: Effect, exc: StoreError) -> list[Effect]:
         if isinstance(effect, Statuses) and len(effect.items) > 1:

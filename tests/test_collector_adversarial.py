@@ -9,6 +9,7 @@ anonymous client write anything: exactly the situation signatures exist for.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
     mallory = device(fleet_broker, tmp_path, "gw-mallory", ca=rogue_root)
     for dev in (alice, bob, mallory):
         publish(attacker, p.cert_topic(PREFIX, dev["id"]), dev["cert_msg"])
-    good = signed(alice, status_payload("gw-alice", 1))
+    good_payload = status_payload("gw-alice", 1)
+    good = signed(alice, good_payload)
     publish(attacker, p.status_topic(PREFIX, "gw-alice"), good)
     assert wait_until(lambda: collector.store.device("gw-alice") is not None, 10), \
         collector.ingestor.rejected
@@ -90,7 +92,10 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
         # Alice's own status, published on Bob's topic
         "topic_mismatch": (p.status_topic(PREFIX, "gw-bob"),
                            signed(alice, status_payload("gw-alice", 8))),
-        "replay": (p.status_topic(PREFIX, "gw-alice"), good),
+        # Alice's key, another status under her stored (boot_id, seq). (A verbatim copy
+        # of `good` is a duplicate, below: what an agent's resend looks like.)
+        "replay": (p.status_topic(PREFIX, "gw-alice"), signed(alice, p.encode_status(
+            dataclasses.replace(p.decode_status(good_payload), mono_s=11.0)))),
         "not_jws": (p.status_topic(PREFIX, "gw-alice"), good[: len(good) // 2].replace(b".", b"")),
         "bad_base64": (p.status_topic(PREFIX, "gw-alice"), b"!!!." + good.split(b".", 1)[1]),
         "not_json": (p.status_topic(PREFIX, "gw-alice"), signed(alice, b"\x00 not json")),
@@ -103,8 +108,10 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
         # a reserved id: matches the subscription, is no device's topic
         "bad_topic": (f"{PREFIX}/devices/_collector/status", good),
     }
+    duplicates = collector.ingestor.duplicates
     for topic, payload in bad.values():
         publish(attacker, topic, payload)
+    publish(attacker, p.status_topic(PREFIX, "gw-alice"), good)
     # ... and the collector still ingests good messages afterwards.
     publish(attacker, p.status_topic(PREFIX, "gw-bob"), signed(bob, status_payload("gw-bob", 1)))
     store = collector.store
@@ -128,6 +135,7 @@ def test_every_kind_of_bad_message_is_rejected_with_its_reason(
     assert samples and samples[0].topic == p.status_topic(PREFIX, "gw-bob")
     assert len(samples[0].sample) <= 512
     assert store.seen_count("gw-alice") == 1 and store.seen_count("gw-bob") == 1
+    assert wait_until(lambda: collector.ingestor.duplicates >= duplicates + 1, 5)
     assert store.device("gw-mallory") is None
     assert collector.link.is_connected and collector._worker.is_alive()
 

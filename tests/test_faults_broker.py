@@ -159,7 +159,8 @@ def test_broker_restart_mid_traffic_loses_no_status(
         for device_id, seqs in fleet.produced.items():
             assert wait_until(lambda d=device_id, s=seqs: stored_seqs(collector, d) == s, 15), (
                 device_id, stored_seqs(collector, device_id), seqs)
-        # A status resent because its PUBACK was lost is a counted replay, stored once.
+        # A status resent because its PUBACK was lost is stored once: a duplicate when
+        # the collector recognises the copy, else a counted replay (docs/reliability.md).
         assert set(collector.ingestor.rejected) <= {"replay"}, collector.ingestor.rejected
         assert collector.store.integrity_check()
     finally:

@@ -21,7 +21,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -107,16 +107,25 @@ def test_an_empty_status_payload_clears_a_retained_topic_and_is_not_counted(
 
 
 def test_a_valid_status_is_stored_and_each_device_counts_once(world: World) -> None:
+    replays, duplicates = world.ingestor.rejected["replay"], world.ingestor.duplicates
     for dev in world.devices:
         before = world.ingestor.accepted
-        token = world.fresh_token(dev)
+        seq = next(world._seq)
+        token = world.token(dev, p.encode_status(status(dev, seq, world.now)))
         assert world.feed(p.status_topic(PREFIX, dev.device_id), token) == 1
         assert world.ingestor.accepted == before + 1
         assert world.store.device(dev.device_id) is not None
-        # The same bytes again: a replay (live) or a duplicate (retained, on resubscribe).
+        # The same bytes again: a duplicate, live (the agent resending what it could
+        # not know the broker had) or retained (on resubscribe).
         assert world.feed(p.status_topic(PREFIX, dev.device_id), token) == 1
         assert world.feed(p.status_topic(PREFIX, dev.device_id), token, retained=True) == 1
-    assert world.ingestor.rejected["replay"] >= 3 and world.ingestor.duplicates >= 3
+        # Other content under the same (boot_id, seq): a replay.
+        other = world.token(dev, p.encode_status(status(dev, seq, world.now + timedelta(
+            seconds=1))))
+        assert world.feed(p.status_topic(PREFIX, dev.device_id), other) == 1
+    n = len(world.devices)
+    assert world.ingestor.rejected["replay"] == replays + n
+    assert world.ingestor.duplicates == duplicates + 2 * n
 
 
 # --------------------------------------------------------------------------- mutations
