@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--require-ca", action="append", default=[], metavar="FILE",
                        help="a CA the device must trust (e.g. the one the broker moves "
                        "to): its expiry counts, its absence warns (repeatable)")
+    check.add_argument("--broker-config", metavar="FILE",
+                       help="check a broker host instead: the Mosquitto config's listeners, "
+                       "bridges, their files and CRLs, and what each TLS listener serves "
+                       "(docs/broker-host.md)")
     check.add_argument("--count-stale-cas", action="store_true",
                        help="count expired/expiring CAs nothing here chains through "
                        "(default: listed as information, exit code unchanged)")
@@ -70,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="agent TOML config (flags override it)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     add_verbose(check)
-    add_examples(check, "certmon-agent check --ca-bundle /etc/ssl/certs/ca-certificates.crt",
-                 f"certmon-agent check {DEVICE_FLAGS} --warn-days 30 --crit-days 7",
-                 f"certmon-agent check --config {CONFIG} --require-ca new-broker-ca.pem --json")
+    add_examples(check, f"certmon-agent check {DEVICE_FLAGS} --warn-days 30 --crit-days 7",
+                 f"certmon-agent check --config {CONFIG} --require-ca new-broker-ca.pem --json",
+                 "certmon-agent check --broker-config /etc/mosquitto/mosquitto.conf --json")
     run = sub.add_parser("run", help="the service: report every interval, forever")
     add_service_flags(run)
     add_examples(run, f"certmon-agent run --config {CONFIG}",
@@ -91,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="(always JSON)")
     add_examples(show, f"certmon-agent show --config {CONFIG}",
                  f"certmon-agent show --broker mqtts://broker.example:8883 {DEVICE_FLAGS}")
+    renew = sub.add_parser("renew", help="one renewal attempt of the client certificate "
+                           "now, when due (docs/renewal.md)")
+    add_service_flags(renew)
+    renew.add_argument("--force", action="store_true",
+                       help="attempt even when not due (never while the clock is wrong)")
+    renew.add_argument("--json", action="store_true", help="machine-readable output")
+    add_examples(renew, f"certmon-agent renew --config {CONFIG}",
+                 f"certmon-agent renew --config {CONFIG} --force --json")
     check_config = sub.add_parser("check-config", help="validate the config and flags")
     add_service_flags(check_config)
     add_examples(check_config, f"certmon-agent check-config --config {CONFIG}",
@@ -220,7 +232,38 @@ def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
     return service.run()
 
 
+def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:
+    """One renewal check and, when due (or --force), one attempt. Exit codes
+    (docs/renewal.md): 0 renewed or not due, 1 due but not attempted (backing off,
+    or the clock is known to be wrong), 2 the attempt failed, 3 nothing to renew."""
+    from .renewal.attempt import renewal_exit_code, renewal_to_json
+    from .service import AgentService
+
+    if not config.renewal.command:
+        raise ConfigError("renew: renewal.command is not set (docs/renewal.md)")
+    run = AgentService(config).renew(force=args.force)
+    if run is None:
+        print(f"certmon-agent: renew: no client certificate in {config.tls.cert}",
+              file=sys.stderr)
+        return 3
+    code = renewal_exit_code(run)
+    if args.json:
+        write_json({**renewal_to_json(run), "exit_code": code}, sys.stdout, indent=None)
+    elif run.result is not None and not run.result.is_renewed:
+        print(f"certmon-agent: renewal failed: {run.result.reason}", file=sys.stderr)
+    elif run.result is not None:
+        print(f"renewed: {run.result.reason}")
+    elif code == 1:
+        print(f"certmon-agent: renewal due since {pki.iso_utc(run.decision.due_at)} but not "
+              f"attempted: {run.decision.reason}", file=sys.stderr)
+    else:
+        print(f"not due: renewal at {pki.iso_utc(run.decision.due_at)}")
+    return code
+
+
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    if args.broker_config:
+        return _check_broker_host(args, out)
     policy = pki.Policy()
     ca_bundle, cert, key = args.ca_bundle, args.cert, args.key
     signing: dict[str, Path | None] = {}
@@ -249,6 +292,19 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     else:
         render_check(result, out)
     return exit_code(result)
+
+
+def _check_broker_host(args: argparse.Namespace, out: TextIO) -> int:
+    from .brokerhost.render import run_check
+
+    policy = pki.Policy()
+    if args.config:
+        from .config import load_agent_config
+
+        config = load_agent_config(Path(args.config), check_files=False)
+        policy = pki.Policy(**dataclasses.asdict(config.policy))
+    return run_check(Path(args.broker_config), "mosquitto", utc_now(),
+                     with_thresholds(policy, args), out, as_json=args.json)
 
 
 def exit_code(result: DeviceCheck) -> int:
@@ -315,7 +371,8 @@ def render_check(result: DeviceCheck, out: TextIO) -> None:
 
 
 PROGRAM = Program("certmon-agent", build_parser, load_config, checks={"check": cmd_check},
-                  configured={"run": cmd_run, "once": cmd_once, "show": cmd_show})
+                  configured={"run": cmd_run, "once": cmd_once, "show": cmd_show,
+                              "renew": cmd_renew})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,6 +83,44 @@ class ClockConfig:
                                       "CLOCK_BEHIND or CLOCK_AHEAD finding.")
 
 
+def _check_argv(argv: str) -> str | None:
+    return "must not be empty" if not argv.strip() else None
+
+
+@schema
+class RenewalConfig:
+    """docs/renewal.md: when the agent renews its client certificate and how."""
+
+    enabled: bool = setting(default=False, doc="`run` renews the client certificate with "
+                            "`command` when due (`certmon-agent renew` needs only `command`).")
+    command: tuple[str, ...] = setting(default=(), check=_check_argv, doc="The hook: an "
+                                       "argv list run without a shell; exit 0 means it wrote "
+                                       "CERTMON_NEW_CERT and CERTMON_NEW_KEY (docs/renewal.md).")
+    timeout_s: float = setting(default=120.0, ge=1, le=3600, doc="The hook is killed after "
+                               "this many seconds (an attempt that failed).")
+    at_lifetime_fraction: float = setting(default=2 / 3, ge=0, le=1, doc="Renew once this "
+                                          "fraction of the lifetime has elapsed (0 = off).")
+    days_before: float = setting(default=0.0, ge=0, doc="Renew this many days before "
+                                 "notAfter (0 = off); with both set the earlier point wins.")
+    jitter_fraction: float = setting(default=0.05, ge=0, le=0.5, doc="Move the renewal "
+                                     "point earlier by up to this fraction of the lifetime, "
+                                     "fixed per device and certificate, so a fleet does not "
+                                     "renew in step.")
+    retry_min_s: float = setting(default=300.0, ge=1, doc="Wait after the first failed "
+                                 "attempt; doubled after each further failure.")
+    retry_max_s: float = setting(default=21600.0, ge=1, doc="Cap of the retry wait.")
+    connect_timeout_s: float = setting(default=10.0, ge=1, le=300, doc="Bound of the MQTT "
+                                       "CONNECT/CONNACK that proves the new pair.")
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.enabled and not self.command:
+            yield "command", "is required when renewal is enabled"
+        if self.at_lifetime_fraction == 0 and self.days_before == 0:
+            yield "days_before", "at_lifetime_fraction and days_before are both 0 (off)"
+        if self.retry_min_s > self.retry_max_s:
+            yield "retry_min_s", f"must not exceed retry_max_s ({self.retry_max_s:g})"
+
+
 @schema
 class AgentConfig:
     device_id: str | None = setting(default=None, check=validate_device_id, doc="Device id in "
@@ -93,6 +131,8 @@ class AgentConfig:
     policy: PolicyConfig = section(default_factory=PolicyConfig,
                                    doc="Expiry thresholds for findings.")
     clock: ClockConfig = section(default_factory=ClockConfig, doc="Clock checks.")
+    renewal: RenewalConfig = section(default_factory=RenewalConfig,
+                                     doc="Client certificate renewal (docs/renewal.md).")
 
 
 def load_agent_config(path: Path = DEFAULT_PATH, *,

@@ -3,7 +3,8 @@
 Owns timing (interval with jitter, an early report when something changed), one
 cycle (read the files, ask the clock sources, judge, build and sign the status with
 the signing key), the device identity, the broker chain as seen on our own session,
-what is enqueued after a cycle (status, cert message, inventory), signals (SIGTERM:
+what is enqueued after a cycle (status, cert message, inventory), when renewal is
+checked (before each report; `agent.renewal` decides and does it), signals (SIGTERM:
 say offline and leave cleanly; SIGHUP: reload the config) and sd_notify.
 Must not: hold the link's life cycle (`agent.uplink`) or the spool and PUBACK
 bookkeeping (`agent.delivery`); judge (`agent.report` / `agent.status`); spell the
@@ -37,6 +38,7 @@ from .certstore import DeviceMaterial, read_material
 from .clocksync import ClockVerdict, Runner, collect_clock_state, evaluate_clock, run_command
 from .config import AgentConfig
 from .delivery import Delivery, publish_retained
+from .renewal import attempt as renewal
 from .report import check_device, newest_not_before
 from .spool import SequenceCounter, Spool
 from .status import AgentCounters, BrokerObservation, build_status, inventory, observe_broker
@@ -92,6 +94,7 @@ class AgentService:
         self._broker: BrokerObservation | None = None
         self._broker_key: tuple[int, bytes] | None = None
         self._file_stamp: tuple[object, ...] | None = None
+        self._is_clock_ok = True  # until a cycle's clock findings say otherwise
         self._random = random.Random()  # noqa: S311 - jitter only
 
     @property
@@ -145,12 +148,7 @@ class AgentService:
         material = self._read_material()
         now = self.clock.now()
         device_id = self._resolve_device_id(material)
-        state = collect_clock_state(runner=self.runner, proc_root=self.proc_root,
-                                    sntp_servers=self.config.clock.sntp_servers,
-                                    clock=self.clock)
-        verdict, clock_findings = evaluate_clock(
-            state, newest_not_before=newest_not_before(material), release_date=release_date(),
-            skew_tolerance_s=self.config.clock.skew_tolerance_s)
+        verdict, clock_findings = self._judge_clock(material)
         check = check_device(material, now, self.policy, clock=verdict)
         self._refresh_broker(material, now, verdict)
         status = build_status(
@@ -159,8 +157,21 @@ class AgentService:
             mono_s=self.clock.monotonic(), interval_s=self.config.agent.interval_s,
             check=check, clock=verdict, clock_findings=clock_findings, broker=self._broker,
             beacon=self.uplink.beacon, counters=self._counters(), policy=self.policy)
+        if self.config.renewal.enabled and check.client is not None:
+            status = dataclasses.replace(status, renewal=renewal.status_part(
+                self.config, device_id, check.client, now, is_clock_ok=self._is_clock_ok))
         token = self._sign(material, p.encode_status(status), p.STATUS_TYP) if sign else b""
         return CycleResult(status, token, material)
+
+    def _judge_clock(self, material: DeviceMaterial) -> tuple[ClockVerdict, list[pki.Finding]]:
+        state = collect_clock_state(runner=self.runner, proc_root=self.proc_root,
+                                    sntp_servers=self.config.clock.sntp_servers,
+                                    clock=self.clock)
+        verdict, findings = evaluate_clock(
+            state, newest_not_before=newest_not_before(material), release_date=release_date(),
+            skew_tolerance_s=self.config.clock.skew_tolerance_s)
+        self._is_clock_ok = renewal.is_clock_ok(findings)  # renewal waits for a good clock
+        return verdict, findings
 
     def _read_material(self) -> DeviceMaterial:
         tls = self.config.tls
@@ -300,7 +311,31 @@ class AgentService:
         self.shutdown()
         return 0
 
+    def renew(self, *, force: bool = False) -> renewal.RenewalRun | None:
+        """One renewal check (and attempt when due, or forced) against the files on
+        disk and a fresh clock verdict; None when there is no client certificate."""
+        material = self._read_material()
+        client = material.client
+        if client is None or not client.certs:
+            return None
+        device_id = self._resolve_device_id(material)
+        self._judge_clock(material)
+        return renewal.renew_if_due(self.config, device_id, material.trust_store,
+                                    client.certs[0].facts, self.clock.now(),
+                                    is_clock_ok=self._is_clock_ok, force=force)
+
+    def _renew_logged(self) -> None:
+        # Checked before each report, so the report right after it carries the
+        # outcome and, when renewed, goes out over a link built with the new pair.
+        if not self.config.renewal.enabled:
+            return
+        try:
+            self.renew()
+        except (ConfigError, OSError) as exc:
+            log.error("renewal check failed: %s", exc)
+
     def _report_logged(self) -> None:
+        self._renew_logged()
         try:
             result = self.report_once()
         except (ConfigError, TransportError, OSError) as exc:

@@ -6,9 +6,9 @@ CA, the collector on another trusting only an operations CA), a collector on SQL
 with its dashboard, and ten agents in distinct states — healthy; client certificate
 expiring soon; intermediate CA expiring before its leaf; trust store missing the CA
 the broker will move to; clock two days behind; clock unsynced; world-readable key;
-one that goes offline — then prints the dashboard URL and the `certmon-collector
-report` table, and runs until interrupted (or for --duration seconds), cleaning up
-everything it started.
+one that goes offline; one that renews its own certificate — then prints the
+dashboard URL and the `certmon-collector report` table, and runs until interrupted
+(or for --duration seconds), cleaning up everything it started.
 
 It lives in bench/ (a tool, not part of the installed package) because it runs the
 agent and the collector in one process, which neither package may do (tests/test_layout).
@@ -79,6 +79,7 @@ class DemoDevice:
     chrony: str = CHRONY_OK
     key_mode: int = 0o600
     goes_offline: bool = False
+    renews: bool = False  # [renewal] with tests/renewhook.py issuing from the demo CA
 
 
 def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
@@ -126,6 +127,11 @@ def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
             chrony=CHRONY_UNSYNCED),
         dev("gw-0501", "critical", "private key is world-readable", key_mode=0o644),
         dev("gw-0601", "offline", "went dark after its first report", goes_offline=True),
+        # 30 days of life, two thirds of it (the renewal point) reached 15 s into the
+        # run: a CERT_EXPIRING warning at first, then the agent renews by itself and the
+        # dashboard shows it healthy (docs/renewal.md).
+        dev("gw-0701", "ok", "renews its own certificate 15 s into the run", days=30,
+            not_before=now - timedelta(days=20) + timedelta(seconds=15), renews=True),
     ]
     return cas, fleet
 
@@ -253,6 +259,7 @@ status = "required"
         cert, key = device.issued.write(directory, chain=True, key_mode=device.key_mode)
         write_bundle(directory / "ca.pem", device.trust)
         agent_toml = directory / "agent.toml"
+        renewal = _renewal_section(work, cas) if device.renews else ""
         agent_toml.write_text(f"""\
 [mqtt]
 broker = "mqtts://127.0.0.1:{port}"
@@ -265,7 +272,7 @@ key = "{key}"
 [agent]
 interval_s = {interval_s}
 state_dir = "{directory / 'state'}"
-""")
+{renewal}""")
         if device.goes_offline:
             # A real process, killed -9 after its first report: the broker fires its
             # will, exactly as when a gateway loses power.
@@ -284,6 +291,19 @@ state_dir = "{directory / 'state'}"
         threads.append(thread)
     return Demo(work, broker, collector, collector.web_url, agents, threads,
                 procs, fleet)
+
+
+def _renewal_section(work: Path, cas: dict[str, Issued]) -> str:
+    """The demo's hook: the test kit's small CA client, issuing from the demo CA."""
+    ca_cert, ca_key = cas["devices"].write(work / "renewal-ca")
+    hook = Path(__file__).resolve().parent.parent / "tests" / "renewhook.py"
+    command = json.dumps([sys.executable, str(hook), "good", str(ca_cert), str(ca_key)])
+    return f"""
+[renewal]
+enabled = true
+command = {command}
+jitter_fraction = 0  # the demo renews at a predictable moment
+"""
 
 
 def wait_for_fleet(demo: Demo, timeout_s: float = 45.0) -> bool:
@@ -323,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"certmon demo: starting a broker, a collector and 11 agents in {work} …", flush=True)
+    print(f"certmon demo: starting a broker, a collector and 12 agents in {work} …", flush=True)
     demo = start_demo(work, listen=listen)
     try:
         ready = wait_for_fleet(demo)

@@ -51,6 +51,8 @@ class FleetSigner:
     key: PrivateKeyTypes = field(repr=False)
     cert: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
+    # The header's fixed part, built once: it is signed on every publish.
+    _fixed: dict[str, object] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -58,14 +60,15 @@ class FleetSigner:
         if self.key.public_key().public_bytes(der, spki) != \
                 self.cert.public_key().public_bytes(der, spki):
             raise PKIError("the collector's key does not match its certificate")
-        alg_for_key(self.key)  # an unsupported key type fails here, at start
+        fixed = {"alg": alg_for_key(self.key),  # an unsupported key type fails here
+                 "typ": FLEET_TYP, "x5t#S256": x5t_s256(self.cert),
+                 "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
+                         for c in (self.cert, *self.chain)]}
+        object.__setattr__(self, "_fixed", fixed)
 
     def sign(self, topic: str, payload: bytes) -> str:
         """The detached JWS of `payload` published on `topic` (`header..signature`)."""
-        header = {"alg": alg_for_key(self.key), "typ": FLEET_TYP,
-                  "x5t#S256": x5t_s256(self.cert), "topic": topic,
-                  "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
-                          for c in (self.cert, *self.chain)]}
+        header = {**self._fixed, "topic": topic}
         header_b64 = _b64url(json.dumps(header, separators=(",", ":")).encode("ascii"))
         signature = jws_signature(self.key, header_b64 + b"." + _b64url(payload))
         return (header_b64 + b".." + _b64url(signature)).decode("ascii")

@@ -84,6 +84,9 @@ class Incoming:
     # Wall-clock arrival, stamped by the receiver's inbox (the link has no wall clock):
     # a message processed late, after a store outage, keeps the time it arrived.
     received_at: datetime | None = None
+    # Which connection of the link delivered it (`LinkState.connects` then): packet
+    # ids are per connection, so an ack must never reach a later one.
+    connection: int = 0
 
 
 @dataclass
@@ -276,8 +279,12 @@ class MqttLink:
         re-sends it on the new one (a duplicate, which the replay check absorbs)."""
         if not self.settings.manual_ack:
             return
+        current = self.state.connects
         for msg in messages:
-            if msg.qos > 0:
+            # After a reconnect the broker re-sends what was not acknowledged, under
+            # packet ids it may since have given to other messages: acking the old
+            # delivery's id would acknowledge one that is not stored yet.
+            if msg.qos > 0 and msg.connection == current:
                 self._client.ack(msg.mid, msg.qos)
 
     # ------------------------------------------------------------------ callbacks
@@ -358,7 +365,8 @@ class MqttLink:
         user_props = tuple(getattr(props, "UserProperty", ()) or ())
         incoming = Incoming(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos),
                             tuple((str(k), str(v)) for k, v in user_props),
-                            self._monotonic(), int(msg.mid), bool(msg.dup))
+                            self._monotonic(), int(msg.mid), bool(msg.dup),
+                            connection=self.state.connects)
         self._call(self._on_message, incoming)
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int,

@@ -70,6 +70,9 @@ class Observed:
     mqtt_connack: int | None = None
     mqtt_error: str | None = None
     saw_cert_request: bool = False
+    # The stapled OCSP response (b"": the server stapled none); None before the
+    # ServerHello's extensions were seen.
+    ocsp_response: bytes | None = None
 
 
 def retry(

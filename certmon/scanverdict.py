@@ -3,7 +3,8 @@
 Owns the scanner's judgement of a presented chain: per-element facts in the order sent,
 chain validation against a trust store now and at now + warn window, hostname/SAN
 matching, incomplete/misordered chains, self-signed leaves, expiry per element, the
-earliest expiry on the path that actually validates, and how probe failures (timeouts,
+earliest expiry on the path that actually validates, the revocation facts (CDP, OCSP,
+stapling; `certmon.pki.revinfo` reads them), and how probe failures (timeouts,
 refused client certificates, MQTT CONNACK refusals) map onto findings and severity.
 
 Pure: a function of (ProbeResult, TrustStore, now, policy), shared by `certmon-scan`
@@ -24,6 +25,7 @@ from . import pki
 from .chain import chain_findings, earliest_expiry, verify_chain
 from .hostname import match_hostname
 from .pki import CertFacts, Finding, FindingCode, LoadedCert, Policy, Severity
+from .pki.revinfo import RevocationPointers, ocsp_staple_status, revocation_pointers
 from .tlsprobe import ProbeResult, ProbeTarget, sni_for
 
 __all__ = [
@@ -80,6 +82,12 @@ class ScanReport:
     error_kind: str | None
     duration_s: float | None
     findings: tuple[Finding, ...]
+    # Revocation facts, no network fetch: each presented certificate's CRL
+    # Distribution Points / OCSP responders / must-staple flag (in `presented` order),
+    # whether the server stapled an OCSP response (None: no handshake) and its status.
+    revocation: tuple[RevocationPointers, ...] = ()
+    ocsp_stapled: bool | None = None
+    ocsp_status: str | None = None
 
     @property
     def is_success(self) -> bool:
@@ -133,6 +141,9 @@ def judge(
         cipher=result.cipher, alpn=result.alpn, address=result.address,
         mqtt_connack=result.mqtt_connack, error=result.error, error_kind=result.error_kind,
         duration_s=duration_s, findings=tuple(unique),
+        revocation=tuple(revocation_pointers(p.cert) for p in presented),
+        ocsp_stapled=None if result.ocsp_response is None else bool(result.ocsp_response),
+        ocsp_status=ocsp_staple_status(result.ocsp_response) if result.ocsp_response else None,
     )  # fmt: skip
 
 

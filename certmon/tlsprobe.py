@@ -111,6 +111,9 @@ class ProbeResult:
     mqtt_error: str | None = None
     client_cert_requested: bool | None = None
     duration_s: float | None = None  # wall time of the whole probe, MQTT exchange included
+    # The OCSP response the server stapled (b"": none); None when the handshake did
+    # not get that far.
+    ocsp_response: bytes | None = None
 
 
 def sni_for(target: ProbeTarget) -> str | None:
@@ -162,6 +165,7 @@ def probe(target: ProbeTarget) -> ProbeResult:
         mqtt_error=seen.mqtt_error,
         client_cert_requested=requested,
         duration_s=time.monotonic() - started,
+        ocsp_response=seen.ocsp_response,
     )
 
 
@@ -187,6 +191,7 @@ def _run(target: ProbeTarget, seen: Observed, deadline: float) -> None:
     try:
         conn = SSL.Connection(ctx, sock)
         conn.set_connect_state()
+        conn.request_ocsp()
         sni = sni_for(target)
         if sni is not None:
             try:
@@ -269,6 +274,14 @@ def _context(target: ProbeTarget, seen: Observed) -> SSL.Context:
             seen.saw_cert_request = True
 
     ctx.set_info_callback(on_state)
+
+    # OCSP stapling is asked for on every probe (status_request): whether the server
+    # staples is a fact of the endpoint. Never fails the handshake: observe, not judge.
+    def on_ocsp(_conn: SSL.Connection, response: bytes, _data: object) -> bool:
+        seen.ocsp_response = response
+        return True
+
+    ctx.set_ocsp_client_callback(on_ocsp)
     return ctx
 
 

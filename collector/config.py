@@ -86,6 +86,10 @@ class TlsConfig:
     key: Path = setting(readable=True, doc="Its private key.")
     fleet_ca: tuple[Path, ...] = setting(readable=True, min_items=1, doc="CA certificates "
                                          "device certificates must chain to (PEM files).")
+    fleet_crl: tuple[Path, ...] = setting(default=(), readable=True, doc="CRL files of the "
+                                          "fleet CAs (PEM or DER, re-read at every fleet "
+                                          "sweep): an online device whose client "
+                                          "certificate one lists raises CERT_REVOKED.")
 
 
 @schema

@@ -120,6 +120,9 @@ class Plan:
 
     effects: list[Effect] = field(default_factory=list)
     done: int = 0
+    # The effect whose store call last failed as unavailable: it may have committed
+    # all the same (the connection died before the COMMIT's answer came back).
+    failed_at: int = -1
 
     @property
     def is_done(self) -> bool:
@@ -158,14 +161,19 @@ class Applier:
         """Apply the undone effects in order. Raises `StoreUnavailable` with the plan
         resumable: call again (with the same plan) once the store may be back."""
         while not plan.is_done:
-            follow = self._one(plan.effects[plan.done])
+            try:
+                follow = self._one(plan.effects[plan.done],
+                                   maybe_committed=plan.failed_at == plan.done)
+            except StoreUnavailable:
+                plan.failed_at = plan.done
+                raise
             plan.effects[plan.done + 1:plan.done + 1] = follow
             plan.done += 1
 
-    def _one(self, effect: Effect) -> list[Effect]:
+    def _one(self, effect: Effect, *, maybe_committed: bool = False) -> list[Effect]:
         try:
             if isinstance(effect, Statuses):
-                return self._statuses(effect)
+                return self._statuses(effect, maybe_committed)
             if isinstance(effect, Online):
                 changed = self.store.set_online(effect.device_id, effect.online, effect.at)
                 return [NotifyOnline(effect.device_id, effect.online, effect.at)] \
@@ -187,7 +195,7 @@ class Applier:
         self._notify(effect)
         return []
 
-    def _statuses(self, effect: Statuses) -> list[Effect]:
+    def _statuses(self, effect: Statuses, maybe_committed: bool) -> list[Effect]:
         results = self.store.record_statuses([item.record for item in effect.items])
         stored: list[Stored] = []
         follow: list[Effect] = []
@@ -195,7 +203,9 @@ class Applier:
             record, msg = item.record, item.msg
             if record.certs:
                 self.stored_certs[record.device_id] = cert_key(item.verified)
-            if is_new:
+            if is_new or (maybe_committed and self._is_stored_newest(record)):
+                # New, or stored by this very batch's earlier attempt whose COMMIT
+                # answer was lost: either way ours to count and to tell listeners.
                 self.accepted += 1
                 stored.append(Stored(item.verified.status, record))
                 self._remember(item.verified.payload)
@@ -287,6 +297,24 @@ def cert_key(verified: Verified) -> tuple[str, str | None]:
     return verified.signer.facts.sha256, client.sha256 if client else None
 
 
-def rejected_plan(batch: Sequence[Incoming], detail: str, now: datetime) -> Plan:
-    """Every message of `batch` rejected as `internal_error` (a bug kept failing it)."""
-    return Plan([Reject("internal_error", m, detail, m.received_at or now) for m in batch])
+def rejected_plan(batch: Sequence[Incoming], plan: Plan | None, detail: str,
+                  now: datetime) -> Plan:
+    """What a bug kept failing, rejected as `internal_error`: every message of `batch`
+    when it could not even be decided, else the messages of the effects not yet
+    applied (what is stored stays stored and counted once)."""
+    def bug(m: Incoming) -> Reject:
+        return Reject("internal_error", m, detail, m.received_at or now)
+
+    if plan is None:
+        return Plan([bug(m) for m in batch])
+    rest: list[Effect] = []
+    for effect in plan.effects[plan.done:]:
+        if isinstance(effect, Statuses):
+            rest += [bug(item.msg) for item in effect.items]
+        elif isinstance(effect, Repeated):
+            rest.append(bug(effect.item.msg))
+        elif isinstance(effect, (Online, Inventory)):
+            rest.append(bug(effect.msg))
+        elif isinstance(effect, Reject):
+            rest.append(effect)  # already judged: keeps its own reason
+    return Plan(rest)

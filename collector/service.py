@@ -17,6 +17,7 @@ nothing sets an attribute on a built service afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -32,16 +33,15 @@ from certmon import clock as wallclock
 from certmon import pki, systemd
 from certmon import wire as p
 from certmon.config import broker_endpoint
-from certmon.errors import ConfigError, TransportError
-from certmon.fleetsig import FleetSigner
+from certmon.errors import ConfigError
 from certmon.mqtt import Incoming, LinkSettings, MqttLink
 
-from . import aggregate
 from .backlog import Backlog
 from .config import CollectorConfig
 from .effects import Plan, rejected_plan
 from .ingest import Ingestor, Stored
-from .store import Store, StoreUnavailable
+from .publish import Publisher
+from .store import Store, StoreError, StoreUnavailable
 from .storehealth import (
     HealthCell,
     StoreHealth,
@@ -116,26 +116,6 @@ def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], Non
     return link
 
 
-class Publisher:
-    """QoS 1 publishes on the link that never raise: what the collector publishes
-    (beacon, fleet topics, alert messages) is re-published later anyway, so a
-    disconnected link drops it (logged at debug) instead of failing the caller.
-    With a signer, each payload carries the collector's signature (certmon.fleetsig)
-    as a user property, for consumers that cannot rely on the broker's ACL."""
-
-    def __init__(self, link: MqttLink, signer: FleetSigner | None = None) -> None:
-        self._link = link
-        self._signer = signer
-
-    def __call__(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        props = self._signer.user_properties(topic, payload) if (
-            self._signer is not None and payload) else ()  # b"": clearing a retained topic
-        try:
-            self._link.publish(topic, payload, qos=1, retain=retain, user_properties=props)
-        except TransportError as exc:
-            log.debug("not published to %s: %s", topic, exc)
-
-
 @dataclass(frozen=True, slots=True)
 class Job:
     """A periodic job of the service tick. `claimed`: run by one collector of a group
@@ -171,39 +151,6 @@ class Listeners:
             listener.on_online(device_id, online, at)
 
 
-class FleetTopics:
-    """The retained `fleet/device/<id>` views dashboards subscribe to."""
-
-    def __init__(self, publish: Publisher, prefix: str) -> None:
-        self._publish = publish
-        self._prefix = prefix
-        self._published: dict[str, tuple[object, ...]] = {}
-
-    def on_stored(self, stored: Sequence[Stored]) -> None:
-        for item in stored:
-            record = item.record
-            # Published only when the device's state changed: the common case (nothing
-            # changed) must cost one tuple comparison, not a JSON document.
-            key = (record.severity, record.worst_code, tuple(f.code for f in record.findings))
-            if self._published.get(record.device_id) == key:
-                continue
-            self._published[record.device_id] = key
-            state = aggregate.device_state(record.severity, record.worst_code, online=True)
-            view = {"device_id": record.device_id, "state": str(state),
-                    "severity": pki.Severity(record.severity).name,
-                    "worst": record.worst_code, "seq": record.seq,
-                    "ts": p.format_instant(record.device_ts),
-                    "received_at": p.format_instant(record.received_at),
-                    "findings": [f.code for f in record.findings],
-                    "clock_offset_lo_s": record.clock_offset_lo_s,
-                    "clock_offset_hi_s": record.clock_offset_hi_s}
-            self._publish(p.fleet_device_topic(self._prefix, record.device_id),
-                          json.dumps(view, sort_keys=True).encode(), retain=True)
-
-    def on_online(self, device_id: str, online: bool, at: datetime) -> None:
-        self._published.pop(device_id, None)  # the next status republishes the view
-
-
 class CollectorService:
     """Runs the parts it is handed (collector.wiring builds them): it never builds one,
     and nothing changes them after construction."""
@@ -233,6 +180,7 @@ class CollectorService:
         self._last_run: dict[str, float] = {}
         self._beat_mono = clock.monotonic()  # the ingest worker's heartbeat
         self._unrecorded: list[StoreHealth] = []  # ended outages not yet in the store
+        self._offline_untold: list[tuple[str, datetime]] = []  # marked silent, not yet told
 
     # ------------------------------------------------------------ threads
 
@@ -270,7 +218,7 @@ class CollectorService:
                 bugs += 1
                 log.exception("a batch of %d messages failed (attempt %d)", len(batch), bugs)
                 if bugs >= BUG_ATTEMPTS:  # counted and sampled, then acknowledged
-                    plan = rejected_plan(batch, f"{type(exc).__name__}: {exc}",
+                    plan = rejected_plan(batch, plan, f"{type(exc).__name__}: {exc}",
                                          self.clock.now())
                 self._wait(retry_delay_s(bugs, self.config.ingest.store_retry_max_s))
                 continue
@@ -370,13 +318,21 @@ class CollectorService:
         return min(horizon, oldest) if oldest is not None else horizon
 
     def tick(self) -> None:
+        """Each duty on its own: one that meets a store outage (or a bug) does not keep
+        the others from their turn — the Alertmanager resend is built to run then."""
         now = self.clock.now()
-        try:
-            self._tick(now)
-        except StoreUnavailable as exc:
-            # Not a traceback every 5 s: the outage is logged once, when it starts.
-            self._store_failed(exc)
-            return
+        duties: list[tuple[str, Callable[[datetime], None]]] = [
+            ("outages", self._record_outages), ("beacon", self._beacon),
+            ("silence", self._silence), ("summary", self._summary), ("prune", self._prune)]
+        duties += [(job.name, functools.partial(self._job, job)) for job in self.jobs]
+        for name, duty in duties:
+            try:
+                duty(now)
+            except StoreUnavailable as exc:
+                # Not a traceback every 5 s: the outage is logged once, when it starts.
+                self._store_failed(exc)
+            except Exception:
+                log.exception("periodic duty %s failed", name)
         if not self.health.get().is_up and len(self.inbox) == 0:
             # Nothing held, so no batch of the worker's will find out: a small write of
             # the tick's own does (the claim row of a job that is never run).
@@ -386,33 +342,53 @@ class CollectorService:
                 return
             self._store_worked()
 
-    def _tick(self, now: datetime) -> None:
-        per = self.periodic
+    def _record_outages(self, _now: datetime) -> None:
         while self._unrecorded:  # for `certmon-collector report`
             outage = self._unrecorded[0].last_outage
-            if outage is not None:
-                self.store.record_outage(outage)
+            try:
+                if outage is not None:
+                    self.store.record_outage(outage)
+            except StoreUnavailable:
+                raise  # kept for the next tick
+            except StoreError:
+                log.exception("could not record a store outage; dropped")
             self._unrecorded.pop(0)
+
+    def _beacon(self, now: datetime) -> None:
+        per = self.periodic
         if self._due("beacon", per.beacon_every_s) and \
                 self.store.try_claim("beacon", now, per.beacon_every_s * 0.9):
             self.publish(p.beacon_topic(self.prefix), p.encode_message(p.Beacon(ts=now)))
-        if self.health.get().is_up and self._due("silence", per.silence_every_s):
+
+    def _silence(self, now: datetime) -> None:
+        if self.health.get().is_up and self._due("silence", self.periodic.silence_every_s):
             horizon = self.silence_horizon(now)
-            for device_id in self.store.mark_silent(
-                    horizon, factor=self.config.ingest.offline_after_intervals):
-                log.info("%s is silent for more than %g intervals: offline", device_id,
-                         self.config.ingest.offline_after_intervals)
-                self.listeners.on_online(device_id, False, horizon)
+            factor = self.config.ingest.offline_after_intervals
+            for device_id in self.store.mark_silent(horizon, factor=factor):
+                log.info("%s is silent for more than %g intervals: offline", device_id, factor)
+                self._offline_untold.append((device_id, horizon))
+        # Marked offline in the store, so never returned again: each device is told to
+        # the listeners until that worked, even across a store outage.
+        while self._offline_untold:
+            device_id, at = self._offline_untold[0]
+            self.listeners.on_online(device_id, False, at)
+            self._offline_untold.pop(0)
+
+    def _summary(self, now: datetime) -> None:
+        per = self.periodic
         if self._due("summary", per.summary_every_s) and \
                 self.store.try_claim("summary", now, per.summary_every_s * 0.9):
             self.publish(p.fleet_summary_topic(self.prefix),
                          json.dumps(self.fleet_summary(now), sort_keys=True).encode(), retain=True)
-        if self._due("prune", per.prune_every_s):
+
+    def _prune(self, now: datetime) -> None:
+        if self._due("prune", self.periodic.prune_every_s):
             self.store.prune_seen(now - timedelta(days=30))
-        for job in self.jobs:
-            if self._due(job.name, job.every_s) and (
-                    not job.claimed or self.store.try_claim(job.name, now, job.every_s * 0.9)):
-                job.run()
+
+    def _job(self, job: Job, now: datetime) -> None:
+        if self._due(job.name, job.every_s) and (
+                not job.claimed or self.store.try_claim(job.name, now, job.every_s * 0.9)):
+            job.run()
 
     def fleet_summary(self, now: datetime) -> dict[str, object]:
         counts = self.store.fleet_counts()

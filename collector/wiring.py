@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from certmon import clock as wallclock
 from certmon import pki
 from certmon.mqtt import MqttLink
+from certmon.pki.crl import CrlFacts
 
 from .alerts.driver import AlertDriver
 from .alerts.engine import AlertEngine
@@ -29,13 +30,13 @@ from .backlog import Backlog
 from .config import CollectorConfig
 from .identity import collector_signer
 from .ingest import Ingestor
+from .publish import FleetTopics, Publisher
+from .revocation import FleetCrls
 from .service import (
     CollectorService,
-    FleetTopics,
     Job,
     Listeners,
     Periodic,
-    Publisher,
     collector_link,
     load_fleet_cas,
 )
@@ -46,6 +47,14 @@ from .verify import CertCache
 from .verifypool import VerifierPool
 
 log = logging.getLogger("certmon.collector")
+
+
+def _fleet_crls(config: CollectorConfig,
+                certs: CertCache) -> Callable[[], tuple[CrlFacts, ...]] | None:
+    if not config.tls.fleet_crl:
+        return None
+    cas = [pki.LoadedCert(ca, pki.facts_from_cert(ca)) for ca in certs.fleet_cas]
+    return FleetCrls(config.tls.fleet_crl, cas).current
 
 
 def build_collector(config: CollectorConfig, *, web: bool = True,
@@ -76,7 +85,7 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         undo.callback(engine.close, 1.0)
         alerts = AlertDriver(store, engine, requirements=requirements,
                              policy=pki.Policy(**dataclasses.asdict(config.policy)),
-                             now=clock.now)
+                             now=clock.now, fleet_crls=_fleet_crls(config, certs))
         listeners = Listeners([FleetTopics(publish, prefix), alerts])
         workers = config.ingest.verify_workers
         pool = VerifierPool(workers) if workers else None

@@ -39,6 +39,15 @@ def render_human(reports: Sequence[ScanReport], out: TextIO) -> None:
             out.write(f"  {facts.index:>2}  {pki.as_json(facts.not_after)!s:20}  "
                       f"{facts.days_left(now):7.1f}  {facts.key_type}-{facts.key_bits:<5}  "
                       f"{facts.subject}\n")
+        if report.ocsp_stapled is not None:
+            stapled = f"stapled ({report.ocsp_status})" if report.ocsp_stapled else "not stapled"
+            out.write(f"  OCSP {stapled}\n")
+        for facts, rev in zip(report.presented, report.revocation, strict=False):
+            for kind, urls in (("CRL", rev.crl_urls), ("OCSP", rev.ocsp_urls)):
+                if urls:
+                    out.write(f"  {facts.index:>2}  {kind} {' '.join(urls)}\n")
+            if rev.is_must_staple:
+                out.write(f"  {facts.index:>2}  must-staple\n")
         for f in sorted(report.findings, key=lambda f: -f.severity):
             out.write(f"  {f.severity.name:8} {f.code!s:24} {f.message}\n")
     worst = max((r.severity for r in reports), default=Severity.OK)

@@ -107,6 +107,13 @@ def test_webhook_non_2xx_raises_without_leaking_the_url(peer: HttpPeer) -> None:
     assert "SECRET" not in str(info.value)
 
 
+def test_a_url_http_client_refuses_is_an_error_without_the_url(peer: HttpPeer) -> None:
+    # A space in the query: http.client raises InvalidURL quoting path and query.
+    with pytest.raises(AlertSinkError, match="InvalidURL") as info:
+        WebhookSink(peer.url + "/hook?token=SECRET x").post_alerts([am_alert()])
+    assert "SECRET" not in str(info.value)
+
+
 def test_webhook_does_not_follow_redirects(peer: HttpPeer) -> None:
     peer.statuses, peer.location = [307], "http://127.0.0.2:1/elsewhere"
     with pytest.raises(AlertSinkError, match="HTTP 307"):

@@ -146,7 +146,7 @@ def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
 
 def test_every_help_ends_with_two_or_three_examples_that_parse() -> None:
     parsers = _parsers()
-    assert len(parsers) == 1 + 5 + 1 + 3 + 1  # agent + 5 commands, collector + 3, scan
+    assert len(parsers) == 1 + 6 + 1 + 3 + 1  # agent + 6 commands, collector + 3, scan
     for prog, parser in parsers:
         text = parser.format_help().rstrip("\n").splitlines()
         start = text.index("examples:")

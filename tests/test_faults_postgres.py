@@ -431,7 +431,7 @@ def test_sqlite_disk_full_under_load_loses_nothing_and_fires_no_false_offline(
 
         def fill() -> None:
             # Fill what is left, so the next WAL page cannot be written.
-            with filler.open("wb") as f:
+            with filler.open("wb", buffering=0) as f:  # unbuffered: close() has nothing left to flush
                 try:
                     while True:
                         f.write(b"\0" * (1 << 16))

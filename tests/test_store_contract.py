@@ -452,6 +452,29 @@ def test_an_unreachable_database_is_unavailable_not_refused(tmp_path: Path) -> N
         open_store(f"sqlite://{tmp_path}/dir.db").migrate()
 
 
+def test_postgres_errors_are_judged_by_sqlstate_not_by_class() -> None:
+    """psycopg files a program limit or a corrupt index under OperationalError /
+    InternalError too; retried as an outage, one such batch would stall ingest for
+    ever. By SQLSTATE: only what a retry can cure is `StoreUnavailable`."""
+    import psycopg
+    from psycopg import errors
+
+    from collector.store.postgres import translate
+
+    for cure in (errors.AdminShutdown, errors.ConnectionFailure, errors.DiskFull,
+                 errors.TooManyConnections, errors.ReadOnlySqlTransaction,
+                 errors.LockNotAvailable):
+        assert isinstance(translate(cure("x")), StoreUnavailable), cure
+    assert isinstance(translate(psycopg.OperationalError("server closed the connection")),
+                      StoreUnavailable)
+    assert isinstance(translate(psycopg.InterfaceError("connection is closed")),
+                      StoreUnavailable)
+    for poison in (errors.ProgramLimitExceeded, errors.IndexCorrupted, errors.DataCorrupted,
+                   errors.UniqueViolation, errors.StatementTooComplex):
+        exc = translate(poison("x"))
+        assert isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable), poison
+
+
 def test_naive_datetimes_are_refused(store: Store) -> None:
     with pytest.raises(ValueError, match="naive datetime"):
         store.mark_silent(datetime(2026, 1, 1))

@@ -70,6 +70,23 @@ class FindingCode(enum.StrEnum):
     MQTT_CONNACK_REFUSED = "MQTT_CONNACK_REFUSED"
     CLIENT_CERT_REQUIRED = "CLIENT_CERT_REQUIRED"
     CLIENT_CERT_REJECTED = "CLIENT_CERT_REJECTED"
+    # The device's certificate renewal (agent.renewal, docs/renewal.md), judged by the
+    # collector from the status's `renewal` part.
+    RENEWAL_FAILING = "RENEWAL_FAILING"
+    RENEWAL_OVERDUE = "RENEWAL_OVERDUE"
+    # Certificate revocation lists (certmon.pki.crl) and the broker host's own files
+    # (agent.brokerhost): an expired CRL makes a broker with `crlfile` refuse every client.
+    CRL_EXPIRED = "CRL_EXPIRED"
+    CRL_EXPIRING = "CRL_EXPIRING"
+    CRL_NOT_YET_VALID = "CRL_NOT_YET_VALID"
+    CRL_SIGNATURE_INVALID = "CRL_SIGNATURE_INVALID"
+    CRL_ISSUER_UNKNOWN = "CRL_ISSUER_UNKNOWN"
+    CRL_UNPARSEABLE = "CRL_UNPARSEABLE"
+    CRL_MISSING = "CRL_MISSING"
+    CERT_REVOKED = "CERT_REVOKED"
+    BROKER_CERT_NOT_RELOADED = "BROKER_CERT_NOT_RELOADED"
+    BROKER_CONFIG_UNKNOWN = "BROKER_CONFIG_UNKNOWN"
+    BROKER_CONFIG_INVALID = "BROKER_CONFIG_INVALID"
 
 
 @dataclass(frozen=True, slots=True)

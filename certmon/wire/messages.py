@@ -137,6 +137,22 @@ class AgentSelf(Wire):
 
 
 @dataclass(frozen=True, slots=True)
+class RenewalState(Wire):
+    """The client certificate's renewal (docs/renewal.md), when the agent renews it.
+
+    Optional in Status: an agent without `[renewal] enabled` omits it, so its statuses
+    are byte-identical to before; a collector that predates it ignores it."""
+
+    due_at: datetime  # the renewal point of the current certificate
+    is_due: bool
+    next_attempt_at: datetime | None  # None: not while the clock is known to be wrong
+    last_attempt_at: datetime | None
+    outcome: str | None = field(metadata=wire_meta(pattern=r"^(renewed|failed)$"))
+    reason: str | None = field(metadata=_TEXT)
+    failures: int = field(metadata=wire_meta(lo=0, hi=1_000_000))  # consecutive
+
+
+@dataclass(frozen=True, slots=True)
 class Status(Message):
     """Status v1 (DESIGN.md §3). (boot_id, seq) orders messages; ts is a measurement."""
 
@@ -153,6 +169,7 @@ class Status(Message):
     clock: ClockSummary
     findings: tuple[FindingWire, ...] = field(metadata=wire_meta(max_items=64))
     agent: AgentSelf
+    renewal: RenewalState | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,16 +17,22 @@ from datetime import datetime
 
 from certmon import pki
 from certmon import wire as p
+from certmon.pki.crl import CrlFacts
 from collector.ingest import Stored
-from collector.store import CertRole, Store
+from collector.store import CertRole, DeviceRow, Store
 from collector.trust import RequiredCA
 
 from .engine import AlertEngine
 from .rules import (
+    RENEWAL_FAILING,
     CertName,
+    HeldCert,
     Scope,
     device_alerts,
+    fleet_crl_alerts,
     offline_alerts,
+    renewal_alerts,
+    revoked_cert_alerts,
     scan_alerts,
     shared_client_cert_alerts,
     trust_requirement_alerts,
@@ -40,8 +46,11 @@ class AlertDriver:
 
     def __init__(self, store: Store, engine: AlertEngine, *,
                  requirements: Sequence[RequiredCA], policy: pki.Policy,
-                 now: Callable[[], datetime]) -> None:
+                 now: Callable[[], datetime],
+                 fleet_crls: Callable[[], Sequence[CrlFacts]] | None = None) -> None:
         self.store = store
+        # The fleet's CRLs, read afresh at each sweep (collector.revocation).
+        self.fleet_crls = fleet_crls
         self.engine = engine
         self.requirements = tuple(requirements)
         self.policy = policy
@@ -53,14 +62,19 @@ class AlertDriver:
         now = self.now()
         for item in stored:
             status = item.status
-            key = tuple(sorted((f.code, int(f.severity), f.cert) for f in status.findings))
+            renewal = renewal_alerts(status.device_id, status.renewal,
+                                     interval_s=status.interval_s, now=now)
+            key = (*sorted((f.code, int(f.severity), f.cert) for f in status.findings),
+                   # The failure's reason, not the overdue age: that changes every time.
+                   *((c.rule, int(c.severity), c.summary if c.rule == RENEWAL_FAILING else None)
+                     for c in renewal))
             if self._evaluated.get(status.device_id) == key:
                 continue
             # One store read for both: the findings, and the offline alerts that a
             # fresh status ends (the device is back).
             self.engine.evaluate_device(status.device_id, {
                 Scope.FINDINGS: device_alerts(status.device_id, status.findings, online=True,
-                                              now=now, certs=_names(status)),
+                                              now=now, certs=_names(status)) + renewal,
                 Scope.OFFLINE: []}, now=now)
             # Marked only once evaluated: when the store fails mid-batch, ingest
             # re-runs this listener and the devices not yet evaluated still are.
@@ -93,7 +107,22 @@ class AlertDriver:
         clients = {d.device_id: d.client_sha256 for d in devices if d.client_sha256}
         self.engine.evaluate(None, shared_client_cert_alerts(clients),
                              scope=Scope.SHARED_CERT, now=now)
+        if self.fleet_crls is not None:
+            crls = self.fleet_crls()
+            self.engine.evaluate_fleet([
+                *revoked_cert_alerts(self._held_client_certs(
+                    [d for d in devices if d.is_online]), crls),
+                *fleet_crl_alerts(crls, now, self.policy)], scope=Scope.REVOKED, now=now)
         self.engine.renotify_due(now)
+
+    def _held_client_certs(self, devices: Sequence[DeviceRow]) -> list[HeldCert]:
+        held = []
+        for device in devices:
+            row = self.store.certificate(device.client_sha256) if device.client_sha256 else None
+            if row is not None:
+                held.append(HeldCert(device.device_id, row.sha256, row.subject, row.issuer,
+                                     row.serial_hex))
+        return held
 
     def on_scans(self, reports: Sequence[tuple[str, Sequence[pki.Finding]]]) -> None:
         """Alerts for the endpoints the collector scans itself (scope SCAN)."""

@@ -17,16 +17,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from certmon.pki import Finding, Policy, Severity
-from certmon.wire import FindingWire, cert_ref, format_instant
+from certmon.pki import Finding, FindingCode, Policy, Severity
+from certmon.pki.crl import CrlFacts, crl_findings, revoked_by
+from certmon.wire import FindingWire, RenewalState, cert_ref, format_instant
 from collector.aggregate import category
 from collector.trust import RequiredCA  # resolved by collector.trust at start
 
 __all__ = [
-    "DEVICE_OFFLINE", "FLEET", "OFFLINE_CERT_EXPIRING", "SHARED_CLIENT_CERT",
-    "TRUST_STORE_MISSING_CA", "AlertCandidate", "CertName", "RequiredCA", "RulesConfig",
-    "Scope", "device_alerts", "offline_alerts", "shared_client_cert_alerts",
-    "trust_requirement_alerts",
+    "CERT_REVOKED", "DEVICE_OFFLINE", "FLEET", "OFFLINE_CERT_EXPIRING", "RENEWAL_FAILING",
+    "RENEWAL_OVERDUE", "SHARED_CLIENT_CERT", "TRUST_STORE_MISSING_CA", "AlertCandidate",
+    "CertName", "HeldCert", "RequiredCA", "RulesConfig", "Scope", "device_alerts",
+    "fleet_crl_alerts", "offline_alerts", "renewal_alerts", "revoked_cert_alerts",
+    "shared_client_cert_alerts", "trust_requirement_alerts",
 ]
 
 # Rules the collector derives itself (every other rule name is an agent finding code).
@@ -34,6 +36,9 @@ DEVICE_OFFLINE = "DEVICE_OFFLINE"
 OFFLINE_CERT_EXPIRING = "OFFLINE_CERT_EXPIRING"
 TRUST_STORE_MISSING_CA = "TRUST_STORE_MISSING_CA"
 SHARED_CLIENT_CERT = "SHARED_CLIENT_CERT"
+CERT_REVOKED = "CERT_REVOKED"  # revoked_cert_alerts, against the fleet's CRLs
+RENEWAL_FAILING = "RENEWAL_FAILING"  # from the status's renewal part (renewal_alerts)
+RENEWAL_OVERDUE = "RENEWAL_OVERDUE"
 
 FLEET = "fleet"  # the `device` label of an alert about no single device (a reserved id)
 
@@ -53,6 +58,7 @@ class Scope(enum.StrEnum):
     TRUST = "trust"  # trust_requirement_alerts: fleet sweep
     SHARED_CERT = "shared_cert"  # shared_client_cert_alerts: fleet sweep
     SCAN = "scan"  # scan_alerts: the collector's scheduled endpoint scans
+    REVOKED = "revoked"  # revoked_cert_alerts, fleet_crl_alerts: sweep of tls.fleet_crl
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,41 @@ def device_alerts(device_id: str, findings: Sequence[FindingWire], *, online: bo
     return sorted(out, key=lambda c: c.key)
 
 
+# A healthy agent renews at its first report after the renewal point; three report
+# intervals past it without a renewal is overdue (docs/renewal.md).
+RENEWAL_GRACE_INTERVALS = 3
+
+
+def renewal_alerts(device_id: str, renewal: RenewalState | None, *, interval_s: int,
+                   now: datetime, rules_config: RulesConfig = DEFAULT_RULES,
+                   ) -> list[AlertCandidate]:
+    """Scope FINDINGS, from the status's renewal part: RENEWAL_FAILING (WARNING) while
+    the last attempt failed, RENEWAL_OVERDUE (WARNING) once the renewal point is
+    RENEWAL_GRACE_INTERVALS report intervals past by the collector's clock and the
+    certificate is still the one due: the earliest reliable warning, long before
+    CERT_EXPIRING. Both resolve with the status after a successful renewal."""
+    if renewal is None:
+        return []
+    out = []
+    severity = rules_config.severity(RENEWAL_FAILING, Severity.WARNING)
+    if renewal.outcome == "failed" and severity >= Severity.WARNING:
+        retry = (f"; next attempt {format_instant(renewal.next_attempt_at)}"
+                 if renewal.next_attempt_at else "")
+        out.append(_candidate(RENEWAL_FAILING, device_id, None, None, severity,
+                              "certificate", Scope.FINDINGS,
+                              f"{device_id}: certificate renewal failing "
+                              f"({renewal.failures} attempt(s)): {renewal.reason}{retry}"))
+    severity = rules_config.severity(RENEWAL_OVERDUE, Severity.WARNING)
+    overdue_at = renewal.due_at + timedelta(seconds=RENEWAL_GRACE_INTERVALS * interval_s)
+    if now >= overdue_at and severity >= Severity.WARNING:
+        out.append(_candidate(RENEWAL_OVERDUE, device_id, None, None, severity,
+                              "certificate", Scope.FINDINGS,
+                              f"{device_id}: certificate renewal overdue: due since "
+                              f"{format_instant(renewal.due_at)} "
+                              f"({humanize(now - renewal.due_at)} ago), not renewed"))
+    return out
+
+
 def offline_alerts(device_id: str, *, online: bool, last_seen_at: datetime | None,
                    client_not_after: datetime | None, now: datetime, policy: Policy,
                    client_sha256: str | None = None,
@@ -230,6 +271,56 @@ def trust_requirement_alerts(requirements: Iterable[RequiredCA],
             out.append(_candidate(
                 TRUST_STORE_MISSING_CA, dev, sha, sha, severity, FLEET, Scope.TRUST,
                 f"{dev}: trust store lacks required CA \"{req.name}\" (sha256 {sha[:16]}…)"))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCert:
+    """A device's client certificate as the store has it (for revocation)."""
+
+    device_id: str
+    sha256: str
+    subject: str
+    issuer: str | None
+    serial_hex: str | None
+
+
+def revoked_cert_alerts(held: Iterable[HeldCert], crls: Sequence[CrlFacts], *,
+                        rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
+    """Scope REVOKED. CERT_REVOKED (CRITICAL) for each online device whose client
+    certificate a fleet CRL lists: revoked, yet it still connects and reports (the
+    broker has no crlfile, or an old one). One alert per (device, certificate)."""
+    severity = rules_config.severity(CERT_REVOKED, Severity.CRITICAL)
+    if severity < Severity.WARNING or not crls:
+        return []
+    out = []
+    for cert in held:
+        crl = revoked_by(cert.issuer, cert.serial_hex, crls)
+        if crl is None:
+            continue
+        out.append(_candidate(
+            CERT_REVOKED, cert.device_id, cert.sha256, cert.sha256, severity, "certificate",
+            Scope.REVOKED, f"{cert.device_id}: client certificate {cert.subject} (serial "
+            f"{cert.serial_hex}) is revoked by the CRL of {crl.issuer} ({crl.source}) "
+            "and the device still reports"))
+    return out
+
+
+def fleet_crl_alerts(crls: Sequence[CrlFacts], now: datetime, policy: Policy, *,
+                     rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
+    """Scope REVOKED, fleet alerts: a `tls.fleet_crl` CRL past or near its nextUpdate
+    (CRL_EXPIRED / CRL_EXPIRING, certmon.pki.crl's rule): the collector's copy is stale,
+    so new revocations go unseen, and every broker given that CRL as crlfile refuses
+    all clients from that instant. Keyed by the CRL's issuer."""
+    out: list[AlertCandidate] = []
+    for crl in crls:
+        for f in crl_findings(crl, now, policy):
+            if f.code not in (FindingCode.CRL_EXPIRED, FindingCode.CRL_EXPIRING):
+                continue
+            severity = rules_config.severity(str(f.code), f.severity)
+            if severity >= Severity.WARNING:
+                out.append(_candidate(str(f.code), None, f"crl:{crl.issuer}", None, severity,
+                                      "certificate", Scope.REVOKED, f"fleet CRL: {f.message}"))
     return out
 
 

@@ -17,6 +17,7 @@ with back-off) and the next call reconnects. It must not hold queries (they are
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -35,15 +36,31 @@ _ATTEMPTS = 3
 # A server that does not answer (host down, partition) must not hold the ingest for
 # libpq's default of "forever"; a URL's own connect_timeout wins.
 CONNECT_TIMEOUT_S = 10
-# Connection lost or refused, shutting down, out of resources (class 53: disk full, too
-# many connections), read-only standby after a failover, lost connection object:
-# a retry can succeed. DataError, IntegrityError, ProgrammingError: it cannot.
-_TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError)
+# By SQLSTATE, not by exception class (psycopg files program limits and corruption
+# under OperationalError/InternalError too): what a retry can cure is a connection
+# lost or refused (08), the server out of resources (53: disk full, memory, too many
+# connections), shutting down or cancelled (57), an I/O error (58), a read-only
+# standby after a failover (25006) or a lock not available (55P03). Anything else
+# (data, constraint, program limit, corruption) fails the same way every time.
+_TRANSIENT_CLASSES = ("08", "53", "57", "58")
+_TRANSIENT_STATES = frozenset({"25006", "55P03"})
+# After a failed connect, calls fail at once for this long instead of each trying
+# again under the store's lock (which the ingest, the tick and web threads share).
+RECONNECT_EVERY_S = 2.0
+
+
+def is_transient(exc: psycopg.Error) -> bool:
+    if isinstance(exc, psycopg.InterfaceError):
+        return True  # the connection object itself is gone
+    state = exc.sqlstate
+    if state is None:  # no server answer at all: libpq lost the connection
+        return isinstance(exc, psycopg.OperationalError)
+    return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
 
 
 def translate(exc: psycopg.Error) -> StoreError:
     """psycopg's error as ours: `StoreUnavailable` when a retry can succeed."""
-    kind = StoreUnavailable if isinstance(exc, _TRANSIENT) else StoreError
+    kind = StoreUnavailable if is_transient(exc) else StoreError
     return kind(f"postgresql: {exc}")
 
 
@@ -73,6 +90,7 @@ class PostgresStore(SqlStore):
         super().__init__(POSTGRES, reject_sample_limit=reject_sample_limit)
         self._url = url
         self._lock = threading.Lock()
+        self._retry_connect_at = 0.0  # monotonic
         self._conn = self._connect()
 
     @classmethod
@@ -103,10 +121,18 @@ class PostgresStore(SqlStore):
         with self._lock:
             for attempt in range(1, _ATTEMPTS + 1):
                 if self._conn.broken or self._conn.closed:
-                    # Server restart, network blip: a fresh connection (once per call;
-                    # the caller retries with back-off while the server is away).
+                    # Server restart, network blip: a fresh connection (once per call,
+                    # at most every RECONNECT_EVERY_S; the caller retries with back-off
+                    # while the server is away).
+                    if time.monotonic() < self._retry_connect_at:
+                        raise StoreUnavailable("postgresql: reconnecting (last attempt "
+                                               "failed moments ago)")
                     self._conn.close()
-                    self._conn = self._connect()
+                    try:
+                        self._conn = self._connect()
+                    except StoreUnavailable:
+                        self._retry_connect_at = time.monotonic() + RECONNECT_EVERY_S
+                        raise
                 try:
                     with self._conn.transaction(), self._conn.cursor() as cur:
                         return fn(Session(cur, self._d))

@@ -60,6 +60,9 @@ class DeviceBrief:
     findings: tuple[tuple[str, int], ...]
     subject: str | None = None
     earliest: dict[str, datetime] = field(default_factory=dict)  # store role → not_after
+    # The status's renewal part (docs/renewal.md), when the agent renews.
+    renewal_due_at: datetime | None = None
+    renewal_failures: int | None = None
 
     @property
     def risk_not_after(self) -> datetime | None:
@@ -112,6 +115,23 @@ def _broker_of(status_json: str | None) -> JSON | None:
     except ValueError:
         return None
     return obj if isinstance(obj, dict) and "host" in obj and "port" in obj else None
+
+
+def _renewal_of(status_json: str | None) -> tuple[datetime | None, int | None]:
+    """(due_at, failures) of the status's renewal part; the same partial decode as
+    `_broker_of` (no "renewal" key appears elsewhere in a status)."""
+    at = status_json.find('"renewal":{') if status_json else -1
+    if status_json is None or at < 0:
+        return None, None
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(status_json, at + len('"renewal":'))
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    due = p.parse_instant(obj["due_at"]) if isinstance(obj.get("due_at"), str) else None
+    failures = obj.get("failures")
+    return due, failures if isinstance(failures, int) else None
 
 
 def _scan_view(target: str, scanned_at: datetime, severity: int, result_json: str) -> JSON:
@@ -188,9 +208,11 @@ def _brief(row: DeviceRow, fleet_severity: int = 0, fleet_rule: str | None = Non
     worst_msg = next((f.message for f in row.findings if f.code == row.worst_code), None)
     # A device at risk only through a fleet rule (e.g. a missing required CA) names it.
     worst = row.worst_code or (fleet_rule if fleet_severity else None)
+    due_at, failures = _renewal_of(row.status_json)
     return DeviceBrief(row.device_id, str(state), row.severity, worst, worst_msg,
                        row.is_online, row.last_received_at, row.clock_offset_lo_s,
-                       row.clock_offset_hi_s, tuple((f.code, f.severity) for f in row.findings))
+                       row.clock_offset_hi_s, tuple((f.code, f.severity) for f in row.findings),
+                       renewal_due_at=due_at, renewal_failures=failures)
 
 
 class SnapshotCache:

@@ -87,8 +87,20 @@ class FleetCollector:
             "certmon_device_clock_offset_seconds",
             "Bounds of the device clock offset (device minus true time)",
             labels=["device", "bound"])
+        renewal_due = GaugeMetricFamily(
+            "certmon_renewal_due_seconds",
+            "When the device's client certificate renewal is due (Unix time)",
+            labels=["device"])
+        renewal_failures = GaugeMetricFamily(
+            "certmon_renewal_failures",
+            "Consecutive failed renewal attempts of the device's client certificate",
+            labels=["device"])
         findings: Counter[tuple[str, str]] = Counter()
         for d in s.devices:
+            if d.renewal_due_at is not None:
+                renewal_due.add_metric([d.device_id], d.renewal_due_at.timestamp())
+            if d.renewal_failures is not None:
+                renewal_failures.add_metric([d.device_id], float(d.renewal_failures))
             for role, earliest_at in sorted(d.earliest.items()):
                 not_after.add_metric([d.device_id, role], earliest_at.timestamp())
             online.add_metric([d.device_id], 1.0 if d.is_online else 0.0)
@@ -100,6 +112,8 @@ class FleetCollector:
         yield not_after
         yield online
         yield offset
+        yield renewal_due
+        yield renewal_failures
 
         states = Counter(d.state for d in s.devices)
         devices = GaugeMetricFamily("certmon_devices", "Devices by dashboard state",

@@ -48,6 +48,7 @@ __all__ = [
     "PKIFactory",
     "new_key",
     "write_bundle",
+    "write_crls",
 ]
 
 KeyType = Literal["rsa2048", "rsa1024", "p256", "p384", "ed25519"]
@@ -85,6 +86,9 @@ class CertOptions(TypedDict, total=False):
     key: PrivateKey | None
     name: str | None
     hash_alg: HashAlg
+    # Extra non-critical extensions, e.g. x509.CRLDistributionPoints,
+    # x509.AuthorityInformationAccess or x509.TLSFeature (must-staple).
+    extensions: Sequence[x509.ExtensionType]
 
 
 class LeafOptions(CertOptions, total=False):
@@ -173,6 +177,13 @@ class Issued:
         return cert_path, key_path
 
 
+def write_crls(path: Path, crls: Iterable[x509.CertificateRevocationList]) -> Path:
+    """Concatenate PEM CRLs into one file (what Mosquitto's `crlfile` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
+    return path
+
+
 def write_bundle(path: Path, certs: Iterable[Issued | x509.Certificate]) -> Path:
     """Concatenate PEM certificates into one CA bundle file."""
     pems = [
@@ -231,6 +242,30 @@ class PKIFactory:
             cn, None, opts, 365, ca_path_length=False, usage=opts.get("usage", "server"),
             sans=opts.get("sans", ()),
         )  # fmt: skip
+
+    def crl(
+        self, issuer: Issued, *, this_update: datetime, next_update: datetime,
+        revoked: Iterable[Issued | x509.Certificate] = (), number: int = 1,
+        signer: PrivateKey | None = None,
+    ) -> x509.CertificateRevocationList:  # fmt: skip
+        """A CRL of `issuer` with explicit thisUpdate/nextUpdate (cryptography cannot
+        build one without nextUpdate) listing `revoked`; `signer` signs it instead of the issuer's key (a forged CRL)."""
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer.cert.subject)
+            .last_update(_whole_second(this_update))
+            .next_update(_whole_second(next_update))
+            .add_extension(x509.CRLNumber(number), critical=False)
+        )
+        for entry in revoked:
+            cert = entry.cert if isinstance(entry, Issued) else entry
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                .revocation_date(_whole_second(this_update)).build())
+        key = signer or issuer.key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return builder.sign(key, None)
+        return builder.sign(key, hashes.SHA256())
 
     def _validity(
         self, days: float, not_before: datetime | None, not_after: datetime | None
@@ -292,6 +327,8 @@ class PKIFactory:
         ]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        for extension in opts.get("extensions", ()):
+            builder = builder.add_extension(extension, critical=False)
         cert = _sign(builder, signer_key, opts.get("hash_alg", "sha256"))
         return Issued(name=name, cert=cert, key=key, issuer=issuer)
 

@@ -74,5 +74,9 @@ class WebhookSink:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise AlertSinkError(f"webhook {self._host}: {reason}") from None
+        except Exception as exc:  # noqa: BLE001 - re-raised as ours, without the message
+            # http.client's InvalidURL / HTTPException quote the path and query, where
+            # receivers' tokens live: the class name only, never the message.
+            raise AlertSinkError(f"webhook {self._host}: {type(exc).__name__}") from None
         if not 200 <= status < 300:
             raise AlertSinkError(f"webhook {self._host}: HTTP {status}")
