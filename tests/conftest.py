@@ -266,6 +266,21 @@ def collector_config(fleet: Fleet, tmp_path: Path, **overrides: str) -> Any:
     return loads(CollectorConfig, "", overrides=values)
 
 
+def start_collector(fleet: Fleet, broker: Mosquitto, tmp: Path, **overrides: str) -> Any:
+    """A started collector (no web, slow periodic jobs) on `broker`'s second listener:
+    the operations listener of a documented broker started from `fleet.documented()`."""
+    from collector.service import Periodic
+    from collector.wiring import build_collector
+
+    config = collector_config(fleet, tmp, **{
+        "mqtt.broker": f"mqtts://127.0.0.1:{broker.listeners[1].port}", **overrides})
+    service = build_collector(config, web=False, periodic=Periodic(
+        beacon_every_s=3600, silence_every_s=3600, summary_every_s=3600))
+    service.start()
+    assert service.link.wait_connected(10), service.link.state.last_error
+    return service
+
+
 @pytest.fixture
 def collector(fleet_broker: Fleet, tmp_path: Path) -> Iterator[Any]:
     """A running collector (service threads, no web server) with fast periodic jobs."""

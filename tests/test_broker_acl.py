@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DeviceCreds, Fleet, MosquittoFactory, collector_config
+from conftest import DeviceCreds, Fleet, MosquittoFactory, start_collector
 from cryptography.hazmat.primitives.asymmetric import ec
 from kit.broker import Mosquitto, wait_until
 from kit.brokerconf import DEVICE_ACL, OPERATIONS_ACL, PACKAGING_DIR, documented_acl
@@ -34,8 +34,7 @@ from certmon.config import loads
 from certmon.errors import ConfigError, ProtocolError
 from certmon.fleetsig import SIG_PROPERTY, verify_fleet
 from collector.config import CollectorConfig
-from collector.service import CollectorService, Periodic
-from collector.wiring import build_collector
+from collector.service import CollectorService
 
 TIMEOUT_S = 5.0
 PREFIX = p.DEFAULT_PREFIX
@@ -283,17 +282,6 @@ def migrating_broker(fleet_broker: Fleet, mosquitto_factory: MosquittoFactory,
     "Migrating from certmon/v1"): device listener first, operations second."""
     documented = fleet_broker.documented(tmp_path / "migrating", migration=True)
     return mosquitto_factory(documented.listeners, extra_conf=documented.global_conf)
-
-
-def start_collector(fleet: Fleet, broker: Mosquitto, tmp: Path, **overrides: str
-                    ) -> CollectorService:
-    config = collector_config(fleet, tmp, **{
-        "mqtt.broker": f"mqtts://127.0.0.1:{broker.listeners[1].port}", **overrides})
-    service = build_collector(config, web=False, periodic=Periodic(
-        beacon_every_s=3600, silence_every_s=3600, summary_every_s=3600))
-    service.start()
-    assert service.link.wait_connected(10), service.link.state.last_error
-    return service
 
 
 def test_legacy_v1_topics_stores_a_v1_agents_status_only_when_set(

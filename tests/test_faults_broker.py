@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Fleet, collector_config
+from conftest import Fleet, start_collector
 from kit.broker import Mosquitto, wait_until
 
 from agent.config import AgentConfig
 from agent.service import AgentService
 from certmon.config import loads
-from collector.service import CollectorService, Periodic
-from collector.wiring import build_collector
+from collector.service import CollectorService
 
 DEVICES = ("gw-bf-1", "gw-bf-2", "gw-bf-3", "gw-bf-4")
 
@@ -51,17 +50,6 @@ def private_broker(fleet: Fleet, factory: Any, tmp: Path,
         extra += (f"persistence true\npersistence_location {persist_in}/\n"
                   "autosave_on_changes true\nautosave_interval 1\n")
     return factory(documented.listeners, extra_conf=extra)  # type: ignore[no-any-return]
-
-
-def start_collector(fleet: Fleet, broker: Mosquitto, tmp: Path, **overrides: str
-                    ) -> CollectorService:
-    config = collector_config(fleet, tmp, **{
-        "mqtt.broker": f"mqtts://127.0.0.1:{broker.listeners[1].port}", **overrides})
-    service = build_collector(config, web=False, periodic=Periodic(
-        beacon_every_s=3600, silence_every_s=3600, summary_every_s=3600))
-    service.start()
-    assert service.link.wait_connected(10), service.link.state.last_error
-    return service
 
 
 def make_agent(fleet: Fleet, broker: Mosquitto, tmp: Path, device_id: str) -> AgentService:
