@@ -122,6 +122,21 @@ class RenewalConfig:
 
 
 @schema
+class BrokerHostConfig:
+    """docs/broker-host.md: `run` on a broker host also judges the broker's own files."""
+
+    config: Path | None = setting(default=None, doc="The broker's configuration file (e.g. "
+                                  "/etc/mosquitto/mosquitto.conf); set, `run` judges its "
+                                  "listeners, bridges and files and reports them signed. A "
+                                  "missing or unreadable file is a finding, not an error.")
+    kind: Literal["mosquitto"] = setting(default="mosquitto", doc="Which broker reads "
+                                         "`config`.")
+    check_every_s: int = setting(default=300, ge=10, doc="Seconds between two judgements "
+                                 "of the broker's files and listeners; the reports in "
+                                 "between carry the last one.")
+
+
+@schema
 class AgentConfig:
     device_id: str | None = setting(default=None, check=validate_device_id, doc="Device id in "
                                     "topics; unset means the client certificate's CN.")
@@ -133,6 +148,8 @@ class AgentConfig:
     clock: ClockConfig = section(default_factory=ClockConfig, doc="Clock checks.")
     renewal: RenewalConfig = section(default_factory=RenewalConfig,
                                      doc="Client certificate renewal (docs/renewal.md).")
+    broker: BrokerHostConfig = section(default_factory=BrokerHostConfig,
+                                       doc="Broker-host mode (docs/broker-host.md).")
 
 
 def load_agent_config(path: Path = DEFAULT_PATH, *,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -31,18 +32,20 @@ from certmon import pki, systemd
 from certmon import wire as p
 from certmon.errors import ConfigError, TransportError
 from certmon.mqtt import MqttLink
-from certmon.tlsprobe import ProbeTarget
-from certmon.tlsprobe import probe as tls_probe
 
 from .certstore import DeviceMaterial, read_material
 from .clocksync import ClockVerdict, Runner, collect_clock_state, evaluate_clock, run_command
 from .config import AgentConfig
 from .delivery import Delivery, publish_retained
-from .renewal import attempt as renewal
+from .renewal.policy import CLOCK_WRONG
 from .report import check_device, newest_not_before
 from .spool import SequenceCounter, Spool
 from .status import AgentCounters, BrokerObservation, build_status, inventory, observe_broker
 from .uplink import Uplink
+
+if TYPE_CHECKING:
+    from .brokerhost.watch import BrokerHostWatch
+    from .renewal import attempt as renewal
 
 log = logging.getLogger("certmon.agent")
 
@@ -95,6 +98,7 @@ class AgentService:
         self._broker_key: tuple[int, bytes] | None = None
         self._file_stamp: tuple[object, ...] | None = None
         self._is_clock_ok = True  # until a cycle's clock findings say otherwise
+        self._broker_host: BrokerHostWatch | None = None  # [broker] config: broker-host mode
         self._random = random.Random()  # noqa: S311 - jitter only
 
     @property
@@ -156,12 +160,33 @@ class AgentService:
             seq=self.seq.next() if sign else self.seq.last + 1, now=now,
             mono_s=self.clock.monotonic(), interval_s=self.config.agent.interval_s,
             check=check, clock=verdict, clock_findings=clock_findings, broker=self._broker,
-            beacon=self.uplink.beacon, counters=self._counters(), policy=self.policy)
+            beacon=self.uplink.beacon, counters=self._counters(), policy=self.policy,
+            broker_host=self._judge_broker_host(now))
         if self.config.renewal.enabled and check.client is not None:
+            # Imported here, as in renew(): the attempt machinery (and the TLS probe
+            # under it, pyOpenSSL) stays out of an agent that does not renew.
+            from .renewal import attempt as renewal
+
             status = dataclasses.replace(status, renewal=renewal.status_part(
                 self.config, device_id, check.client, now, is_clock_ok=self._is_clock_ok))
         token = self._sign(material, p.encode_status(status), p.STATUS_TYP) if sign else b""
         return CycleResult(status, token, material)
+
+    def _judge_broker_host(
+        self, now: datetime,
+    ) -> tuple[p.BrokerHostState, tuple[pki.Finding, ...]] | None:
+        """The broker host's files and listeners judged (`[broker] config`), at most
+        once per `check_every_s`; the reports between carry the last judgement."""
+        broker = self.config.broker
+        if broker.config is None:
+            return None
+        if self._broker_host is None:
+            # Imported here: an agent that is not on a broker host never loads it.
+            from .brokerhost.watch import BrokerHostWatch
+
+            self._broker_host = BrokerHostWatch(broker.config, broker.kind,
+                                                broker.check_every_s)
+        return self._broker_host.current(now, self.clock.monotonic(), self.policy)
 
     def _judge_clock(self, material: DeviceMaterial) -> tuple[ClockVerdict, list[pki.Finding]]:
         state = collect_clock_state(runner=self.runner, proc_root=self.proc_root,
@@ -170,7 +195,8 @@ class AgentService:
         verdict, findings = evaluate_clock(
             state, newest_not_before=newest_not_before(material), release_date=release_date(),
             skew_tolerance_s=self.config.clock.skew_tolerance_s)
-        self._is_clock_ok = renewal.is_clock_ok(findings)  # renewal waits for a good clock
+        # Renewal waits for a good clock (renewal.attempt.is_clock_ok, without its import).
+        self._is_clock_ok = not any(f.code in CLOCK_WRONG for f in findings)
         return verdict, findings
 
     def _read_material(self) -> DeviceMaterial:
@@ -201,6 +227,11 @@ class AgentService:
         if len(presented) == 1:
             # Python < 3.13 shows only the leaf of our own session; a probe of the same
             # endpoint fetches the intermediates, kept only if it saw the same leaf.
+            # Imported here: pyOpenSSL (~6 MiB resident) only when the link could not
+            # read the presented chain itself.
+            from certmon.tlsprobe import ProbeTarget
+            from certmon.tlsprobe import probe as tls_probe
+
             result = tls_probe(ProbeTarget(
                 host=mqtt.host, port=mqtt.port, servername=mqtt.servername, alpn=mqtt.alpn,
                 client_cert=str(self.config.tls.cert), client_key=str(self.config.tls.key),
@@ -320,6 +351,8 @@ class AgentService:
             return None
         device_id = self._resolve_device_id(material)
         self._judge_clock(material)
+        from .renewal import attempt as renewal
+
         return renewal.renew_if_due(self.config, device_id, material.trust_store,
                                     client.certs[0].facts, self.clock.now(),
                                     is_clock_ok=self._is_clock_ok, force=force)
@@ -376,6 +409,7 @@ class AgentService:
             log.error("configuration not reloaded, keeping the running one: %s", exc)
             return
         self.policy = _policy(self.config)
+        self._broker_host = None  # judged afresh with the new [broker] and policy
         log.info("configuration reloaded")
 
     def request_stop(self) -> None:

@@ -113,6 +113,7 @@ def build_status(
     beacon: p.BeaconEcho | None,
     counters: AgentCounters,
     policy: pki.Policy,
+    broker_host: tuple[p.BrokerHostState, Sequence[pki.Finding]] | None = None,
 ) -> p.Status:
     # Trust-store CAs judged by use (the rule `certmon-agent check` applies too); the
     # stale ones travel as facts in `trust_store.expiring` (the collector's readiness
@@ -121,6 +122,8 @@ def build_status(
     findings = [f for f in judged_by_use(check, used).findings
                 if f.code != pki.FindingCode.STALE_CA]
     findings += [*clock_findings, *(broker.findings if broker else ())]
+    # A broker host's own findings (docs/broker-host.md) alert like the device's.
+    findings += broker_host[1] if broker_host else ()
     findings.sort(key=lambda f: (-f.severity, f.code.value))
     return p.Status(
         device_id=device_id,
@@ -150,6 +153,7 @@ def build_status(
             spool_depth=counters.spool_depth,
             spool_dropped=counters.spool_dropped,
         ),
+        broker_host=broker_host[0] if broker_host else None,
     )
 
 

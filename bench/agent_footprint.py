@@ -1,28 +1,40 @@
 """The agent's footprint on a gateway: memory, CPU per report, status size, wake-ups.
 
 Starts a Mosquitto on loopback with the certmon ACL and a generated fleet PKI, then runs
-`certmon-agent run` as a separate process with the system CA bundle (plus the test
-fleet's roots) as its trust store and `--interval-s 10`, and watches it from outside
-with psutil while a subscriber counts its statuses:
+`certmon-agent run` as separate processes, side by side on the same broker, each with its
+own device certificate, the system CA bundle (plus the test fleet's roots) as its trust
+store and `--interval-s 10`: this tree's code and the baseline's (`--baseline REV`,
+default HEAD: `git archive` of certmon/ and agent/ into a temporary directory, run with
+PYTHONPATH; `--tree LABEL=DIR` adds any other source tree), plus a bare process that
+imports paho and cryptography.x509 and opens one mTLS MQTT session (the floor of the
+chosen parts). Each is watched from outside with psutil while a subscriber counts
+statuses:
 
-- RSS (and USS: the pages only this process holds) after N reports (default 20);
+- a `certmon-agent check --json` on the same bundle (what a short-lived checker process
+  beside a long-lived MQTT publisher would cost per cycle: peak RSS and CPU);
+- steady RSS and USS (the pages only this process holds) after N reports (default 20),
+  and peak RSS (the kernel's VmHWM);
 - CPU time per report cycle (user + system, from the 2nd to the Nth report, so start-up
   is excluded; includes everything the process does between reports);
 - idle wake-ups per second (voluntary context switches between reports): no busy loop;
 - the signed status size in bytes as it crossed the broker.
 
-Run: `.venv/bin/python bench/agent_footprint.py [--cycles 20]` (about 10 s per cycle).
+Run: `.venv/bin/python bench/agent_footprint.py [--cycles 20] [--baseline HEAD]`
+(about 10 s per cycle; all agents run at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
@@ -38,13 +50,71 @@ from certmon import wire as p  # noqa: E402
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
+FLOOR = """
+import resource, ssl, sys, time
+import paho.mqtt.client as mqtt
+ca, cert, key, port, client_id = sys.argv[1:6]
+if sys.argv[6:] == ["cryptography"]:
+    import cryptography.x509  # noqa: F401
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+c.connect("127.0.0.1", int(port))
+c.loop_start()
+time.sleep(3600)
+"""
+
+
+CHECK = """
+import resource, subprocess, sys
+done = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--ca-bundle", sys.argv[1],
+                       "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+"""
+
+
+@dataclass
+class Run:
+    label: str
+    proc: subprocess.Popen[bytes]
+    topic: str | None  # None: the floor process publishes nothing
+    samples: list[tuple[int, float, int, float]] = field(default_factory=list)
+    mem: Any = None
+    peak_rss: int = 0
+
+
+def baseline_tree(revision: str, into: Path) -> Path:
+    """certmon/ and agent/ as of `revision`, without touching the repository's state."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "certmon", "agent"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--interval-s", type=int, default=10)
+    parser.add_argument("--baseline", default="HEAD", help="git revision ('' for none)")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
+                        help="another source tree (holding certmon/ and agent/) to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        trees = [("this tree", ROOT)]
+        if args.baseline:
+            trees.append((args.baseline, baseline_tree(args.baseline, work / "baseline")))
+        for spec in args.tree:
+            label, _, where = spec.partition("=")
+            trees.append((label, Path(where)))
         pki = PKIFactory(datetime.now(UTC))
         root = pki.root("footprint Fleet Root", name="fp-root")
         devices = pki.intermediate(root, "footprint devices", name="fp-devices")
@@ -53,8 +123,6 @@ def main() -> int:
         server = pki.leaf(broker_ca, "localhost", name="fp-server", usage="server",
                           sans=("localhost", "127.0.0.1"))
         server_cert, server_key = server.write(work)
-        device_cert, device_key = pki.leaf(devices, "gw-footprint", name="fp-dev").write(
-            work, chain=True)
         watcher_cert, watcher_key = pki.leaf(services, "collector", name="fp-col").write(
             work, chain=True)
         fleet_root = write_bundle(work / "fleet-root.pem", [root])
@@ -72,45 +140,84 @@ def main() -> int:
             port, operations_port = broker.ports
             watcher = MqttProbe("fp-watcher", ca_certs=str(roots), certfile=str(watcher_cert),
                                 keyfile=str(watcher_key)).connect(operations_port)
-            watcher.subscribe(p.status_topic(p.DEFAULT_PREFIX, "gw-footprint"))
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--broker",
-                 f"mqtts://127.0.0.1:{port}", "--ca-bundle", str(bundle), "--cert",
-                 str(device_cert), "--key", str(device_key), "--state-dir", str(work / "state"),
-                 "--interval-s", str(args.interval_s)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            proc = psutil.Process(agent.pid)
-            samples: list[tuple[int, float, int, float]] = []  # count, cpu, vol ctx, time
+            runs: list[Run] = []
+            for i, (label, tree) in enumerate(trees):
+                device_id = f"gw-footprint-{i}"
+                cert, key = pki.leaf(devices, device_id, name=f"fp-dev{i}").write(
+                    work, chain=True)
+                topic = p.status_topic(p.DEFAULT_PREFIX, device_id)
+                watcher.subscribe(topic)
+                runs.append(Run(label, subprocess.Popen(
+                    [sys.executable, "-m", "agent.cli", "run", "--broker",
+                     f"mqtts://127.0.0.1:{port}", "--ca-bundle", str(bundle), "--cert",
+                     str(cert), "--key", str(key), "--state-dir", str(work / f"state{i}"),
+                     "--interval-s", str(args.interval_s)],
+                    cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), topic))
+            # Floors: an MQTT session alone (what a long-lived publisher beside a
+            # short-lived checker would cost), and with cryptography imported too.
+            for floor, extra in (("paho+cryptography", ["cryptography"]), ("paho alone", [])):
+                floor_id = f"gw-floor-{len(extra)}"
+                floor_cert, floor_key = pki.leaf(devices, floor_id, name=floor_id).write(
+                    work, chain=True)
+                runs.append(Run(floor, subprocess.Popen(
+                    [sys.executable, "-c", FLOOR, str(roots), str(floor_cert), str(floor_key),
+                     str(port), floor_id, *extra],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), None))
 
-            def count() -> int:
-                return len(watcher.messages)
+            def count(topic: str) -> int:
+                return sum(1 for t, _, _ in list(watcher.messages) if t == topic)
 
             try:
                 # The first report, then one per interval (plus one right after connect,
                 # when the broker chain is first judged).
                 for target in range(1, args.cycles + 1):
-                    if not wait_until(lambda t=target: count() >= t, args.interval_s * 3):  # type: ignore[misc]
-                        print(f"only {count()} statuses arrived", file=sys.stderr)
-                        return 1
-                    cpu = proc.cpu_times()
-                    samples.append((count(), cpu.user + cpu.system,
-                                    proc.num_ctx_switches().voluntary, time.monotonic()))
-                mem = proc.memory_full_info()
-                sizes = [len(payload) for _, payload, _ in watcher.messages]
+                    for run in runs:
+                        if run.topic is None:
+                            continue
+                        topic = run.topic
+                        if not wait_until(lambda t=target, tp=topic: count(tp) >= t,  # type: ignore[misc]
+                                          args.interval_s * 3):
+                            print(f"{run.label}: only {count(topic)} statuses arrived",
+                                  file=sys.stderr)
+                            return 1
+                        proc = psutil.Process(run.proc.pid)
+                        cpu = proc.cpu_times()
+                        run.samples.append((count(topic), cpu.user + cpu.system,
+                                            proc.num_ctx_switches().voluntary,
+                                            time.monotonic()))
+                for run in runs:
+                    run.mem = psutil.Process(run.proc.pid).memory_full_info()
+                    run.peak_rss = peak_rss(run.proc.pid)
+                sizes = {run.label: [len(payload) for t, payload, _ in watcher.messages
+                                     if t == run.topic] for run in runs}
             finally:
-                agent.terminate()
-                agent.wait(10)
+                for run in runs:
+                    run.proc.terminate()
+                    run.proc.wait(10)
                 watcher.client.disconnect()
                 watcher.client.loop_stop()
-    (n0, cpu0, ctx0, t0), (n1, cpu1, ctx1, t1) = samples[1], samples[-1]
-    cycles = n1 - n0
-    print(f"trust store: {n_system} system CAs + 2 fleet roots; interval {args.interval_s} s")
-    print(f"RSS after {n1} reports        : {mem.rss / 2**20:6.1f} MiB "
-          f"(USS {mem.uss / 2**20:.1f} MiB)   target RSS <= 35 MiB")
-    print(f"CPU per report cycle          : {(cpu1 - cpu0) / cycles * 1000:6.1f} ms "
-          "(everything between reports included)   target <= 30 ms")
-    print(f"idle wake-ups                 : {(ctx1 - ctx0) / (t1 - t0):6.2f} per second")
-    print(f"status size (JWS, on the wire): {min(sizes)}–{max(sizes)} bytes   target <= 2048")
+    check = subprocess.run(
+        [sys.executable, "-c", CHECK, str(bundle)], capture_output=True, text=True, check=True)
+    check_rss, check_cpu = check.stdout.split()
+    mib = 2 ** 20
+    print(f"trust store: {n_system} system CAs + 2 fleet roots; interval {args.interval_s} s; "
+          f"{args.cycles} reports; all processes side by side")
+    print(f"{'process':22} {'RSS MiB':>8} {'peak':>6} {'USS':>6} {'CPU ms/cycle':>13} "
+          f"{'wake-ups/s':>11} {'status bytes':>13}")
+    for run in runs:
+        if run.samples:
+            (n0, cpu0, ctx0, t0), (n1, cpu1, ctx1, t1) = run.samples[1], run.samples[-1]
+            cpu = f"{(cpu1 - cpu0) / (n1 - n0) * 1000:13.1f}"
+            wake = f"{(ctx1 - ctx0) / (t1 - t0):11.2f}"
+            size = f"{min(sizes[run.label])}-{max(sizes[run.label])}"
+        else:
+            cpu, wake, size = f"{'-':>13}", f"{'-':>11}", "-"
+        print(f"{run.label:22} {run.mem.rss / mib:8.1f} {run.peak_rss / mib:6.1f} "
+              f"{run.mem.uss / mib:6.1f} {cpu} {wake} {size:>13}")
+    print(f"{'check --json (process)':22} {'-':>8} {float(check_rss) / 1024:6.1f} {'-':>6} "
+          f"{float(check_cpu) * 1000:13.1f}   (one short-lived run: peak RSS, CPU)")
+    print("targets: steady RSS <= 30 MiB, peak <= 40 MiB, CPU <= 30 ms per cycle")
     return 0
 
 

@@ -6,7 +6,9 @@ CA, the collector on another trusting only an operations CA), a collector on SQL
 with its dashboard, and ten agents in distinct states — healthy; client certificate
 expiring soon; intermediate CA expiring before its leaf; trust store missing the CA
 the broker will move to; clock two days behind; clock unsynced; world-readable key;
-one that goes offline; one that renews its own certificate — then prints the
+one that goes offline; one that renews its own certificate; one on a broker host
+whose own Mosquitto (a second one, bench/demo_broker.py) has a renewed-but-not-reloaded
+certfile and a CRL two days from its nextUpdate — then prints the
 dashboard URL and the `certmon-collector report` table, and runs until interrupted
 (or for --duration seconds), cleaning up everything it started.
 
@@ -34,12 +36,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import demo_broker  # bench/ is on sys.path: this script's own directory
 from cryptography import x509
 from kit.broker import BrokerStartError, Mosquitto, find_mosquitto
 from kit.brokerconf import BrokerFiles, documented_broker
@@ -80,6 +83,7 @@ class DemoDevice:
     key_mode: int = 0o600
     goes_offline: bool = False
     renews: bool = False  # [renewal] with tests/renewhook.py issuing from the demo CA
+    broker_host: bool = False  # [broker]: judges its own Mosquitto (bench/demo_broker.py)
 
 
 def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
@@ -132,6 +136,7 @@ def demo_fleet(now: datetime) -> tuple[dict[str, Issued], list[DemoDevice]]:
         # dashboard shows it healthy (docs/renewal.md).
         dev("gw-0701", "ok", "renews its own certificate 15 s into the run", days=30,
             not_before=now - timedelta(days=20) + timedelta(seconds=15), renews=True),
+        dev("broker-01", "critical", demo_broker.STORY, broker_host=True),
     ]
     return cas, fleet
 
@@ -176,6 +181,7 @@ class Demo:
     threads: list[threading.Thread]  # the collector's first, then the agents'
     subprocesses: list[subprocess.Popen[bytes]]
     fleet: list[DemoDevice]
+    judged_brokers: list[Mosquitto] = field(default_factory=list)  # the broker hosts' own
 
     def stop(self) -> None:
         try:
@@ -192,6 +198,8 @@ class Demo:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+            for judged in self.judged_brokers:
+                judged.stop(timeout_s=10)
             self.broker.stop(timeout_s=10)
 
 
@@ -253,6 +261,7 @@ status = "required"
     collector_thread.start()
     collector.link.wait_connected(10)
     agents, threads, procs = [], [collector_thread], []
+    judged_brokers: list[Mosquitto] = []
     for device in fleet:
         directory = work / device.device_id
         directory.mkdir()
@@ -260,6 +269,11 @@ status = "required"
         write_bundle(directory / "ca.pem", device.trust)
         agent_toml = directory / "agent.toml"
         renewal = _renewal_section(work, cas) if device.renews else ""
+        if device.broker_host:
+            judged, section = demo_broker.start_judged_broker(
+                directory / "host", datetime.now(UTC), cas["devices"])
+            judged_brokers.append(judged)
+            renewal += section
         agent_toml.write_text(f"""\
 [mqtt]
 broker = "mqtts://127.0.0.1:{port}"
@@ -290,7 +304,7 @@ state_dir = "{directory / 'state'}"
         agents.append(agent)
         threads.append(thread)
     return Demo(work, broker, collector, collector.web_url, agents, threads,
-                procs, fleet)
+                procs, fleet, judged_brokers)
 
 
 def _renewal_section(work: Path, cas: dict[str, Issued]) -> str:
@@ -343,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"certmon demo: starting a broker, a collector and 12 agents in {work} …", flush=True)
+    print(f"certmon demo: starting a broker, a collector and 13 agents in {work} …", flush=True)
     demo = start_demo(work, listen=listen)
     try:
         ready = wait_for_fleet(demo)

@@ -38,6 +38,7 @@ from kit.mutate import b64url, json_paths  # noqa: E402
 
 from certmon import wire as p  # noqa: E402
 from certmon.mqtt import Incoming  # noqa: E402
+from collector.admission import Budget  # noqa: E402
 from collector.ingest import Ingestor  # noqa: E402
 from collector.store import open_store  # noqa: E402
 from collector.verify import REASONS, CertCache  # noqa: E402
@@ -59,7 +60,9 @@ class Campaign:
         cache = CertCache([root.cert])
         for dev in self.devices:
             cache.add([dev.cert, *dev.chain], self.now)
-        self.ingestor = Ingestor(self.store, cache, prefix=PREFIX, now=lambda: datetime.now(UTC))
+        # No admission budget: every mutation must reach verification.
+        self.ingestor = Ingestor(self.store, cache, prefix=PREFIX, now=lambda: datetime.now(UTC),
+                                 budget=Budget(rate_per_s=1e9, burst=1e9))
         self.seq = 0
         self.template = self.fresh_doc(self.devices[0])
         self.paths = list(json_paths(self.template))

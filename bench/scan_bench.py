@@ -1,22 +1,28 @@
-"""Scanner throughput: certmon's `scan_targets` vs the `openssl s_client` loop users start from.
+"""Scanner throughput as users run it: the `certmon-scan` process vs the `openssl` loop.
 
 Starts ONE mosquitto with N (default 200) TLS listeners on 127.0.0.1, all serving the
-same leaf + intermediate from a small generated PKI, then times:
-  1. `certmon.scan.scan_targets` over all N (probe + full verdict, concurrency 64);
-  2. a sequential shell loop of
-     `openssl s_client -connect 127.0.0.1:PORT -servername localhost </dev/null 2>/dev/null
-      | openssl x509 -noout -dates` (dates of the leaf only: no chain, no verdict);
+same leaf + intermediate from a small generated PKI, then times, in turn, --rounds
+times (median and range printed), each from process start to output written:
+  1. `certmon-scan 127.0.0.1:P1 … --json` as a process (interpreter start, imports,
+     probes and full verdicts at --concurrency 64, the JSON document on a pipe);
+  2. one `sh -c 'for p in …; do openssl s_client -connect 127.0.0.1:$p -servername
+     localhost </dev/null 2>/dev/null | openssl x509 -noout -dates; done'` process
+     (dates of the leaf only: no chain, no verdict);
   3. optionally (--blackbox) Debian's prometheus-blackbox-exporter, tcp prober with TLS,
-     16 concurrent scrapes, if the binary is installed.
-Loopback only. Run: `.venv/bin/python bench/scan_bench.py [--n 200] [--concurrency 64]`.
+     N scrapes 16 at a time, if the binary is installed (a daemon already running:
+     its start is not counted).
+Loopback only. Run: `.venv/bin/python bench/scan_bench.py [--n 200] [--blackbox]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,10 +38,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test kit's PKI and broker (bench/
 
 from kit.broker import Listener, Mosquitto, free_port, wait_until  # noqa: E402
 from kit.pki import PKIFactory, write_bundle  # noqa: E402
-
-from certmon.pki import Policy, Severity  # noqa: E402
-from certmon.scan import load_trust, scan_targets  # noqa: E402
-from certmon.tlsprobe import ProbeTarget  # noqa: E402
 
 
 def raise_nofile(needed: int) -> None:
@@ -63,28 +65,40 @@ def broker_with_listeners(workdir: Path, n: int) -> Iterator[tuple[Mosquitto, Pa
         yield broker, trust
 
 
-def bench_certmon(ports: list[int], trust: Path, concurrency: int) -> tuple[float, int]:
-    store = load_trust(str(trust))
-    targets = [ProbeTarget("127.0.0.1", p, servername="localhost", timeout_s=10)
-               for p in ports]
+def bench_certmon(ports: list[int], trust: Path, concurrency: int,
+                  tree: Path | None = None) -> tuple[float, int]:
+    """`certmon-scan … --json` as a process: start to exit, output read from a pipe
+    (`tree`: a source tree's scanner instead, by `python -m scanner.cli`)."""
+    scan = shutil.which("certmon-scan", path=str(Path(sys.executable).parent)) or "certmon-scan"
+    program = [scan] if tree is None else [sys.executable, "-m", "scanner.cli"]
+    argv = [*program, *(f"127.0.0.1:{p}" for p in ports), "--ca-bundle", str(trust),
+            "--servername", "localhost", "--timeout-s", "10", "--concurrency",
+            str(concurrency), "--json"]
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     started = time.perf_counter()
-    reports = scan_targets(targets, store, datetime.now(UTC), Policy(), concurrency)
+    out = subprocess.run(argv, capture_output=True, check=False, cwd=tree, env=env)
     elapsed = time.perf_counter() - started
-    ok = sum(r.severity == Severity.OK for r in reports)
-    return elapsed, ok
+    doc = json.loads(out.stdout)
+    return elapsed, sum(t["severity"] == "OK" for t in doc["targets"])
 
 
 def bench_openssl(ports: list[int]) -> tuple[float, int]:
-    ok = 0
+    """The loop users start from, as one shell process."""
+    loop = (f"for p in {' '.join(map(str, ports))}; do openssl s_client -connect "
+            "127.0.0.1:$p -servername localhost </dev/null 2>/dev/null | "
+            "openssl x509 -noout -dates; done")
     started = time.perf_counter()
-    for port in ports:
-        out = subprocess.run(
-            f"openssl s_client -connect 127.0.0.1:{port} -servername localhost "
-            "</dev/null 2>/dev/null | openssl x509 -noout -dates",
-            shell=True, capture_output=True, text=True, check=False,
-        )
-        ok += "notAfter=" in out.stdout
-    return time.perf_counter() - started, ok
+    out = subprocess.run(["sh", "-c", loop], capture_output=True, text=True, check=False)
+    return time.perf_counter() - started, out.stdout.count("notAfter=")
+
+
+def baseline_tree(revision: str, into: Path) -> Path:
+    """certmon/ and scanner/ as of `revision`, without touching the repository's state."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "certmon", "scanner"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def bench_blackbox(ports: list[int], workdir: Path, binary: str) -> tuple[float, int]:
@@ -126,6 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200, help="TLS listeners (default 200)")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="each contender, in turn")
+    parser.add_argument("--baseline", default="HEAD",
+                        help="also time the scanner of this git revision ('' for none)")
     parser.add_argument("--blackbox", action="store_true",
                         help="also time prometheus-blackbox-exporter if installed")
     args = parser.parse_args()
@@ -137,24 +154,44 @@ def main() -> None:
             print(f"mosquitto with {args.n} TLS listeners ready in "
                   f"{time.perf_counter() - started:.1f} s")
             ports = broker.ports
-            bench_certmon(ports[:8], trust, args.concurrency)  # warm-up: imports, first TLS
-            ours, ours_ok = bench_certmon(ports, trust, args.concurrency)
-            base, base_ok = bench_openssl(ports)
             n = len(ports)
-            print(f"certmon scan_targets (concurrency {args.concurrency}): {ours:7.2f} s wall, "
-                  f"{ours * 1000 / n:6.1f} ms/endpoint, {ours_ok}/{n} OK")
-            print(f"openssl s_client | x509 loop (sequential):   {base:7.2f} s wall, "
-                  f"{base * 1000 / n:6.1f} ms/endpoint, {base_ok}/{n} dates")
-            print(f"ratio: {base / ours:.1f}x faster than the openssl loop")
+            bench_certmon(ports[:8], trust, args.concurrency)  # warm-up: page cache
             binary = shutil.which("prometheus-blackbox-exporter")
-            if args.blackbox and binary:
-                bb, bb_ok = bench_blackbox(ports, workdir, binary)
-                print(f"blackbox_exporter tcp+tls (16 concurrent scrapes): {bb:7.2f} s wall, "
-                      f"{bb * 1000 / n:6.1f} ms/endpoint, {bb_ok}/{n} probe_success; "
-                      f"ratio {bb / ours:.1f}x")
+            times: dict[str, list[float]] = {"certmon": [], "baseline": [], "openssl": [],
+                                             "blackbox": []}
+            baseline = baseline_tree(args.baseline, workdir / "baseline") if args.baseline \
+                else None
+            oks: dict[str, int] = {}
+            for _ in range(args.rounds):
+                dt, oks["certmon"] = bench_certmon(ports, trust, args.concurrency)
+                times["certmon"].append(dt)
+                if baseline is not None:
+                    dt, oks["baseline"] = bench_certmon(ports, trust, args.concurrency, baseline)
+                    times["baseline"].append(dt)
+                dt, oks["openssl"] = bench_openssl(ports)
+                times["openssl"].append(dt)
+                if args.blackbox and binary:
+                    dt, oks["blackbox"] = bench_blackbox(ports, workdir, binary)
+                    times["blackbox"].append(dt)
+            ours = statistics.median(times["certmon"])
+
+            def line(label: str, key: str, what: str) -> None:
+                med = statistics.median(times[key])
+                print(f"{label:44} {med:6.2f} s median ({min(times[key]):.2f}-"
+                      f"{max(times[key]):.2f}), {med * 1000 / n:6.1f} ms/endpoint, "
+                      f"{oks[key]}/{n} {what}; {med / ours:5.1f}x certmon's time")
+
+            print(f"{n} endpoints, {args.rounds} rounds, contenders in turn")
+            line(f"certmon-scan --json (process, conc. {args.concurrency})", "certmon", "OK")
+            if baseline is not None:
+                line(f"certmon-scan --json at {args.baseline} (process)", "baseline", "OK")
+            line("openssl s_client | x509 loop (process)", "openssl", "dates")
+            if times["blackbox"]:
+                line("blackbox_exporter tcp+tls (16 concurrent)", "blackbox", "probe_success")
             elif args.blackbox:
                 print("blackbox_exporter: not installed "
                       "(apt-get install prometheus-blackbox-exporter); skipped")
+            print("target: >= 20x the openssl loop, not slower than blackbox_exporter")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,19 @@ Owns the chain rule: `verify_chain` (cryptography's verifier with an extension p
 for private IoT PKIs, and OpenSSL's store as the stated fallback for what cryptography
 refuses by design) and `chain_findings` (an invalid chain, a CA on the path that
 expires before the leaf). Pure like certmon.pki, whose facts and findings it uses:
-every verdict is for an explicit instant `at`.
+every verdict is for an explicit instant `at`, so verdicts for the last few instants
+are memoised by their inputs (a scan of 200 endpoints behind one certificate validates
+it once per instant, "now" and "now + warn window", not 200 times, against one verifier
+store); older instants are dropped, so a long-running agent (new instants every cycle)
+keeps nothing from an earlier cycle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from threading import Lock
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -75,15 +81,66 @@ def verify_chain(
 
     cryptography's verifier first; it refuses RSA < 2048, SHA-1 and Ed25519-signed
     chains by design, so when such a certificate is involved the verdict comes from
-    OpenSSL's X509Store through pyOpenSSL instead, and `method` says so.
+    OpenSSL's X509Store through pyOpenSSL instead, and `method` says so. The same
+    inputs give the same (shared, frozen) result: certificates compare by their DER.
     """
+    key = (leaf, tuple(intermediates), tuple(anchors), purpose)
+    with _memo_lock:
+        held = _memo.results.get(at)
+        result = None if held is None else held.get(key)
+    if result is None:
+        result = _verified(*key[:3], at, purpose)
+        with _memo_lock:
+            results = _memo.results.setdefault(at, {})
+            results[key] = result
+            while len(_memo.results) > MEMO_INSTANTS:
+                _memo.results.pop(next(iter(_memo.results)))  # the oldest instant
+    return result
+
+
+MEMO_INSTANTS = 4  # a scan judges at 2 (now, now + warn window); an agent cycle at ~3
+
+
+@dataclass(slots=True)
+class _Memo:
+    """Verdicts per recent instant, and the verifier store of the last anchor set."""
+
+    results: dict[datetime, dict[tuple[object, ...], ChainResult]] = field(
+        default_factory=dict)
+    store: tuple[tuple[x509.Certificate, ...], xv.Store] | None = None
+
+
+_memo = _Memo()
+_memo_lock = Lock()
+
+
+def _store(anchors: tuple[x509.Certificate, ...]) -> xv.Store:
+    """The verifier's store of an anchor set (a 144-CA system bundle costs ~0.3 ms to
+    load into one; a scan asks for the same set per endpoint)."""
+    with _memo_lock:
+        held = _memo.store
+    if held is not None and held[0] == anchors:
+        return held[1]
+    store = xv.Store(list(anchors))
+    with _memo_lock:
+        _memo.store = (anchors, store)
+    return store
+
+
+def _verified(
+    leaf: x509.Certificate,
+    intermediates: tuple[x509.Certificate, ...],
+    anchors: tuple[x509.Certificate, ...],
+    at: datetime,
+    purpose: str,
+) -> ChainResult:
     if not anchors:
         return ChainResult(False, at, "none", error="trust store is empty")
     ca_policy, ee_policy = _policies(purpose)
     try:
         verifier = (
             xv.PolicyBuilder()
-            .store(xv.Store(list(anchors)))
+            .store(_store(anchors))
             .time(at)
             .max_chain_depth(8)
             .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)

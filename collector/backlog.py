@@ -3,7 +3,8 @@
 Owns the bounded FIFO between paho's network thread and the ingest worker: `put`
 stamps each message with its arrival instant (`Incoming.received_at`, the received
 time the store keeps, so a backlog keeps true times) and blocks while the backlog is
-full; `take` hands the worker the next batch, which stays counted here until `done`
+full; `take` hands the worker the next batch, one message per device in turn (fairness:
+one device's thousands do not sit in front of everyone), which stays counted here until `done`
 (after the store committed it and it was acknowledged); `oldest_at` is the arrival of
 the oldest message not yet stored, the ingest watermark silence is judged against.
 
@@ -27,71 +28,103 @@ from datetime import datetime
 
 from certmon.mqtt import Incoming
 
-__all__ = ["INBOX_MAX", "Backlog"]
+__all__ = ["INBOX_MAX", "Backlog", "device_key"]
 
 INBOX_MAX = 20_000
 
 
+def device_key(msg: Incoming) -> str:
+    """Whose message this is, from its topic alone: every device topic is
+    <prefix>/<device>/<kind> (v1 and v2 alike), so all but the last level."""
+    return msg.topic.rpartition("/")[0]
+
+
 class Backlog:
-    def __init__(self, now: Callable[[], datetime], maxlen: int = INBOX_MAX) -> None:
+    """Waiting messages queued per device (per `key`), handed out round-robin: a
+    device that sent thousands at once gets one place per turn like every other, so
+    its backlog never sits in front of everyone else's. A device's own messages keep
+    their order (its certificate before the status it signs)."""
+
+    def __init__(self, now: Callable[[], datetime], maxlen: int = INBOX_MAX,
+                 key: Callable[[Incoming], str] = device_key) -> None:
         self._now = now
         self._max = maxlen
-        self._items: collections.deque[Incoming] = collections.deque()
-        self._taken = 0  # items at the head handed out by `take`, not yet `done`
+        self._key = key
+        # Insertion order is the round-robin order; a queue goes to the back after
+        # its turn and away when empty.
+        self._queues: collections.OrderedDict[str, collections.deque[Incoming]] = \
+            collections.OrderedDict()
+        self._queued = 0
+        self._held: collections.deque[Incoming] = collections.deque()  # taken, not done
         self._cond = threading.Condition()
         self._closed = False
+
+    def _size(self) -> int:
+        return self._queued + len(self._held)
 
     def put(self, msg: Incoming) -> None:
         """Append (paho's thread). Waits while full; after `close` the message is left
         unacknowledged for the broker to deliver again."""
         if msg.received_at is None:
             msg = dataclasses.replace(msg, received_at=self._now())
+        key = self._key(msg)
         with self._cond:
-            while len(self._items) >= self._max and not self._closed:
+            while self._size() >= self._max and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return
-            self._items.append(msg)
-            self._cond.notify_all()
+            self._queues.setdefault(key, collections.deque()).append(msg)
+            self._queued += 1
+            self._cond.notify()  # the one worker: waking every waiter per message costs
 
     def take(self, max_n: int, wait_s: float, linger_s: float, linger_below: int = 8
              ) -> list[Incoming]:
-        """The next messages after those already taken: waits up to `wait_s` for a first
-        one, then up to `linger_s` more while fewer than `linger_below` are there (a few
-        ms of latency buys the store fewer, larger transactions)."""
+        """The next messages after those already taken, one per device in turn: waits
+        up to `wait_s` for a first one, then up to `linger_s` more while fewer than
+        `linger_below` are there (a few ms of latency buys the store fewer, larger
+        transactions)."""
         deadline = time.monotonic() + wait_s
         with self._cond:
-            while len(self._items) <= self._taken and not self._closed:
+            while not self._queued and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
                 self._cond.wait(left)
             linger_end = time.monotonic() + linger_s
-            while (len(self._items) - self._taken < linger_below and not self._closed
+            while (self._queued < linger_below and not self._closed
                    and (left := linger_end - time.monotonic()) > 0):
                 self._cond.wait(left)
-            start = self._taken
-            batch = [self._items[i] for i in
-                     range(start, min(len(self._items), start + max_n))]
-            self._taken += len(batch)
+            batch: list[Incoming] = []
+            while self._queues and len(batch) < max_n:
+                key, queue = next(iter(self._queues.items()))
+                batch.append(queue.popleft())
+                if queue:
+                    self._queues.move_to_end(key)
+                else:
+                    del self._queues[key]
+            self._queued -= len(batch)
+            self._held.extend(batch)
             return batch
 
     def done(self, n: int) -> None:
         """The first `n` taken messages are stored and acknowledged: forget them."""
         with self._cond:
-            for _ in range(min(n, self._taken)):
-                self._items.popleft()
-            self._taken -= min(n, self._taken)
+            for _ in range(min(n, len(self._held))):
+                self._held.popleft()
             self._cond.notify_all()
 
     def oldest_at(self) -> datetime | None:
-        """Arrival of the oldest message not yet stored (None: nothing waits)."""
+        """Arrival of the oldest message not yet stored (None: nothing waits): the
+        silence horizon, so no device is judged silent while any message waits."""
         with self._cond:
-            return self._items[0].received_at if self._items else None
+            heads = [m.received_at for m in self._held if m.received_at is not None]
+            heads += [q[0].received_at for q in self._queues.values()
+                      if q[0].received_at is not None]
+            return min(heads, default=None)
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items)
+            return self._size()
 
     def close(self) -> None:
         """Stop: wake a waiting `put` (paho's thread must be able to stop) and `take`."""

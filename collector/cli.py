@@ -32,7 +32,7 @@ from certmon.config import load_with_flags
 from certmon.errors import ConfigError
 from certmon.pki import Severity
 
-from . import aggregate
+from . import aggregate, brokers
 from .config import CollectorConfig, load_collector_config
 from .store import AlertRow, Store, StoreError, open_store
 from .store.sqlite import SqliteStore, path_from_url
@@ -185,7 +185,9 @@ def build_report(store: Store, now: datetime, within_days: float) -> dict[str, o
                  "sha256": h.cert.sha256, "not_after": h.cert.not_after.isoformat(),
                  "days_left": round((h.cert.not_after - now).total_seconds() / 86400, 1)}
                 for h in store.certificates_expiring_before(horizon)]
+    hosts = [h for d in devices if (h := brokers.broker_host_of(d.device_id, d.status_json))]
     return {"now": now.isoformat(), "devices": rows, "expiring": expiring,
+            "broker_hosts": brokers.report_rows(hosts, now),
             "offline": [r["device_id"] for r in rows if r["state"] == "offline"],
             "rejections": store.rejection_counts(),
             "last_store_outage": _last_store_outage(store),
@@ -261,6 +263,8 @@ def render_report(report: dict[str, object], out: TextIO) -> None:
         for e in sorted(expiring, key=lambda e: e["days_left"]):
             out.write(f"  {e['days_left']:7.1f} d  {e['role']:7} {e['device_id']:24} "
                       f"{e['subject']}\n")
+    broker_rows = report.get("broker_hosts")
+    brokers.render_rows(broker_rows if isinstance(broker_rows, list) else [], out)
     rejections = report["rejections"]
     assert isinstance(rejections, dict)
     if rejections:

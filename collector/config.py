@@ -90,6 +90,16 @@ class TlsConfig:
                                           "fleet CAs (PEM or DER, re-read at every fleet "
                                           "sweep): an online device whose client "
                                           "certificate one lists raises CERT_REVOKED.")
+    fleet_crl_urls: tuple[str, ...] = setting(
+        default=(), schemes=("http", "https"), doc="CRL Distribution Point URLs of the "
+        "fleet CAs' CRLs (docs/broker-host.md), fetched at the fleet sweep at most every "
+        "`crl_fetch_every_s` and used as `fleet_crl` files are; a failed fetch keeps the "
+        "last good copy and is logged.")
+    crl_fetch_timeout_s: float = setting(default=10.0, ge=0.1, le=300, doc="Bound of each "
+                                         "blocking step (connect, each read) of a CRL fetch.")
+    crl_fetch_every_s: float = setting(default=3600.0, ge=10, doc="A fetched CRL is fetched "
+                                       "again once its copy is this old (a failed fetch is "
+                                       "retried after a tenth of it).")
 
 
 @schema
@@ -107,6 +117,11 @@ class WebConfig:
                                           "this user.")
     basic_auth_password_file: Path | None = setting(default=None, readable=True,
                                                     doc="File holding that user's password.")
+    metrics_per_device: Literal["at_risk", "all"] = setting(
+        default="at_risk", doc="/metrics per-device series: at_risk (only what puts a "
+        "device at risk: a connection certificate within policy.warn_days, offline, clock "
+        "in doubt, renewal due or failing; fleet-level families cover the rest) or all "
+        "(every device's series: about 6 per device). docs/metrics.md, Cardinality.")
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
         if (self.basic_auth_user is None) != (self.basic_auth_password_file is None):
@@ -131,6 +146,15 @@ class IngestConfig:
                                        "is unavailable, a batch is retried with backoff up "
                                        "to this many seconds between tries; nothing is "
                                        "acknowledged or dropped meanwhile.")
+    device_rate_per_min: float = setting(default=6.0, ge=0.01, doc="Statuses per minute a "
+                                         "device may send sustained (its token bucket's "
+                                         "refill). Beyond it and the burst, only a device's "
+                                         "newest pending status is verified and stored; the "
+                                         "others count as superseded / rate_limited and "
+                                         "DEVICE_FLOODING names it.")
+    device_burst: int = setting(default=100, ge=1, doc="Statuses a device may send at "
+                                "once within budget (its token bucket's size): covers an "
+                                "agent flushing its spool after an outage.")
 
 
 @schema

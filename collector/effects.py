@@ -1,12 +1,13 @@
 """What a batch of messages does, as values: the effects the ingest decides, and a plan
 that applies them exactly once however often a store outage interrupts it.
 
-Owns the effect types (`Statuses`, `Online`, `Inventory`, `Reject` from the decide
-stage; `NotifyStored`, `NotifyOnline` that applying a store effect adds), the `Plan`
-(effects in message order and how many are done) and `Applier`, which performs the
-next undone effect against the store and the listeners. An effect is marked done
-only once it succeeded, so a retry after `StoreUnavailable` resumes at the first undone
-one: nothing is written twice, listeners are told once, a rejection is counted once.
+Owns the effect types (`Statuses`, `Online`, `Inventory`, `Reject` and, from admission,
+`Unadmitted` and `Flooding`, from the decide stage; `NotifyStored`, `NotifyOnline` that
+applying a store effect adds), the `Plan` (effects in message order and how many are
+done) and `Applier`, which performs the next undone effect against the store and the
+listeners. An effect is marked done only once it succeeded, so a retry after
+`StoreUnavailable` resumes at the first undone one: nothing is written twice, listeners
+are told once, a rejection is counted once.
 A store refusal that no retry cures (any other `StoreError`) is not retried: a batch
 of statuses is split and retried one by one, and what the store still refuses is
 rejected as `store_refused`, counted like every rejection.
@@ -92,6 +93,25 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Unadmitted:
+    """A status not worth verifying (collector.admission): `superseded` by a newer
+    pending one of its device, or `rate_limited`. Acknowledged and counted, not a
+    rejection: the device is not at fault for each of them."""
+
+    outcome: str
+    msg: Incoming
+
+
+@dataclass(frozen=True, slots=True)
+class Flooding:
+    """A device began (or stopped) sending over its budget: DEVICE_FLOODING."""
+
+    device_id: str
+    flooding: bool
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Repeated:
     """A verified status whose (boot_id, seq) was already stored, neither retained nor
     marked DUP: a resent copy (duplicate) or a replay, which applying it decides."""
@@ -111,7 +131,8 @@ class NotifyOnline:
     at: datetime
 
 
-Effect = Statuses | Online | Inventory | Reject | Repeated | NotifyStored | NotifyOnline
+Effect = (Statuses | Online | Inventory | Reject | Repeated | NotifyStored | NotifyOnline
+          | Unadmitted | Flooding)
 
 
 @dataclass(slots=True)
@@ -135,8 +156,10 @@ class Applier:
     def __init__(self, store: Store, *, device_of: Callable[[str], str | None],
                  now: Callable[[], datetime],
                  on_stored: Callable[[Sequence[Stored]], None] | None,
-                 on_online: Callable[[str, bool, datetime], None] | None) -> None:
+                 on_online: Callable[[str, bool, datetime], None] | None,
+                 on_flooding: Callable[[str, bool, datetime], None] | None = None) -> None:
         self.store = store
+        self.on_flooding = on_flooding
         self.device_of = device_of  # topic → device id, for the rejection log's key
         self.now = now
         self.on_stored = on_stored
@@ -146,6 +169,8 @@ class Applier:
         # (re)subscribe, re-sent by the broker (DUP) or by the agent (same payload).
         self.duplicates = 0
         self.rejected: Counter[str] = Counter()
+        # Statuses acknowledged without the work: superseded, rate_limited (admission).
+        self.unadmitted: Counter[str] = Counter()
         self._lock = threading.Lock()  # the web thread copies the counter
         self._logged: dict[tuple[str, str], datetime] = {}
         # device → (signing, client) certificate SHA-256 whose rows were last stored: with
@@ -156,6 +181,10 @@ class Applier:
     def rejected_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self.rejected)
+
+    def unadmitted_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.unadmitted)
 
     def apply(self, plan: Plan) -> None:
         """Apply the undone effects in order. Raises `StoreUnavailable` with the plan
@@ -187,10 +216,15 @@ class Applier:
             if isinstance(effect, Repeated):
                 self._repeated(effect.item)
                 return []
+            if isinstance(effect, Unadmitted):
+                with self._lock:
+                    self.unadmitted[effect.outcome] += 1
+                return []
         except StoreUnavailable:
             raise
         except StoreError as exc:
-            assert not isinstance(effect, (Reject, Repeated, NotifyStored, NotifyOnline))
+            assert not isinstance(effect, (Reject, Repeated, NotifyStored, NotifyOnline,
+                                           Unadmitted, Flooding))
             return self._refused(effect, exc)
         self._notify(effect)
         return []
@@ -266,6 +300,12 @@ class Applier:
                 self.on_stored(effect.stored)
             elif isinstance(effect, NotifyOnline) and self.on_online is not None:
                 self.on_online(effect.device_id, effect.online, effect.at)
+            elif isinstance(effect, Flooding):
+                if effect.flooding:
+                    log.warning("%s sends statuses over its budget: only its newest pending "
+                                "one is verified and stored meanwhile", effect.device_id)
+                if self.on_flooding is not None:
+                    self.on_flooding(effect.device_id, effect.flooding, effect.at)
         except StoreUnavailable:
             raise  # told again on retry: listeners' store transitions are idempotent
         except Exception:
@@ -315,6 +355,6 @@ def rejected_plan(batch: Sequence[Incoming], plan: Plan | None, detail: str,
             rest.append(bug(effect.item.msg))
         elif isinstance(effect, (Online, Inventory)):
             rest.append(bug(effect.msg))
-        elif isinstance(effect, Reject):
+        elif isinstance(effect, (Reject, Unadmitted, Flooding)):
             rest.append(effect)  # already judged: keeps its own reason
     return Plan(rest)

@@ -1,13 +1,17 @@
 """Ingest: from MQTT messages to verified, stored device state — or counted rejections.
 
-Owns the per-message pipeline (topic → kind → verify → record) as a side-effect-free
-decide stage: `decide(batch)` turns a batch into a `Plan` of effects in message order
+Owns the per-message pipeline (topic → admission → kind → verify → record) as a
+side-effect-free decide stage: `decide(batch)` turns a batch into a `Plan` of effects
+in message order
 (status runs recorded in one transaction; rejections with their reason), which
 `apply(plan)` performs (collector.effects: exactly once, resumable after a store
 outage). Nothing it is sent may crash it: every input ends as "stored" or
 "rejected: <reason>". Decide reads the store only to load a certificate another
 collector stored; it writes nothing but the in-memory certificate cache, which is
-idempotent, so after `StoreUnavailable` it is simply run again.
+idempotent, and, once decided, the admission buckets, so after `StoreUnavailable` it
+is simply run again. Admission (collector.admission) comes first and reads only topics
+and arrival instants: a device over its budget has only its newest pending status
+verified, the others acknowledged as counted `superseded` / `rate_limited`.
 Verification rules live in collector.verify; storage in collector.store.
 """
 
@@ -27,9 +31,11 @@ from certmon.errors import ProtocolError
 from certmon.mqtt import Incoming
 
 from . import aggregate
+from .admission import Admission, Budget, Judgement, Verdict
 from .effects import (
     Applier,
     Effect,
+    Flooding,
     Inventory,
     Online,
     Pending,
@@ -37,6 +43,7 @@ from .effects import (
     Reject,
     Statuses,
     Stored,
+    Unadmitted,
     cert_key,
 )
 from .store import (
@@ -66,6 +73,7 @@ log = logging.getLogger("certmon.collector.ingest")
 # A signed status waiting for the verifier pool, at its place in the batch.
 _Signed = tuple[Incoming, str, p.ParsedJWS, KnownCert, datetime]
 _Decided = Pending | Effect | int | None  # int: the index of a `_Signed` slot
+TOPICS_KEPT = 200_000  # parsed topics remembered (a few per device)
 
 
 class Ingestor:
@@ -81,8 +89,13 @@ class Ingestor:
         on_stored: Callable[[Sequence[Stored]], None] | None = None,
         on_online: Callable[[str, bool, datetime], None] | None = None,
         pool: VerifierPool | None = None,
+        budget: Budget | None = None,
+        on_flooding: Callable[[str, bool, datetime], None] | None = None,
     ) -> None:
         self.pool = pool
+        # Per-device admission before the expensive work (collector.admission).
+        self.admission = Admission(budget or Budget())
+        self._topics: dict[str, tuple[str, p.TopicKind] | None] = {}
         self.store = store
         self.certs = certs
         self.prefix = prefix
@@ -91,7 +104,8 @@ class Ingestor:
         self.max_payload_bytes = max_payload_bytes
         self.now = now
         self.applier = Applier(store, device_of=self.device_of, now=now,
-                               on_stored=on_stored, on_online=on_online)
+                               on_stored=on_stored, on_online=on_online,
+                               on_flooding=on_flooding)
 
     # ------------------------------------------------------------ counters
 
@@ -112,10 +126,27 @@ class Ingestor:
         """This process's rejections by reason (a copy: safe from any thread)."""
         return self.applier.rejected_counts()
 
+    def unadmitted_counts(self) -> dict[str, int]:
+        """Statuses acknowledged unverified, by outcome: superseded, rate_limited."""
+        return self.applier.unadmitted_counts()
+
     def device_of(self, topic: str) -> str | None:
         """The device a topic belongs to (None: not a device topic)."""
-        parsed = p.parse_device_topic(self.prefix, topic, legacy_v1=self.legacy_v1_topics)
+        parsed = self._parse_topic(topic)
         return parsed[0] if parsed else None
+
+    def _parse_topic(self, topic: str) -> tuple[str, p.TopicKind] | None:
+        """`parse_device_topic`, remembered: a device's topics repeat, and validating
+        each level character by character was most of the cost of a flood."""
+        try:
+            return self._topics[topic]
+        except KeyError:
+            pass
+        if len(self._topics) >= TOPICS_KEPT:
+            self._topics.clear()  # bounded, even under a flood of device ids
+        parsed = self._topics[topic] = p.parse_device_topic(
+            self.prefix, topic, legacy_v1=self.legacy_v1_topics)
+        return parsed
 
     # ------------------------------------------------------------ entry points
 
@@ -131,8 +162,12 @@ class Ingestor:
         """The batch's effects in message order. Raises `StoreUnavailable` only."""
         decided: list[_Decided] = []
         signed: list[_Signed] = []
-        for msg in messages:
+        judgement, verdicts = self._admit(messages)
+        for msg, verdict in zip(messages, verdicts, strict=True):
             at = msg.received_at or self.now()
+            if verdict is not Verdict.ADMIT:
+                decided.append(Unadmitted(verdict.value, msg))
+                continue
             try:
                 decided.append(self._one(msg, at, signed))
             except ProtocolError as exc:
@@ -143,14 +178,34 @@ class Ingestor:
                 log.exception("unexpected error on %s", msg.topic[:200])
                 decided.append(Reject("internal_error", msg, f"{type(exc).__name__}: {exc}",
                                       at))
-        verdicts = self._verify_in_pool(signed) if signed else []
-        return _plan([verdicts[d] if isinstance(d, int) else d for d in decided])
+        checked = self._verify_in_pool(signed) if signed else []
+        plan = _plan([checked[d] if isinstance(d, int) else d for d in decided])
+        now = self.now()
+        plan.effects += [Flooding(d, True, now) for d in judgement.started]
+        plan.effects += [Flooding(d, False, now) for d in judgement.calmed]
+        judgement.commit()  # decided: charge the buckets once, however often retried
+        return plan
+
+    def _admit(self, messages: Sequence[Incoming]) -> tuple[Judgement, list[Verdict]]:
+        """Admission verdicts, one per message (ADMIT for all but live statuses); only
+        the topic and the arrival are read: nothing is parsed or verified for this."""
+        statuses: list[tuple[int, str, datetime]] = []
+        for i, msg in enumerate(messages):
+            parsed = self._parse_topic(msg.topic)
+            if parsed is not None and parsed[1] == p.TopicKind.STATUS and msg.payload \
+                    and not msg.retained:  # a retained copy is one per device anyway
+                statuses.append((i, parsed[0], msg.received_at or self.now()))
+        judgement = self.admission.judge([(device, at) for _i, device, at in statuses])
+        verdicts = [Verdict.ADMIT] * len(messages)
+        for (i, _device, _at), verdict in zip(statuses, judgement.verdicts, strict=True):
+            verdicts[i] = verdict
+        return judgement, verdicts
 
     def _one(self, msg: Incoming, at: datetime, signed: list[_Signed]) -> _Decided:
         if len(msg.payload) > self.max_payload_bytes:
             raise ProtocolError("oversized", f"{len(msg.payload)} bytes (limit "
                                 f"{self.max_payload_bytes})")
-        parsed = p.parse_device_topic(self.prefix, msg.topic, legacy_v1=self.legacy_v1_topics)
+        parsed = self._parse_topic(msg.topic)
         if parsed is None:
             raise ProtocolError("bad_topic", f"not a certmon device topic: {msg.topic[:120]!r}")
         device_id, kind = parsed
@@ -300,7 +355,7 @@ def _plan(decided: Sequence[Pending | Effect | None]) -> Plan:
     for d in decided:
         if isinstance(d, Pending):
             run.append(d)
-        elif isinstance(d, Reject):
+        elif isinstance(d, (Reject, Unadmitted)):
             rejects.append(d)
         elif d is not None:
             flush()

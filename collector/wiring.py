@@ -23,11 +23,13 @@ from certmon import pki
 from certmon.mqtt import MqttLink
 from certmon.pki.crl import CrlFacts
 
+from .admission import Budget
 from .alerts.driver import AlertDriver
 from .alerts.engine import AlertEngine
 from .alerts.sinks import build_sinks
 from .backlog import Backlog
 from .config import CollectorConfig
+from .crlfetch import CrlSource
 from .identity import collector_signer
 from .ingest import Ingestor
 from .publish import FleetTopics, Publisher
@@ -49,12 +51,16 @@ from .verifypool import VerifierPool
 log = logging.getLogger("certmon.collector")
 
 
-def _fleet_crls(config: CollectorConfig,
-                certs: CertCache) -> Callable[[], tuple[CrlFacts, ...]] | None:
-    if not config.tls.fleet_crl:
+def _fleet_crls(config: CollectorConfig, certs: CertCache,
+                monotonic: Callable[[], float]) -> Callable[[], tuple[CrlFacts, ...]] | None:
+    tls = config.tls
+    if not tls.fleet_crl and not tls.fleet_crl_urls:
         return None
     cas = [pki.LoadedCert(ca, pki.facts_from_cert(ca)) for ca in certs.fleet_cas]
-    return FleetCrls(config.tls.fleet_crl, cas).current
+    urls = CrlSource(tls.fleet_crl_urls, timeout_s=tls.crl_fetch_timeout_s,
+                     every_s=tls.crl_fetch_every_s, monotonic=monotonic) \
+        if tls.fleet_crl_urls else None
+    return FleetCrls(tls.fleet_crl, cas, urls).current
 
 
 def build_collector(config: CollectorConfig, *, web: bool = True,
@@ -85,7 +91,8 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         undo.callback(engine.close, 1.0)
         alerts = AlertDriver(store, engine, requirements=requirements,
                              policy=pki.Policy(**dataclasses.asdict(config.policy)),
-                             now=clock.now, fleet_crls=_fleet_crls(config, certs))
+                             now=clock.now,
+                             fleet_crls=_fleet_crls(config, certs, clock.monotonic))
         listeners = Listeners([FleetTopics(publish, prefix), alerts])
         workers = config.ingest.verify_workers
         pool = VerifierPool(workers) if workers else None
@@ -95,7 +102,10 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
                             legacy_v1_topics=config.mqtt.legacy_v1_topics,
                             max_payload_bytes=config.ingest.max_payload_bytes,
                             now=clock.now, on_stored=listeners.on_stored,
-                            on_online=listeners.on_online, pool=pool)
+                            on_online=listeners.on_online, pool=pool,
+                            budget=Budget(config.ingest.device_rate_per_min / 60.0,
+                                          float(config.ingest.device_burst)),
+                            on_flooding=alerts.on_flooding)
         jobs = [Job("alerts.fleet", periodic.fleet_sweep_every_s, alerts.sweep, claimed=True)]
         if sinks.alertmanager:  # every collector resends: Alertmanager dedups by labels
             jobs.append(Job("alerts.resend", float(config.alerts.resend_interval_s),
@@ -114,7 +124,9 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
             server = start_web(store, config.web.listen,
                                process=LiveCounters(ingestor, link, inbox, health),
                                trust_requirements=requirements, basic_auth=basic_auth,
-                               now=clock.now)
+                               now=clock.now,
+                               metrics_per_device=config.web.metrics_per_device,
+                               metrics_horizon_days=float(config.policy.warn_days))
             on_close.append(server.stop)
             web_url = server.url
         if pool is not None:
@@ -139,8 +151,10 @@ class LiveCounters:
 
     def ingest_counts(self) -> Mapping[str, int]:
         ing = self.ingestor
+        # superseded / rate_limited: acknowledged unverified by admission, not rejected.
         return {"accepted": ing.accepted, "duplicate": ing.duplicates,
-                "rejected": sum(ing.rejected_counts().values())}
+                "rejected": sum(ing.rejected_counts().values()),
+                "superseded": 0, "rate_limited": 0, **ing.unadmitted_counts()}
 
     def rejected_counts(self) -> Mapping[str, int]:
         return self.ingestor.rejected_counts()

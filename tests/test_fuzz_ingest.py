@@ -32,6 +32,7 @@ from kit.mutate import b64url, json_paths
 
 from certmon import wire as p
 from certmon.mqtt import Incoming
+from collector.admission import Budget
 from collector.ingest import Ingestor
 from collector.store import Store, open_store
 from collector.verify import REASONS, CertCache
@@ -84,7 +85,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     cache = CertCache([root.cert])
     for dev in devices:
         cache.add([dev.cert, *dev.chain], now)
-    ingestor = Ingestor(store, cache, prefix=PREFIX, now=lambda: datetime.now(UTC))
+    # No admission budget: every mutation must reach verification (test_flood.py
+    # covers the budget).
+    ingestor = Ingestor(store, cache, prefix=PREFIX, now=lambda: datetime.now(UTC),
+                        budget=Budget(rate_per_s=1e9, burst=1e9))
     yield World(store, ingestor, devices, now, iter(range(1, 10**9)))
     store.close()
 

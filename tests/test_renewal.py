@@ -180,7 +180,8 @@ def test_a_bad_hook_changes_nothing_and_says_why(
 
 def renewal_metrics(store: Any, device_id: str) -> dict[str, float]:
     """The device's certmon_renewal_* series in /metrics' exposition."""
-    text = FleetCollector(store).exposition(build_snapshot(store, datetime.now(UTC), ()))
+    # A healthy device's renewal series are opt-in (web.metrics_per_device = "all").
+    text = FleetCollector(store, per_device="all").exposition(build_snapshot(store, datetime.now(UTC), ()))
     out = {}
     for line in text.decode().splitlines():
         name, _, rest = line.partition("{")

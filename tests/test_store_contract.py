@@ -424,12 +424,17 @@ def test_try_claim(db: Db) -> None:
 
 def test_prune_seen_scans_and_integrity(store: Store) -> None:
     store.record_statuses([status("dev1", s, s * 60) for s in range(1, 6)])
-    assert store.prune_seen(T0 + timedelta(seconds=180)) == 2
-    assert store.seen_seqs("dev1") == [("b1", 3), ("b1", 4), ("b1", 5)]
-    # The device row still orders messages: a replay older than the window cannot win.
-    store.record_statuses([status("dev1", 1, 400)])
+    # The current boot's window is kept however old: only boots a device left forget.
+    assert store.prune_seen(T0 + timedelta(days=1)) == 0
+    assert store.seen_seqs("dev1") == [("b1", s) for s in range(1, 6)]
+    store.record_statuses([status("dev1", 1, 400, boot="b2")])  # a reboot
+    assert store.prune_seen(T0 + timedelta(seconds=300)) == 1
+    # b1's window is forgotten: everything up to its highest counts as seen.
+    assert store.seen_seqs("dev1") == [("b1", s) for s in range(6)] + [("b2", 1)]
+    assert store.record_statuses([status("dev1", 0, 401)]) == [False]  # never sent, now a replay
+    assert store.record_statuses([status("dev1", 6, 402)]) == [True]  # above: received, stale
     dev = store.device("dev1")
-    assert dev is not None and dev.seq == 5
+    assert dev is not None and (dev.boot_id, dev.seq) == ("b2", 1)
     scan = ScanRecord("broker.example:8883", T0, 1, '{"chain":[]}')
     store.put_scan(scan)
     store.put_scan(ScanRecord("broker.example:8883", T0 + timedelta(hours=1), 0, "{}"))

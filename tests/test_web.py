@@ -26,10 +26,15 @@ import pytest
 from kit.seed import BROKER_TARGET, CLOUD_TARGET, Pki, seed_fleet
 from prometheus_client.parser import text_string_to_metric_families
 
+from certmon.config import loads
+from certmon.errors import ConfigError
+from collector.config import CollectorConfig, WebConfig
 from collector.store import Store, open_store
 from collector.storehealth import StoreHealth, came_back, went_down
 from collector.web import FleetApi, TrustRequirementView, WebError, WebServer, start_web
 from collector.web.app import is_loopback
+from collector.web.fleet import build_snapshot
+from collector.web.metrics import FleetCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "packaging" / "prometheus" / "certmon-rules.yml"
@@ -245,7 +250,8 @@ def test_metrics(server: WebServer, fleet: tuple[Store, dict[str, list[str]]]) -
                  if s.labels == {"device": crit, "role": "client"}]
     assert len(client_na) == 1 and abs(client_na[0].value - NOW.timestamp()) < 7 * 86400
     online = {s.labels["device"]: s.value for s in fams["certmon_device_online"].samples}
-    assert all(online[d] == 0.0 for d in seeded["offline"]) and len(online) == 50
+    # Default (web.metrics_per_device = "at_risk"): only offline devices have the series.
+    assert online == {d: 0.0 for d in seeded["offline"]}
     offsets = {(s.labels["device"], s.labels["bound"]) for s in
                fams["certmon_device_clock_offset_seconds"].samples}
     assert (seeded["clock"][0], "lo") in offsets and (seeded["clock"][0], "hi") in offsets
@@ -261,6 +267,65 @@ def test_metrics(server: WebServer, fleet: tuple[Store, dict[str, list[str]]]) -
     assert fams["certmon_build_info"].samples[0].labels["version"]
     # No fingerprints or serials as label values: a renewal must not mint a series.
     assert not re.search(rb'="[0-9a-f]{16,}"', body)
+
+
+def per_device(fams: dict[str, Any], name: str) -> dict[tuple[str, ...], float]:
+    """{(other label values..., device): value} of a per-device family."""
+    return {(*(v for k, v in sorted(s.labels.items()) if k != "device"), s.labels["device"]):
+            s.value for s in fams[name].samples}
+
+
+def test_metrics_per_device_setting(fleet: tuple[Store, dict[str, list[str]]]) -> None:
+    """web.metrics_per_device: "at_risk" (the default) exports per-device series only for
+    what puts a device at risk, bounded fleet-level families for the rest; "all" every
+    device's series. Both carry the same fleet-level families."""
+    store, seeded = fleet
+    cfg = loads(CollectorConfig, '[mqtt]\nbroker = "mqtts://b"\n[tls]\nca_bundle = "a"\n'
+                'cert = "c"\nkey = "k"\nfleet_ca = ["f"]\n[web]\nmetrics_per_device = "all"\n', source="c.toml",
+                check_files=False)
+    assert (cfg.web.metrics_per_device, WebConfig().metrics_per_device) == ("all", "at_risk")
+    with pytest.raises(ConfigError, match="metrics_per_device"):
+        loads(CollectorConfig, '[mqtt]\nbroker = "mqtts://b"\n[tls]\nca_bundle = "a"\n'
+              'cert = "c"\nkey = "k"\nfleet_ca = ["f"]\n[web]\nmetrics_per_device = "some"\n', source="c.toml",
+              check_files=False)
+    snap = build_snapshot(store, NOW, [])
+    expo = {mode: FleetCollector(store, per_device=mode, horizon_days=30).exposition(snap)
+            for mode in ("at_risk", cfg.web.metrics_per_device)}
+    bounded, full = ({f.name: f for f in text_string_to_metric_families(expo[m].decode())}
+                     for m in ("at_risk", "all"))
+    assert len(expo["at_risk"]) < len(expo["all"]) / 2
+    # at_risk: a connection certificate within the horizon, offline, clock in doubt.
+    near = per_device(bounded, "certmon_cert_not_after_seconds")
+    assert {role for role, _ in near} <= {"client", "chain", "signing"}
+    assert all(v < NOW.timestamp() + 30 * 86400 for v in near.values())
+    assert {("client", d) for d in seeded["warning"] + seeded["critical"]} <= set(near)
+    assert not any(d in seeded["ok"] for _, d in near)
+    assert set(per_device(bounded, "certmon_device_online")) == {(d,) for d in seeded["offline"]}
+    clocked = {d for _, d in per_device(bounded, "certmon_device_clock_offset_seconds")}
+    assert set(seeded["clock"]) <= clocked and not clocked & set(seeded["ok"])
+    # all: every device, every role.
+    assert len(full["certmon_device_online"].samples) == 50
+    assert {r for r, _ in per_device(full, "certmon_cert_not_after_seconds")} >= {
+        "client", "chain", "trust", "broker"}
+    shown = {mode: fams["certmon_exported_devices"].samples[0] for mode, fams in
+             (("at_risk", bounded), ("all", full))}
+    assert shown["all"].value == 50 and shown["all"].labels == {"mode": "all"}
+    assert shown["at_risk"].value == len({d for *_, d in near} | {d for d in seeded["offline"]}
+                                         | clocked)
+    # Fleet-level families, the same in both modes: per issuing CA and role, and the
+    # days-left histogram (every device in the client role's +Inf bucket).
+    for fams in (bounded, full):
+        legacy = {s.name: s.value for s in fams["certmon_ca_earliest_not_after_seconds"].samples
+                  + fams["certmon_ca_expiring_holders"].samples
+                  if s.labels == {"issuer": "CN=Legacy Root CA,O=Example", "role": "trust"}}
+        assert legacy["certmon_ca_expiring_holders"] == 40  # 4 in 5 trust it; 20 days left
+        assert abs(legacy["certmon_ca_earliest_not_after_seconds"] - NOW.timestamp()
+                   - 20 * 86400) < 1
+        buckets = {s.labels["le"]: s.value for s in fams["certmon_cert_days_left"].samples
+                   if s.name.endswith("_bucket") and s.labels["role"] == "client"}
+        assert buckets["+Inf"] == 50 and buckets["0"] == sum(
+            1 for (_, d), v in near.items() if v <= NOW.timestamp()) >= 1
+        assert buckets["30"] == len({d for r, d in near if r == "client"})
 
 
 def scrape(srv: WebServer) -> dict[str, Any]:
@@ -415,3 +480,31 @@ def test_a_store_outage_shows_in_metrics_api_and_page(
         assert "certmon_collector_store_up" not in scrape(bare)
     finally:
         bare.stop()
+
+
+def test_a_running_collector_exports_what_web_metrics_per_device_says(
+        fleet_broker: Any, tmp_path: Path) -> None:
+    """The setting reaches the collector's own /metrics (wiring → start_web)."""
+    from conftest import collector_config
+
+    from collector.wiring import build_collector
+
+    served: dict[str, set[str]] = {}
+    for mode in ("at_risk", "all"):
+        work = tmp_path / mode
+        work.mkdir()
+        store = open_store(f"sqlite:///{work}/certmon.db")
+        seed_fleet(store, datetime.now(UTC), n=20, seed=2)
+        store.close()
+        config = collector_config(fleet_broker, work, **{"web.metrics_per_device": mode})
+        service = build_collector(config, web=True)
+        try:
+            assert service.web_url is not None
+            with urllib.request.urlopen(service.web_url.rstrip("/") + "/metrics",
+                                        timeout=30) as resp:
+                text = resp.read().decode()
+        finally:
+            service.close()
+        served[mode] = {s.labels["device"] for f in text_string_to_metric_families(text)
+                        if f.name == "certmon_device_online" for s in f.samples}
+    assert served["at_risk"] < served["all"] and len(served["all"]) == 20

@@ -4,7 +4,9 @@ One module per broker kind reads that broker's configuration into a
 `model.BrokerConfig` (the inventory: endpoints and the files each references, with
 FILE:LINE), registered in the literal `KINDS` below; `inventory` reads and judges the
 files (certificates, keys, CRLs); `served` compares what a listener serves with its
-certfile on disk. Must not import the collector or the scanner.
+certfile on disk; `render` is `check --broker-config`'s output, `statuspart` the
+signed status's `broker_host` part and `watch` when `run` judges again. Must not
+import the collector or the scanner.
 """
 
 from __future__ import annotations

@@ -153,6 +153,67 @@ class RenewalState(Wire):
 
 
 @dataclass(frozen=True, slots=True)
+class CrlBrief(Wire):
+    """One CRL a broker host's crlfile holds (docs/broker-host.md)."""
+
+    issuer: str = field(metadata=_NAME)
+    this_update: datetime
+    next_update: datetime | None  # None: the CRL never goes stale
+    crl_number: int | None
+    revoked_count: int = field(metadata=wire_meta(hi=10_000_000))
+    signed_by: str | None = field(metadata=_TEXT)  # the CA whose key verifies it; None: none
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFile(Wire):
+    """One file (or capath directory) a broker's config names, as the agent read it."""
+
+    directive: str = field(metadata=wire_meta(max_len=32))  # "certfile", "bridge_cafile"
+    path: str = field(metadata=_TEXT)
+    at: str = field(metadata=_TEXT)  # the config FILE:LINE naming it
+    severity: Severity  # the worst of this file's findings (OK: none)
+    cert_count: int = field(metadata=wire_meta(hi=100_000))
+    # A certfile's leaf first; a CA file's earliest-expiring first (its full list is
+    # not needed: the findings name the CA that matters).
+    certs: tuple[CertBrief, ...] = field(metadata=wire_meta(max_items=4))
+    crls: tuple[CrlBrief, ...] = field(metadata=wire_meta(max_items=4))
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEndpointState(Wire):
+    """A listener or bridge of the broker host, its files and what it serves."""
+
+    kind: str = field(metadata=wire_meta(pattern=r"^(listener|bridge)$"))
+    name: str = field(metadata=wire_meta(max_len=128))  # "listener 8883 0.0.0.0"
+    at: str = field(metadata=_TEXT)
+    port: int | None = field(metadata=wire_meta(lo=0, hi=65535))
+    is_tls: bool
+    require_certificate: bool
+    files: tuple[BrokerFile, ...] = field(metadata=wire_meta(max_items=6))
+    served: CertBrief | None  # the leaf the listener presented on a handshake
+    served_error: str | None = field(metadata=_TEXT)
+    # True: it serves its certfile's leaf; False: renewed on disk, not reloaded
+    # (BROKER_CERT_NOT_RELOADED); None: not compared.
+    is_reloaded: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHostState(Wire):
+    """The broker host's own side (`[broker]` in agent.toml, docs/broker-host.md).
+
+    Optional in Status: only an agent on a broker host sends it, so every other
+    status is byte-identical to before; a collector that predates it ignores it. Its
+    findings travel in Status.findings like the device's own."""
+
+    kind: str = field(metadata=wire_meta(max_len=32))  # "mosquitto"
+    config: str = field(metadata=_TEXT)
+    checked_at: datetime
+    severity: Severity
+    files_read: int = field(metadata=wire_meta(hi=10_000))
+    endpoints: tuple[BrokerEndpointState, ...] = field(metadata=wire_meta(max_items=16))
+
+
+@dataclass(frozen=True, slots=True)
 class Status(Message):
     """Status v1 (DESIGN.md §3). (boot_id, seq) orders messages; ts is a measurement."""
 
@@ -170,6 +231,7 @@ class Status(Message):
     findings: tuple[FindingWire, ...] = field(metadata=wire_meta(max_items=64))
     agent: AgentSelf
     renewal: RenewalState | None = None
+    broker_host: BrokerHostState | None = None
 
 
 @dataclass(frozen=True, slots=True)

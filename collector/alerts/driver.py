@@ -1,6 +1,7 @@
 """Collector events → alert evaluations: the glue between ingest and the alert engine.
 
-Owns *when* each rule family is evaluated: a device's findings when its stored status
+Owns *when* each rule family is evaluated: a device's flooding when the ingest's
+admission says it began or ended, a device's findings when its stored status
 changed them (not on every status: at thousands of statuses per second, unchanged
 findings need no transaction), its liveness when the online state changes, and the
 fleet rules (required CAs, shared client certificates) plus re-notification on a
@@ -30,6 +31,7 @@ from .rules import (
     Scope,
     device_alerts,
     fleet_crl_alerts,
+    flooding_alerts,
     offline_alerts,
     renewal_alerts,
     revoked_cert_alerts,
@@ -90,6 +92,11 @@ class AlertDriver:
             client_not_after=client.not_after if client else None,
             client_sha256=row.client_sha256 if row else None, now=at, policy=self.policy),
             scope=Scope.OFFLINE, now=at)
+
+    def on_flooding(self, device_id: str, flooding: bool, at: datetime) -> None:
+        """The ingest's admission found the device over its budget, or back within it."""
+        self.engine.evaluate(device_id, flooding_alerts(device_id, flooding=flooding),
+                             scope=Scope.FLOODING, now=at)
 
     def sweep(self) -> None:
         """Fleet rules and re-notification; call periodically under a store claim."""

@@ -24,11 +24,12 @@ from collector.aggregate import category
 from collector.trust import RequiredCA  # resolved by collector.trust at start
 
 __all__ = [
-    "CERT_REVOKED", "DEVICE_OFFLINE", "FLEET", "OFFLINE_CERT_EXPIRING", "RENEWAL_FAILING",
-    "RENEWAL_OVERDUE", "SHARED_CLIENT_CERT", "TRUST_STORE_MISSING_CA", "AlertCandidate",
-    "CertName", "HeldCert", "RequiredCA", "RulesConfig", "Scope", "device_alerts",
-    "fleet_crl_alerts", "offline_alerts", "renewal_alerts", "revoked_cert_alerts",
-    "shared_client_cert_alerts", "trust_requirement_alerts",
+    "CERT_REVOKED", "DEVICE_FLOODING", "DEVICE_OFFLINE", "FLEET", "OFFLINE_CERT_EXPIRING",
+    "RENEWAL_FAILING", "RENEWAL_OVERDUE", "SHARED_CLIENT_CERT", "TRUST_STORE_MISSING_CA",
+    "AlertCandidate", "CertName", "HeldCert", "RequiredCA", "RulesConfig", "Scope",
+    "device_alerts", "fleet_crl_alerts", "flooding_alerts", "offline_alerts",
+    "renewal_alerts", "revoked_cert_alerts", "shared_client_cert_alerts",
+    "trust_requirement_alerts",
 ]
 
 # Rules the collector derives itself (every other rule name is an agent finding code).
@@ -39,6 +40,7 @@ SHARED_CLIENT_CERT = "SHARED_CLIENT_CERT"
 CERT_REVOKED = "CERT_REVOKED"  # revoked_cert_alerts, against the fleet's CRLs
 RENEWAL_FAILING = "RENEWAL_FAILING"  # from the status's renewal part (renewal_alerts)
 RENEWAL_OVERDUE = "RENEWAL_OVERDUE"
+DEVICE_FLOODING = "DEVICE_FLOODING"  # flooding_alerts: over its ingest budget (admission)
 
 FLEET = "fleet"  # the `device` label of an alert about no single device (a reserved id)
 
@@ -59,6 +61,7 @@ class Scope(enum.StrEnum):
     SHARED_CERT = "shared_cert"  # shared_client_cert_alerts: fleet sweep
     SCAN = "scan"  # scan_alerts: the collector's scheduled endpoint scans
     REVOKED = "revoked"  # revoked_cert_alerts, fleet_crl_alerts: sweep of tls.fleet_crl
+    FLOODING = "flooding"  # flooding_alerts: the ingest's admission, per device
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +248,21 @@ def offline_alerts(device_id: str, *, online: bool, last_seen_at: datetime | Non
         out.append(_candidate(OFFLINE_CERT_EXPIRING, device_id, client_sha256,
                               client_sha256, severity, "certificate", Scope.OFFLINE, summary))
     return out
+
+
+def flooding_alerts(device_id: str, *, flooding: bool,
+                    rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
+    """Scope FLOODING. DEVICE_FLOODING (WARNING) while the device sends statuses over
+    its ingest budget (`ingest.device_rate_per_min`, `ingest.device_burst`): a looping
+    agent or a compromised gateway. Its statuses beyond the budget are not verified
+    (counted superseded / rate_limited); resolves once it has been within budget for
+    a minute."""
+    severity = rules_config.severity(DEVICE_FLOODING, Severity.WARNING)
+    if not flooding or severity < Severity.WARNING:
+        return []
+    return [_candidate(DEVICE_FLOODING, device_id, None, None, severity, FLEET,
+                       Scope.FLOODING, f"{device_id} sends statuses faster than its budget: "
+                       "only its newest pending status is verified and stored")]
 
 
 # --------------------------------------------------------------------------- fleet

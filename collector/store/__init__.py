@@ -238,7 +238,7 @@ class AlertStore(Protocol):
 
 class Store(AlertStore, Protocol):
     """What the collector calls; both backends implement it (tests/test_store_contract.py
-    is the judge). The tests' inspections (`seen_count`, `seen_seqs`,
+    is the judge). The tests' inspections (`seen_count`, `seen_seqs`, `table_rows`,
     `devices_holding_count`, `rejection_samples`, `integrity_check`) are methods of the
     shared implementation `collector.store.sql.SqlStore`, not of this seam."""
 
@@ -253,6 +253,7 @@ class Store(AlertStore, Protocol):
     # count as silence (docs/reliability.md, "Store outages").
     def mark_silent(self, horizon: datetime, factor: float = 3.0) -> list[str]: ...
     def put_inventory(self, inventory: InventoryRecord) -> None: ...
+    # Forgets the replay bitmap of boots a device has left, first seen before `before`.
     def prune_seen(self, before: datetime) -> int: ...
     def count_rejection(self, reason: str, *, at: datetime, topic: str, detail: str,
                         sample: bytes) -> None: ...

@@ -2,7 +2,8 @@
 
 Owns the order of a device's statuses (first sighting of the boot, boot_id, seq), the
 per-batch change plan (`plan_batch`: device row updates, history rows, certificate
-links) and the in-batch replay rule (`new_in_batch`). The SQL that reads the inputs and
+links) and the replay rule (`SeqWindow`, `judge_seqs`: per boot the highest seq and a
+bitmap of the REORDER_WINDOW seqs below it). The SQL that reads the inputs and
 writes the plan is `collector.store.sql`'s.
 It must not touch a database, read the clock or judge certificates: it turns rows
 already read under the device's lock into plain values to write.
@@ -11,7 +12,7 @@ already read under the device's lock into plain values to write.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -142,14 +143,62 @@ def plan_links(plan: BatchPlan, device_id: str, certs: Sequence[CertLink],
         current.add((role, sha))
 
 
-def new_in_batch(batch: Sequence[StatusRecord],
-                 is_new: Callable[[StatusRecord], bool]) -> list[bool]:
-    """Per record, whether it is new: the first of duplicates within the batch is judged
-    by `is_new` (the database's insert-if-absent), later copies are replays."""
-    seen: set[tuple[str, str, int]] = set()
+# How many seqs below a boot's highest are remembered one by one. Statuses of one
+# device reorder by at most what its agent sends in one go: a spool flushed after an
+# outage (agent.spool_max_messages, default 1000) split across a share group, where one
+# collector stalls while another stores the later ones. 1024 covers that default in
+# 128 bytes per boot; a status further below the highest is judged a replay.
+REORDER_WINDOW = 1024
+_ALL = (1 << REORDER_WINDOW) - 1
+
+
+@dataclass(slots=True)
+class SeqWindow:
+    """A boot's replay guard: its highest seq and which of the REORDER_WINDOW seqs
+    below it were seen (bit i: seq high - 1 - i)."""
+
+    high: int | None  # None: no status of this boot yet
+    bits: int = 0
+
+    @classmethod
+    def from_row(cls, high: int | None, blob: bytes | None) -> SeqWindow:
+        # A NULL bitmap (migrated from status_seen, or compacted by prune_seen):
+        # nothing is known one by one below the highest, so all of it counts as seen.
+        return cls(high, _ALL if blob is None else int.from_bytes(blob, "little") & _ALL)
+
+    def blob(self) -> bytes:
+        return self.bits.to_bytes(REORDER_WINDOW // 8, "little")
+
+    def admit(self, seq: int) -> bool:
+        """Whether `seq` is new to this boot; if so it is marked seen."""
+        if self.high is None or seq > self.high:
+            if self.high is not None:
+                shift = seq - self.high
+                self.bits = ((self.bits << shift) | (1 << (shift - 1))) & _ALL \
+                    if shift <= REORDER_WINDOW else 0
+            self.high = seq
+            return True
+        index = self.high - 1 - seq
+        if index < 0 or index >= REORDER_WINDOW or self.bits >> index & 1:
+            return False  # the highest itself, seen in the window, or older than it
+        self.bits |= 1 << index
+        return True
+
+    def seqs(self) -> list[int]:
+        """The seqs this window knows as seen (the tests' inspection)."""
+        if self.high is None:
+            return []
+        return sorted([self.high] + [self.high - 1 - i for i in range(REORDER_WINDOW)
+                                     if self.bits >> i & 1 and self.high - 1 - i >= 0])
+
+
+def judge_seqs(batch: Sequence[StatusRecord],
+               windows: dict[tuple[str, str], SeqWindow]) -> list[bool]:
+    """Per record, whether it is new, in batch order: a later copy inside the batch is
+    judged against the window the earlier one advanced. `windows` (read under the
+    devices' locks; absent: a boot never seen) is advanced in place."""
     out = []
     for rec in batch:
-        key = (rec.device_id, rec.boot_id, rec.seq)
-        out.append(key not in seen and is_new(rec))
-        seen.add(key)
+        window = windows.setdefault((rec.device_id, rec.boot_id), SeqWindow(None))
+        out.append(window.admit(rec.seq))
     return out

@@ -33,6 +33,7 @@ from collector.store import (
     ScanRecord,
 )
 from collector.store.dialect import Dialect, Row, Session
+from collector.store.plan import SeqWindow
 
 # SQL below is assembled only from this module's constants and the dialect's (column
 # lists, _ORDER), never from arguments: hence the `noqa: S608` on those lines.
@@ -63,6 +64,9 @@ def _where(*conds: tuple[str, object]) -> tuple[str, list[object]]:
     used = [(sql, v) for sql, v in conds if v is not None]
     return ((" WHERE " + " AND ".join(sql for sql, _ in used)) if used else "",
             [v for _, v in used])
+
+
+_FLEET_TABLES = ("devices", "device_boots", "device_certs", "certificates", "history")
 
 
 class SqlQueries(abc.ABC):
@@ -175,13 +179,21 @@ class SqlQueries(abc.ABC):
     # ------------------------------------------------ inspections (tests, not the Protocol)
 
     def seen_count(self, device_id: str) -> int:
-        rows = self._rows("SELECT count(*) FROM status_seen WHERE device_id = ?", (device_id,))
-        return int(rows[0][0])
+        return len(self.seen_seqs(device_id))
 
     def seen_seqs(self, device_id: str) -> list[tuple[str, int]]:
-        rows = self._rows("SELECT boot_id, seq FROM status_seen WHERE device_id = ?"
-                          " ORDER BY received_at, boot_id, seq", (device_id,))
-        return [(b, int(q)) for b, q in rows]
+        """(boot_id, seq) the replay guard knows as seen, boots in the order first seen:
+        every seq of a boot while it spans fewer than REORDER_WINDOW + 1 seqs."""
+        rows = self._rows("SELECT boot_id, high_seq, seen_bits FROM device_boots"
+                          " WHERE device_id = ? ORDER BY first_seen_at, boot_id", (device_id,))
+        return [(b, q) for b, h, w in rows for q in SeqWindow.from_row(
+            None if h is None else int(h), None if w is None else bytes(w)).seqs()]
+
+    def table_rows(self) -> int:
+        """Rows in the tables that grow with the fleet (devices, their boots, links,
+        history): what tests/test_replay_window.py and bench/capacity.py watch."""
+        return sum(int(self._rows(f"SELECT count(*) FROM {t}")[0][0])  # noqa: S608
+                   for t in _FLEET_TABLES)
 
     def devices_holding_count(self, sha256: str, role: CertRole | None = None) -> int:
         where, args = _where(("sha256 = ?", sha256),

@@ -30,9 +30,10 @@ from collector.store.dialect import Dialect, Session, migrations
 from collector.store.plan import (
     BatchPlan,
     RowState,
+    SeqWindow,
     codes_of,
     detail_json,
-    new_in_batch,
+    judge_seqs,
     plan_batch,
     plan_links,
 )
@@ -106,41 +107,48 @@ class SqlStore(SqlQueries):
     def _record(self, s: Session, batch: Sequence[StatusRecord]) -> list[bool]:
         enc = self._d.encode
         first: dict[str, datetime] = {}
-        unique: dict[tuple[str, str, int], StatusRecord] = {}
         for r in batch:
             first[r.device_id] = min(first.get(r.device_id, r.received_at), r.received_at)
-            unique.setdefault((r.device_id, r.boot_id, r.seq), r)
-        # Device rows first: status_seen and device_boots reference them.
+        devs = sorted(first)
+        # Device rows first: device_boots references them.
         s.each("INSERT INTO devices (device_id, first_seen_at, updated_at) {rows}"
                " ON CONFLICT DO NOTHING", ("text", "instant", "instant"),
-               [(d, enc(first[d]), enc(first[d])) for d in sorted(first)])
-        # The replay check is insert-if-absent, atomic per row in both databases;
-        # RETURNING names the rows that were new.
-        inserted = {(d, b, int(q)) for d, b, q in s.each(
-            "INSERT INTO status_seen (device_id, boot_id, seq, received_at, device_ts) {rows}"
-            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
-            ("text", "text", "int", "instant", "instant"),
-            [(*k, enc(r.received_at), enc(r.device_ts)) for k, r in sorted(unique.items())])}
-        flags = new_in_batch(batch, lambda r: (r.device_id, r.boot_id, r.seq) in inserted)
+               [(d, enc(first[d]), enc(first[d])) for d in devs])
+        if self._d.lock_devices:
+            # The replay check reads and rewrites each boot's window: under the device
+            # rows' locks (in device_id order, so concurrent batches wait rather than
+            # deadlock), two collectors of a share group judge a device one at a time.
+            s.each("SELECT d.device_id FROM devices d WHERE d.device_id IN ({rows})"  # noqa: S608
+                   f" ORDER BY d.device_id {self._d.lock_devices}", ("text",),
+                   [(d,) for d in devs])
+        keys = sorted({(r.device_id, r.boot_id) for r in batch})
+        windows = {(d, b): SeqWindow.from_row(None if h is None else int(h),
+                                              None if w is None else bytes(w))
+                   for d, b, h, w in s.each(
+                       "SELECT device_id, boot_id, high_seq, seen_bits FROM device_boots"
+                       " WHERE (device_id, boot_id) IN ({rows})", ("text", "text"), keys)}
+        flags = judge_seqs(batch, windows)
         new = [r for r, is_fresh in zip(batch, flags, strict=True) if is_fresh]
-        if new:
-            self._apply(s, new)
-        return flags
-
-    def _apply(self, s: Session, new: list[StatusRecord]) -> None:
-        enc, dec = self._d.encode, self._d.decode
+        if not new:
+            return flags
         boot_min: dict[tuple[str, str], datetime] = {}
         for r in new:
             key = (r.device_id, r.boot_id)
             boot_min[key] = min(boot_min.get(key, r.received_at), r.received_at)
-        bk = sorted(boot_min)
-        # Conditional DO UPDATE: an unconditional one would write a dead tuple per boot
-        # per batch. Earlier wins when two collectors' clocks disagree.
-        s.each("INSERT INTO device_boots (device_id, boot_id, first_seen_at) {rows}"
-               " ON CONFLICT (device_id, boot_id) DO UPDATE"
-               " SET first_seen_at = excluded.first_seen_at"
-               " WHERE excluded.first_seen_at < device_boots.first_seen_at",
-               ("text", "text", "instant"), [(d, b, enc(boot_min[(d, b)])) for d, b in bk])
+        # Earlier first sighting wins when two collectors' clocks disagree.
+        s.many("INSERT INTO device_boots (device_id, boot_id, first_seen_at, high_seq,"
+               " seen_bits) VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, boot_id) DO UPDATE"
+               " SET high_seq = excluded.high_seq, seen_bits = excluded.seen_bits,"
+               " first_seen_at = CASE WHEN excluded.first_seen_at < device_boots.first_seen_at"
+               " THEN excluded.first_seen_at ELSE device_boots.first_seen_at END",
+               [(d, b, enc(at), windows[(d, b)].high, windows[(d, b)].blob())
+                for (d, b), at in sorted(boot_min.items())])
+        self._apply(s, new)
+        return flags
+
+    def _apply(self, s: Session, new: list[StatusRecord]) -> None:
+        enc, dec = self._d.encode, self._d.decode
+        bk = sorted({(r.device_id, r.boot_id) for r in new})
         devs = sorted({r.device_id for r in new})
         states: dict[str, RowState] = {}
         # In device_id order, locked where the dialect locks: concurrent batches then
@@ -283,8 +291,15 @@ class SqlStore(SqlQueries):
         self._write(run)
 
     def prune_seen(self, before: datetime) -> int:
-        return self._write(lambda s: s.count("DELETE FROM status_seen WHERE received_at < ?",
-                                             (self._d.encode(before),)))
+        # Forget the one-by-one window of boots a device has left (not its current
+        # boot, first seen before `before`): a late status of such a boot is then a
+        # replay at or below its highest seq. The row stays, since its first sighting
+        # orders it before the boots that followed.
+        return self._write(lambda s: s.count(
+            "UPDATE device_boots SET seen_bits = NULL WHERE seen_bits IS NOT NULL"
+            " AND first_seen_at < ? AND NOT EXISTS (SELECT 1 FROM devices d WHERE"
+            " d.device_id = device_boots.device_id AND d.boot_id = device_boots.boot_id)",
+            (self._d.encode(before),)))
 
     def count_rejection(self, reason: str, *, at: datetime, topic: str, detail: str,
                         sample: bytes) -> None:

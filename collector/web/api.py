@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from certmon import wire as p
 from certmon.clock import monotonic_s
 from certmon.pki import Severity
-from collector import aggregate
+from collector import aggregate, brokers
 from collector.store import SEVERITY_NAMES, AlertRow, CertRole, CertRow, Store, StoreError
 from collector.storehealth import StoreHealth
 from collector.trust import RequiredCA
@@ -296,7 +296,9 @@ class FleetApi:
                          # None: nothing scanned there (or the scan saw no chain).
                          "matches_scan": (leaf in scanned_leafs) if scanned_leafs else None})
         return {"generated_at": instant(s.taken_at), "scanned": s.scans, "seen_by_devices": seen,
-                "mismatched_devices": sum(x["devices"] for x in seen if x["matches_scan"] is False)}
+                "mismatched_devices": sum(x["devices"] for x in seen if x["matches_scan"] is False),
+                # The broker hosts' own reports (docs/broker-host.md).
+                "hosts": [brokers.host_json(h, s.taken_at) for h in s.broker_hosts]}
 
     def clock(self) -> JSON:
         return self.memo("clock", self._clock)

@@ -34,7 +34,7 @@ from collector.trust import RequiredCA
 
 from .api import BadRequest, FleetApi
 from .fleet import JSON
-from .metrics import CONTENT_TYPE, FleetCollector, ProcessCounters
+from .metrics import CONTENT_TYPE, FleetCollector, PerDevice, ProcessCounters
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -240,11 +240,15 @@ def start_web(store: Store, listen: str = "127.0.0.1:9310", *,
               trust_requirements: Sequence[RequiredCA] = (),
               basic_auth: tuple[str, str] | None = None,
               now: Callable[[], datetime] | None = None, snapshot_ttl_s: float = 10.0,
-              threads: int = 4) -> WebServer:
+              threads: int = 4, metrics_per_device: PerDevice = "at_risk",
+              metrics_horizon_days: float = 30.0) -> WebServer:
     """Serve the dashboard, JSON API and /metrics over `store`. `process`: the running
     collector's counters and broker link (None: a store alone, e.g. tests and benches;
-    /metrics then reports the store's persistent rejection totals)."""
-    metrics = FleetCollector(store, process)
+    /metrics then reports the store's persistent rejection totals). `metrics_per_device`
+    and `metrics_horizon_days`: which devices get per-device series (web.metrics_per_device,
+    "at risk" meaning expiring within policy.warn_days)."""
+    metrics = FleetCollector(store, process, per_device=metrics_per_device,
+                             horizon_days=metrics_horizon_days)
     api = FleetApi(store, now=now or SystemClock().now, trust_requirements=trust_requirements,
                    snapshot_ttl_s=snapshot_ttl_s, extra_views={METRICS_VIEW: metrics.exposition})
     app = WebApp(api, metrics, basic_auth)

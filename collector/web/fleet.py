@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 
 from certmon import wire as p
 from collector import aggregate
+from collector.brokers import BrokerHostView, broker_host_of
 from collector.store import (
     SEVERITY_NAMES,
     AlertRow,
@@ -98,6 +99,8 @@ class Snapshot:
     alerts: list[AlertRow]
     scans: list[JSON]
     build_s: float = 0.0
+    # Devices that report as broker hosts (docs/broker-host.md): a handful, not 100k.
+    broker_hosts: list[BrokerHostView] = field(default_factory=list)
     views: dict[str, Any] = field(default_factory=dict)  # SnapshotCache.memo
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -160,12 +163,15 @@ def build_snapshot(store: Store, now: datetime,
     required = {r.sha256 for r in requirements}
     briefs: list[DeviceBrief] = []
     brokers: dict[tuple[str, int, tuple[str, ...]], BrokerSeenAgg] = {}
+    broker_hosts: list[BrokerHostView] = []
     alerts = store.active_alerts()
     fleet = aggregate.fleet_severities(alerts)
     fleet_rule = {a.device_id: a.rule for a in alerts
                   if a.device_id and a.labels.get("scope") in aggregate.FLEET_SCOPES}
     for row in store.devices(order_by="device_id"):
         briefs.append(_brief(row, fleet.get(row.device_id, 0), fleet_rule.get(row.device_id)))
+        if (host := broker_host_of(row.device_id, row.status_json)) is not None:
+            broker_hosts.append(host)
         seen = _broker_of(row.status_json)
         if seen is not None:
             chain = [c for c in seen.get("chain") or [] if isinstance(c, dict)]
@@ -199,7 +205,7 @@ def build_snapshot(store: Store, now: datetime,
                 required_holders[h.cert.sha256].add(h.device_id)
     scans = [_scan_view(s.target, s.scanned_at, s.severity, s.result_json) for s in store.scans()]
     return Snapshot(now, briefs, by_id, certs, trust_holders, required_holders, brokers,
-                    alerts, scans)
+                    alerts, scans, broker_hosts=broker_hosts)
 
 
 def _brief(row: DeviceRow, fleet_severity: int = 0, fleet_rule: str | None = None) -> DeviceBrief:

@@ -251,6 +251,33 @@ function renderBrokers(b) {
       h("td", { class: "num" }, String(s.devices)),
       h("td", {}, s.matches_scan === false ? h("span", { class: "badge s-critical" }, vs) : vs));
   }), "No device has reported a broker chain.", 5);
+  // The broker hosts' own files ([broker] in agent.toml): one row per file, CRL
+  // and served-versus-disk comparison, so an expiring CRL or an unreloaded
+  // certfile has a line of its own.
+  const rows = [];
+  for (const host of b.hosts || []) {
+    for (const e of host.endpoints) {
+      const who = [deviceLink(host.device_id)];
+      if (e.served || e.served_error) {
+        const drift = e.is_reloaded === false;
+        rows.push(h("tr", { class: drift ? "mismatch" : null },
+          h("th", { scope: "row" }, ...who), h("td", {}, e.name, h("br"), h("small", { class: "mono" }, e.at)),
+          h("td", { class: "subject" }, e.served ? `served: ${e.served.subject} (${e.served.ref})` : `served: nothing (${e.served_error})`),
+          h("td", {}, e.served ? when(e.served.not_after) : "—"),
+          h("td", {}, drift ? h("span", { class: "badge s-critical" }, "renewed on disk, not reloaded")
+            : e.is_reloaded ? "serves its certfile" : "not compared")));
+      }
+      for (const f of e.files) {
+        const dates = f.crls.length ? f.crls.map((c) => `nextUpdate ${c.next_update ? when(c.next_update) : "never"}`).join(", ")
+          : f.certs.length ? when(f.certs[0].not_after) : "—";
+        rows.push(h("tr", {},
+          h("th", { scope: "row" }, deviceLink(host.device_id)), h("td", {}, e.name),
+          h("td", { class: "mono" }, `${f.directive} ${f.path}`, h("br"), h("small", {}, f.at)),
+          h("td", {}, dates), h("td", {}, badge(f.severity.toLowerCase()))));
+      }
+    }
+  }
+  fill("hosts-table", rows, "No agent runs on a broker host ([broker] in agent.toml).", 5);
 }
 
 function renderClock(c) {
