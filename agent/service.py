@@ -225,10 +225,10 @@ class AgentService:
         mqtt = self.config.mqtt
         presented = list(link.state.peer_chain_der)
         if len(presented) == 1:
-            # Python < 3.13 shows only the leaf of our own session; a probe of the same
-            # endpoint fetches the intermediates, kept only if it saw the same leaf.
-            # Imported here: pyOpenSSL (~6 MiB resident) only when the link could not
-            # read the presented chain itself.
+            # The link read only the leaf (an ssl module without get_unverified_chain,
+            # public or private): a probe of the same endpoint fetches the
+            # intermediates, kept only if it saw the same leaf. Imported here:
+            # pyOpenSSL (~6 MiB resident) only in that case.
             from certmon.tlsprobe import ProbeTarget
             from certmon.tlsprobe import probe as tls_probe
 

@@ -293,9 +293,15 @@ class MqttLink:
         if isinstance(sock, ssl.SSLSocket):
             chain: tuple[bytes, ...] = ()
             getter = getattr(sock, "get_unverified_chain", None)  # Python >= 3.13
+            # 3.10-3.12 have it on the private _sslobj, returning _ssl.Certificate: the
+            # whole presented chain of our own session, with no second handshake.
+            private = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
             try:
                 if getter is not None:
                     chain = tuple(getter())
+                elif private is not None:
+                    der = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
+                    chain = tuple(c.public_bytes(der) for c in private() or ())
                 else:
                     leaf = sock.getpeercert(binary_form=True)
                     chain = (leaf,) if leaf else ()

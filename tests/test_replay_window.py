@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import test_store_contract as contract  # the store fixtures, both backends
+from test_store_contract import T0, Db, status
+
 from collector.store import Store
 from collector.store.dialect import Session, migrations
 from collector.store.plan import REORDER_WINDOW, SeqWindow
 from collector.store.sql import SqlStore
-from tests import test_store_contract as contract
-from tests.test_store_contract import T0, Db, status
 
 # The contract's fixtures: every test here runs on SQLite and on PostgreSQL.
 pg_admin, db, store = contract.pg_admin, contract.db, contract.store
