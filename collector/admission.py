@@ -7,7 +7,8 @@ while a newer one of it is pending: only the newest is worth the work); `RATE_LI
 (the device's newest pending status, but its bucket is empty). It also knows which
 devices are flooding now (over budget within the last `calm_s`), for DEVICE_FLOODING.
 Within budget nothing is coalesced: an agent flushing its spool after an outage has
-every status stored (the burst covers a spool of `burst` statuses).
+every status stored (the default burst covers the agent's default spool of 1000);
+beyond it the remaining tokens pay for the oldest pending statuses and the newest.
 Must not parse payloads, verify, touch the store or read the clock: the device key
 and the arrival instant are given, and a batch's changes are committed only by
 `Judgement.commit()` (decide may be re-run after a store outage: judged twice,
@@ -40,7 +41,7 @@ class Budget:
     counts as flooding until it has been within budget for `calm_s`."""
 
     rate_per_s: float = 0.1
-    burst: float = 100.0
+    burst: float = 1000.0
     calm_s: float = 60.0
 
 
@@ -97,11 +98,16 @@ class Admission:
                 bucket.tokens -= len(idx)
             else:
                 # Over budget: the newest pending status stands for the device, if a
-                # token is left for it; the older ones are superseded by it.
+                # token is left for it; what tokens remain go to the oldest pending
+                # ones (a spool flush keeps as much of its history, in order, as the
+                # budget pays for); the rest are superseded by the newest.
+                tokens = int(bucket.tokens)
+                keep = set(idx[:max(0, tokens - 1)])
                 for i in idx[:-1]:
-                    verdicts[i] = Verdict.SUPERSEDED
-                if bucket.tokens >= 1:
-                    bucket.tokens -= 1
+                    if i not in keep:
+                        verdicts[i] = Verdict.SUPERSEDED
+                if tokens >= 1:
+                    bucket.tokens -= len(keep) + 1
                 else:
                     verdicts[idx[-1]] = Verdict.RATE_LIMITED
                 bucket.limited_at = last_at

@@ -152,9 +152,10 @@ class IngestConfig:
                                          "newest pending status is verified and stored; the "
                                          "others count as superseded / rate_limited and "
                                          "DEVICE_FLOODING names it.")
-    device_burst: int = setting(default=100, ge=1, doc="Statuses a device may send at "
+    device_burst: int = setting(default=1000, ge=1, doc="Statuses a device may send at "
                                 "once within budget (its token bucket's size): covers an "
-                                "agent flushing its spool after an outage.")
+                                "agent flushing its full spool after an outage (the "
+                                "agent's spool_max_messages, 1000 by default).")
 
 
 @schema
