@@ -41,6 +41,16 @@ class MqttConfig(BrokerEndpoint):
                                     "[\"x-amzn-mqtt-ca\"] for AWS IoT on port 443.")
     keepalive_s: int = setting(default=60, ge=5, le=65535, doc="MQTT keepalive.")
     protocol: Literal["v5", "v311"] = setting(default="v5", doc="MQTT protocol version.")
+    retain: bool = setting(default=True, doc="Publish the status, cert, inventory and "
+                           "online topics (and the will) retained; false for a broker with "
+                           "retained messages off (Mosquitto `retain_available false` refuses "
+                           "a retained will), with `status_x5c` left on (docs/brokers.md).")
+    status_x5c: Literal["on_change", "always", "never"] = setting(
+        default="on_change", doc="When a status carries its signing chain in the JWS `x5c` "
+        "header, so a collector learns the certificate on brokers that do not retain the "
+        "cert topic: \"on_change\" on the first status after each (re)connect or signing "
+        "certificate change and on statuses signed while offline, \"always\", or \"never\" "
+        "(docs/brokers.md).")
 
 
 
@@ -73,6 +83,13 @@ class LoopConfig:
     spool_max_bytes: int = setting(default=1_048_576, ge=4096,
                                    doc="Spool size cap; the oldest reports go first.")
     spool_max_messages: int = setting(default=1000, ge=1, doc="Spool length cap.")
+    heartbeat: bool = setting(default=False, doc="While nothing but time and counters "
+                              "changed, publish a compact signed heartbeat (~0.5 KB) on the "
+                              "heartbeat topic instead of the full status; needs a collector "
+                              "that knows heartbeats (docs/protocol.md, \"Heartbeats\").")
+    full_every_s: int = setting(default=86400, ge=60, doc="With `heartbeat`, a full status "
+                                "at least this often even when nothing changed; the retained "
+                                "status is kept this long (plus three intervals).")
 
 
 @schema

@@ -3,7 +3,8 @@
 Owns timing (interval with jitter, an early report when something changed), one
 cycle (read the files, ask the clock sources, judge, build and sign the status with
 the signing key), the device identity, the broker chain as seen on our own session,
-what is enqueued after a cycle (status, cert message, inventory), when renewal is
+what is enqueued after a cycle (status or heartbeat, cert message, inventory; when a
+heartbeat may stand for the status, `agent.heartbeat`), when renewal is
 checked (before each report; `agent.renewal` decides and does it), signals (SIGTERM:
 say offline and leave cleanly; SIGHUP: reload the config) and sd_notify.
 Must not: hold the link's life cycle (`agent.uplink`) or the spool and PUBACK
@@ -40,7 +41,15 @@ from .delivery import Delivery, publish_retained
 from .renewal.policy import CLOCK_WRONG
 from .report import check_device, newest_not_before
 from .spool import SequenceCounter, Spool
-from .status import AgentCounters, BrokerObservation, build_status, inventory, observe_broker
+from .status import (
+    AgentCounters,
+    BrokerObservation,
+    build_heartbeat,
+    build_status,
+    inventory,
+    observe_broker,
+    status_essence,
+)
 from .uplink import Uplink
 
 if TYPE_CHECKING:
@@ -63,8 +72,21 @@ def release_date() -> datetime:
 @dataclass
 class CycleResult:
     status: p.Status
-    token: bytes  # the signed JWS
+    token: bytes  # the signed JWS (of the heartbeat, when there is one)
     material: DeviceMaterial
+    # `agent.heartbeat`: sent instead of `status`, which only time and counters set apart
+    # from the last full status the broker confirmed.
+    heartbeat: p.Heartbeat | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _LastFull:
+    """The last full status signed: what a heartbeat may stand for (`_heartbeat_for`)."""
+
+    digest: str  # p.status_digest of its payload
+    essence: bytes  # status_essence()
+    at_mono_s: float
+    connects: int | None  # the link's connection count when it was signed
 
 
 class AgentService:
@@ -96,6 +118,8 @@ class AgentService:
                              on_replaced=self.delivery.forget_inflight)
         self._broker: BrokerObservation | None = None
         self._broker_key: tuple[int, bytes] | None = None
+        self._x5c_key: tuple[int, str] | None = None  # (connection, signer) x5c last rode on
+        self._last_full: _LastFull | None = None  # agent.heartbeat
         self._file_stamp: tuple[object, ...] | None = None
         self._is_clock_ok = True  # until a cycle's clock findings say otherwise
         self._broker_host: BrokerHostWatch | None = None  # [broker] config: broker-host mode
@@ -169,8 +193,57 @@ class AgentService:
 
             status = dataclasses.replace(status, renewal=renewal.status_part(
                 self.config, device_id, check.client, now, is_clock_ok=self._is_clock_ok))
-        token = self._sign(material, p.encode_status(status), p.STATUS_TYP) if sign else b""
+        beat = self._heartbeat_for(status) if sign else None
+        if beat is not None:
+            token = self._sign(material, p.encode_message(beat), p.HEARTBEAT_TYP)
+            return CycleResult(status, token, material, heartbeat=beat)
+        payload = p.encode_status(status)
+        token = self._sign(material, payload, p.STATUS_TYP,
+                           include_x5c=self._is_x5c_due(material)) if sign else b""
+        if sign and self.config.agent.heartbeat:
+            link = self.link
+            self._last_full = _LastFull(p.status_digest(payload), status_essence(status),
+                                        self.clock.monotonic(),
+                                        link.state.connects if link is not None else None)
         return CycleResult(status, token, material)
+
+    def _heartbeat_for(self, status: p.Status) -> p.Heartbeat | None:
+        """A heartbeat to send instead of `status` (`agent.heartbeat`), or None: only
+        while connected on the session the last full status was signed on, with that
+        status confirmed (the spool is empty, so order holds: nothing older is still
+        on its way), younger than `full_every_s`, and differing from this one only in
+        time and counters. A new session starts with a full status, so it re-asserts
+        the retained copy a new collector bootstraps from (and carries x5c when due).
+        Without retained statuses (`mqtt.retain` false) a new collector would have
+        nothing a heartbeat refers to: full statuses then."""
+        agent, last, link = self.config.agent, self._last_full, self.link
+        if not agent.heartbeat or last is None or link is None or not link.is_connected \
+                or not getattr(self.config.mqtt, "retain", True):
+            return None
+        if self.spool.depth or link.state.connects != last.connects:
+            return None
+        if self.clock.monotonic() - last.at_mono_s >= agent.full_every_s:
+            return None
+        if status_essence(status) != last.essence:
+            return None
+        return build_heartbeat(status, last.digest)
+
+    def _is_x5c_due(self, material: DeviceMaterial) -> bool:
+        """Whether this status carries its signing chain in `x5c` (`mqtt.status_x5c`):
+        with "on_change", the first status of each connection and of each signing
+        certificate, and every status signed while offline (it reaches the broker on
+        a later session, maybe ahead of the first status signed on it), so a collector
+        learns the certificate where the broker does not retain the cert topic."""
+        mode = self.config.mqtt.status_x5c
+        if mode != "on_change":
+            return mode == "always"
+        signer = material.signer()
+        link = self.link
+        if signer is None or link is None or not link.is_connected:
+            return True
+        key = (link.state.connects, signer[1].certs[0].facts.sha256)
+        due, self._x5c_key = key != self._x5c_key, key
+        return due
 
     def _judge_broker_host(
         self, now: datetime,
@@ -195,7 +268,7 @@ class AgentService:
         verdict, findings = evaluate_clock(
             state, newest_not_before=newest_not_before(material), release_date=release_date(),
             skew_tolerance_s=self.config.clock.skew_tolerance_s)
-        # Renewal waits for a good clock (renewal.attempt.is_clock_ok, without its import).
+        # Renewal waits for a good clock: the one rule is renewal.policy.CLOCK_WRONG.
         self._is_clock_ok = not any(f.code in CLOCK_WRONG for f in findings)
         return verdict, findings
 
@@ -204,13 +277,16 @@ class AgentService:
         return read_material(tls.ca_bundle, tls.cert, tls.key, signing_cert=tls.signing_cert,
                              signing_key=tls.signing_key)
 
-    def _sign(self, material: DeviceMaterial, payload: bytes, typ: str) -> bytes:
+    def _sign(self, material: DeviceMaterial, payload: bytes, typ: str, *,
+              include_x5c: bool = False) -> bytes:
         signer = material.signer()
         if signer is None:
             which = "signing" if material.signing is not None else "client"
             raise TransportError(f"cannot sign: the {which} certificate or key is unreadable")
         key, bundle = signer
-        return p.sign_jws(payload, key, bundle.certs[0].cert, typ=typ)  # type: ignore[arg-type]
+        leaf, *chain = (c.cert for c in bundle.certs)
+        return p.sign_jws(payload, key, leaf, typ=typ,  # type: ignore[arg-type]
+                          include_x5c=include_x5c, chain=chain)
 
     def _refresh_broker(self, material: DeviceMaterial, now: datetime,
                         clock: ClockVerdict) -> None:
@@ -252,8 +328,14 @@ class AgentService:
     # ------------------------------------------------------------ delivery
 
     def enqueue(self, result: CycleResult) -> None:
-        """Spool the signed status; queue the cert and inventory messages on change."""
+        """Spool the signed status; queue the cert and inventory messages on change.
+        A heartbeat is published at once, not retained and not spooled: one lost to a
+        dropped link says nothing the next report will not (the cert and inventory
+        are unchanged: a heartbeat stands only for an unchanged status)."""
         device_id = result.status.device_id
+        if result.heartbeat is not None:
+            self._publish_heartbeat(device_id, result)
+            return
         self.delivery.spool_status(result.status.seq, p.status_topic(self.prefix, device_id),
                                    result.token, self.link)
         client = result.material.client
@@ -274,6 +356,17 @@ class AgentService:
                                                              p.INVENTORY_TYP),
                                  digest=ts.digest + signer)
 
+    def _publish_heartbeat(self, device_id: str, result: CycleResult) -> None:
+        link = self.link
+        try:
+            if link is None:
+                raise TransportError("no link")
+            link.publish(p.heartbeat_topic(self.prefix, device_id), result.token, qos=1,
+                         retain=False, expiry_s=3 * self.config.agent.interval_s)
+        except TransportError as exc:
+            log.warning("heartbeat seq=%s not sent (%s): the next report goes out as usual",
+                        result.status.seq, exc)
+
     def flush(self) -> None:
         """Hand spooled messages to the link in order; forget those PUBACKed."""
         self.delivery.drain_acks(self.link)
@@ -286,7 +379,11 @@ class AgentService:
             self.delivery.new_session()  # a new session: re-assert the retained side topics
             publish_retained(link, p.online_topic(self.prefix, self.device_id or ""),
                              p.online_payload(True))
-        self.delivery.send(link, expiry_s=3 * self.config.agent.interval_s)
+        agent = self.config.agent
+        # With heartbeats the retained full status must outlive the heartbeats that
+        # refer to it: a new collector learns the device's state from that copy.
+        self.delivery.send(link, expiry_s=3 * agent.interval_s
+                           + (agent.full_every_s if agent.heartbeat else 0))
 
     def wait_delivered(self, timeout_s: float) -> bool:
         """Block until every spooled status is PUBACKed, or the timeout (`once`)."""
@@ -375,7 +472,9 @@ class AgentService:
             log.error("report failed: %s", exc)
             return
         worst = max((f.severity for f in result.status.findings), default=pki.Severity.OK)
-        log.info("status seq=%s %s findings=%s spool=%s", result.status.seq, worst.name,
+        log.info("%s seq=%s %s findings=%s spool=%s",
+                 "status" if result.heartbeat is None else "heartbeat", result.status.seq,
+                 worst.name,
                  len(result.status.findings), self.spool.depth)
 
     def _broker_changed(self) -> bool:

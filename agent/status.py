@@ -1,7 +1,8 @@
 """Assembling status v1 from what the agent found: pure, no I/O.
 
 Owns the mapping from the agent's facts (DeviceCheck, clock verdict, the broker
-chain seen, the agent's own counters) to certmon.protocol's wire dataclasses, and
+chain seen, the agent's own counters) to certmon.protocol's wire dataclasses, the
+heartbeat and the rule of when one may stand for a status (`status_essence`), and
 the judgement of the broker chain against the device's trust store. Must not read
 files, clocks or sockets, and must not sign (the service does that).
 """
@@ -9,8 +10,8 @@ files, clocks or sockets, and must not sign (the service does that).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
@@ -208,6 +209,34 @@ def _broker_seen(broker: BrokerObservation | None) -> p.BrokerSeen | None:
         error=(broker.error or "")[:256] or None,
         seen_at=broker.seen_at,
     )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def status_essence(status: p.Status) -> bytes:
+    """The status without what changes by itself between two cycles (instants, the
+    sequence number, clock readings, the agent's own counters): two statuses with the
+    same essence differ only in time and counters, so a heartbeat can stand for the
+    second. Anything else — a finding, a certificate, the broker chain, a renewal
+    step, a dropped spooled status — differs, and a full status goes out."""
+    clock = replace(status.clock, offset_s=None, maxerror_s=None, beacon=None)
+    agent = replace(status.agent, uptime_s=0.0, rss_bytes=None, last_publish_ok_at=None,
+                    spool_depth=0)
+    broker = replace(status.broker, seen_at=_EPOCH) if status.broker else None
+    host = replace(status.broker_host, checked_at=_EPOCH) if status.broker_host else None
+    return p.encode_status(replace(status, seq=0, ts=_EPOCH, mono_s=0.0, clock=clock,
+                                   agent=agent, broker=broker, broker_host=host))
+
+
+def build_heartbeat(status: p.Status, status_digest: str) -> p.Heartbeat:
+    """The heartbeat standing for `status` (this cycle's, same seq) whose content is
+    the full status named by `status_digest`."""
+    beacon = status.clock.beacon
+    age = None if beacon is None else round(max(status.mono_s - beacon.received_mono_s, 0.0), 3)
+    return p.Heartbeat(device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
+                       ts=status.ts, interval_s=status.interval_s, status_digest=status_digest,
+                       beacon_ts=beacon.beacon_ts if beacon else None, beacon_age_s=age)
 
 
 def inventory(device_id: str, now: datetime, trust_store: Sequence[pki.CertFacts]) -> p.Inventory:

@@ -77,6 +77,7 @@ class Uplink:
             servername=mqtt.servername,
             keepalive_s=mqtt.keepalive_s, protocol=self._protocol or mqtt.protocol,
             will=Will(p.online_topic(prefix, device_id), p.online_payload(False), 1, True),
+            retain=mqtt.retain,
         )
         try:
             link = MqttLink(settings, on_message=self._on_message, on_connect=self._on_connect,

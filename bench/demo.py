@@ -8,7 +8,10 @@ expiring soon; intermediate CA expiring before its leaf; trust store missing the
 the broker will move to; clock two days behind; clock unsynced; world-readable key;
 one that goes offline; one that renews its own certificate; one on a broker host
 whose own Mosquitto (a second one, bench/demo_broker.py) has a renewed-but-not-reloaded
-certfile and a CRL two days from its nextUpdate — then prints the
+certfile and a CRL two days from its nextUpdate. The collector scans its broker
+endpoints every minute: the demo's broker, and a second endpoint (bench/demo_broker.py)
+whose intermediate CA expires in 10 days; the dashboard's broker section shows each
+verdict and whether the chain devices report matches the scanned one — then prints the
 dashboard URL and the `certmon-collector report` table, and runs until interrupted
 (or for --duration seconds), cleaning up everything it started.
 
@@ -52,6 +55,7 @@ from agent.config import AgentConfig
 from agent.service import AgentService
 from certmon import clock as wallclock
 from certmon.config import loads
+from certmon.pki import Severity
 from collector.config import CollectorConfig
 from collector.service import CollectorService, Periodic
 
@@ -182,6 +186,8 @@ class Demo:
     subprocesses: list[subprocess.Popen[bytes]]
     fleet: list[DemoDevice]
     judged_brokers: list[Mosquitto] = field(default_factory=list)  # the broker hosts' own
+    # Scanned by the collector only ([[scan_targets]]): no device connects to them.
+    scanned_endpoints: list[Mosquitto] = field(default_factory=list)
 
     def stop(self) -> None:
         try:
@@ -198,7 +204,7 @@ class Demo:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            for judged in self.judged_brokers:
+            for judged in [*self.judged_brokers, *self.scanned_endpoints]:
                 judged.stop(timeout_s=10)
             self.broker.stop(timeout_s=10)
 
@@ -209,21 +215,42 @@ def start_demo(work: Path, *, interval_s: int = 10, listen: str = "127.0.0.1:0")
     (work / "fleet.json").write_text(json.dumps(
         {d.device_id: {"intended": d.intended, "story": d.story} for d in fleet}, indent=2))
     broker = start_broker(work, cas)
+    endpoint: Mosquitto | None = None
     try:
-        return _start_fleet(work, broker, cas, fleet, interval_s=interval_s, listen=listen)
+        endpoint = demo_broker.start_expiring_endpoint(work / "broker-eu", now,
+                                                       cas["broker_ca"])
+        demo = _start_fleet(work, broker, cas, fleet, interval_s=interval_s, listen=listen,
+                            scanned=[endpoint])
+        demo.scanned_endpoints.append(endpoint)
+        return demo
     except BaseException:
-        broker.stop()  # whatever failed, the broker the demo started does not outlive it
+        # Whatever failed, no broker the demo started outlives it.
+        if endpoint is not None:
+            endpoint.stop()
+        broker.stop()
         raise
 
 
 def _start_fleet(work: Path, broker: Mosquitto, cas: dict[str, Issued],
-                 fleet: list[DemoDevice], *, interval_s: int, listen: str) -> Demo:
-    """The collector (operations listener) and the agents (device listener)."""
+                 fleet: list[DemoDevice], *, interval_s: int, listen: str,
+                 scanned: Sequence[Mosquitto] = ()) -> Demo:
+    """The collector (operations listener) and the agents (device listener). The
+    collector scans the device listener (what every device sees) and `scanned`."""
     port, operations_port = broker.listeners[0].port, broker.listeners[1].port
+    # The device listener asks for a client certificate the scan does not present:
+    # the probe still records the chain the broker served (certmon.tlsprobe).
+    scan_ports = [port, *(b.listeners[0].port for b in scanned)]
+    scan_targets = "".join(f"""
+[[scan_targets]]
+host = "127.0.0.1"
+port = {p}
+""" for p in scan_ports)
     collector_cert, collector_key = cas["collector"].write(work, chain=True)
     write_bundle(work / "broker-ca.pem", [cas["broker_ca"]])
     new_ca = write_bundle(work / "new-broker-root.pem", [cas["new_broker_ca"]])
     config_text = f"""\
+scan_interval_s = 60  # the shortest allowed: the demo's scans are on its dashboard at once
+
 [mqtt]
 broker = "mqtts://127.0.0.1:{operations_port}"
 client_id = "certmon-demo-collector"
@@ -248,7 +275,7 @@ offline_after_intervals = 3.0
 name = "demo Broker Root 2026"
 ca_file = "{new_ca}"
 status = "required"
-"""
+{scan_targets}"""
     (work / "collector.toml").write_text(config_text)
     config = loads(CollectorConfig, config_text, source=str(work / "collector.toml"))
     from collector.wiring import build_collector
@@ -385,6 +412,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _scan_summary(result_json: str) -> str:
+    """The scan's worst finding, as `certmon-scan` words it."""
+    try:
+        findings = json.loads(result_json).get("findings") or []
+    except (ValueError, AttributeError):
+        return ""
+    worst = max(findings, key=lambda f: Severity[f.get("severity", "OK")], default=None)
+    return f"{worst['code']}: {worst['message']}" if worst else "no findings"
+
+
 def print_overview(demo: Demo, ready: bool) -> None:
     from collector.cli import build_report, render_report
 
@@ -394,6 +431,14 @@ def print_overview(demo: Demo, ready: bool) -> None:
     print()
     for device in demo.fleet:
         print(f"  {device.device_id:9} should show {device.intended:9} {device.story}")
+    print()
+    deadline = time.monotonic() + 15  # the first scans run in the background
+    while (len(demo.collector.store.scans()) <= len(demo.scanned_endpoints)
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    for scan in demo.collector.store.scans():
+        print(f"  scanned {scan.target:15} {Severity(scan.severity).name:9} "
+              f"{_scan_summary(scan.result_json)}")
     print()
     report = build_report(demo.collector.store, datetime.now(UTC), 30.0)
     render_report(report, sys.stdout)

@@ -1,8 +1,9 @@
 """The demo's broker host (bench/demo.py): a second Mosquitto with two of the broker-side
 outages certmon finds (docs/broker-host.md), and the `[broker]` section of the agent
-that runs on it.
+that runs on it; and the second broker endpoint the collector scans, whose
+intermediate CA expires in 10 days (`start_expiring_endpoint`).
 
-Owns starting that broker and breaking it the way operators break theirs: its
+Owns starting those brokers and breaking them the way operators break theirs: its
 certfile is renewed on disk after start and never reloaded (Mosquitto keeps serving
 the old one, mosquitto#1877), and its crlfile's nextUpdate is 2 days away (after it,
 Mosquitto refuses every client certificate). Must not start the agent or the
@@ -17,6 +18,9 @@ from pathlib import Path
 
 from kit.broker import BrokerStartError, Listener, Mosquitto
 from kit.pki import Issued, PKIFactory, write_bundle, write_crls
+
+EXPIRING_ENDPOINT_STORY = ("second broker endpoint: its intermediate CA expires in 10 days "
+                           "(the collector's scan finds it; no device reports it)")
 
 STORY = ("broker host: its certfile was renewed on disk but Mosquitto still serves the "
          "old one; its CRL's nextUpdate is 2 days away")
@@ -59,3 +63,22 @@ config = "{broker.conf_path}"
 check_every_s = 10
 """
     return broker, section
+
+
+def start_expiring_endpoint(work: Path, now: datetime, broker_root: Issued) -> Mosquitto:
+    """A broker endpoint serving a chain whose intermediate (under `broker_root`, the CA
+    the collector's `tls.ca_bundle` trusts) expires 10 days from `now`, long before its
+    own certificate: what the collector's scheduled scan must flag."""
+    work.mkdir(parents=True, exist_ok=True)
+    pki = PKIFactory(now)
+    intermediate = pki.intermediate(broker_root, "demo Broker Intermediate 2021", days=1835,
+                                    not_before=now - timedelta(days=1825))  # 10 days left
+    leaf = pki.leaf(intermediate, "broker-eu", usage="server", days=200,
+                    sans=("localhost", "127.0.0.1"), not_before=now - timedelta(days=30))
+    cert, key = leaf.write(work, chain=True)
+    broker = Mosquitto(work / "mosquitto", [Listener(tls=True, certfile=cert, keyfile=key)])
+    try:
+        return broker.start()
+    except BrokerStartError as exc:
+        raise SystemExit(f"certmon demo: the second broker endpoint did not start:\n{exc}"
+                         ) from None

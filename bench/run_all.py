@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 QUICK = [
     ["check_bench.py", "--runs", "3"],
     ["agent_footprint.py", "--cycles", "5"],
+    ["heartbeat_bytes.py", "--reports", "30"],
     ["collector_ingest.py", "--devices", "2000", "--per-device", "2", "--workers", "0,1"],
     ["scan_bench.py", "--n", "50"],
     ["api_bench.py", "--devices", "10000", "--repeat", "3"],
@@ -26,6 +27,7 @@ QUICK = [
 FULL = [
     ["check_bench.py"],
     ["agent_footprint.py", "--cycles", "20"],
+    ["heartbeat_bytes.py"],
     ["collector_ingest.py", "--devices", "10000", "--per-device", "3"],
     ["scan_bench.py", "--n", "200", "--blackbox"],
     ["api_bench.py"],

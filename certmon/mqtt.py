@@ -55,6 +55,11 @@ class LinkSettings:
     keepalive_s: int = 60
     protocol: str = "v5"  # "v5" or "v311"
     will: Will | None = None
+    # False: never set the retain flag (nor on the will), for a broker with retained
+    # messages off: Mosquitto's `retain_available false` disconnects a client that
+    # sets it and refuses a retained will. A v5 CONNACK saying "Retain Available: 0"
+    # has the same effect on publishes by itself (LinkState.is_retain_available).
+    retain: bool = True
     clean_start: bool = True
     # MQTT v5: how long the broker keeps the session (subscriptions and queued QoS 1
     # messages) after a disconnect. With clean_start False, a restarted collector
@@ -106,6 +111,8 @@ class LinkState:
     # The broker answered an MQTT v5 CONNECT with "unsupported protocol version": the
     # owner should rebuild the link with protocol "v311" (the fallback).
     protocol_refused: bool = False
+    # The broker's v5 CONNACK said "Retain Available: 0": publishes go unretained.
+    is_retain_available: bool = True
     subscriptions: dict[str, int] = field(default_factory=dict)
 
 
@@ -164,7 +171,8 @@ class MqttLink:
         if s.is_tls:
             client.tls_set_context(self._tls_context())
         if s.will is not None:
-            client.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
+            client.will_set(s.will.topic, s.will.payload, qos=s.will.qos,
+                            retain=s.will.retain and s.retain)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -223,7 +231,8 @@ class MqttLink:
         infos = []
         if self.is_connected:
             for topic, payload, retain in final:
-                infos.append(self._client.publish(topic, payload, qos=1, retain=retain))
+                infos.append(self._client.publish(topic, payload, qos=1,
+                                                  retain=retain and self._may_retain()))
             for info in infos:
                 try:
                     info.wait_for_publish(timeout_s)
@@ -268,7 +277,8 @@ class MqttLink:
                 props.MessageExpiryInterval = int(expiry_s)
             if user_properties:
                 props.UserProperty = list(user_properties)
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain and self._may_retain(),
+                                    properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         return int(info.mid)
@@ -310,9 +320,13 @@ class MqttLink:
             self.state.peer_chain_der = chain
             self.state.tls_version = sock.version()
 
+    def _may_retain(self) -> bool:
+        return self.settings.retain and self.state.is_retain_available
+
     def _handle_connect(self, client: paho.Client, _u: Any, _flags: Any,
-                        reason: ReasonCode, _props: Any) -> None:
+                        reason: ReasonCode, props: Any) -> None:
         self.state.connack_reason = str(reason)
+        self.state.is_retain_available = getattr(props, "RetainAvailable", 1) != 0
         if reason.is_failure:
             self.state.last_error = f"broker refused the connection: {reason}"
             # 132 in v5 terms; a v3.1.1-only broker answers its own "1, unacceptable

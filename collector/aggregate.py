@@ -98,6 +98,24 @@ def fleet_severities(alerts: Iterable[Any]) -> dict[str, int]:
     return out
 
 
+# What an offline device is shown by: its last findings stand as last reported, but
+# the first thing to fix is that it no longer reports (alerts.rules.DEVICE_OFFLINE).
+OFFLINE_CODE = "DEVICE_OFFLINE"
+
+
+def shown_worst(worst_code: str | None, worst_message: str | None, *, online: bool,
+                offline_since: datetime | None) -> tuple[str | None, str | None]:
+    """The (code, message) a device line leads with: an offline device's is offline,
+    whatever its last status said (that status's worst finding follows in the
+    message), so the gateway that went dark does not read as a clock problem."""
+    if online:
+        return worst_code, worst_message
+    since = f" since {p.format_instant(offline_since)}" if offline_since else ""
+    last = (f"; last reported {worst_code}: {worst_message}" if worst_code and worst_message
+            else f"; last reported {worst_code}" if worst_code else "")
+    return OFFLINE_CODE, f"offline{since}{last}"
+
+
 def device_state(severity: int, worst_code: str | None, *, online: bool,
                  fleet_severity: int = 0) -> DeviceState:
     if fleet_severity > severity:

@@ -176,7 +176,10 @@ def build_report(store: Store, now: datetime, within_days: float) -> dict[str, o
         rows.append({
             "device_id": d.device_id, "state": str(state),
             "severity": Severity(min(severity, 3)).name,
-            "worst": d.worst_code or _fleet_rule(active, d.device_id),
+            # An offline device leads with DEVICE_OFFLINE, as on the dashboard.
+            "worst": aggregate.shown_worst(d.worst_code, None, online=d.is_online,
+                                           offline_since=d.online_changed_at)[0]
+            or _fleet_rule(active, d.device_id),
             "findings": [f.code for f in d.findings],
             "last_received_at": d.last_received_at.isoformat() if d.last_received_at else None,
             "clock_offset_lo_s": d.clock_offset_lo_s, "clock_offset_hi_s": d.clock_offset_hi_s,

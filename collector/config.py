@@ -27,6 +27,8 @@ from certmon.config import (
 from certmon.scanconfig import ScanTarget
 from certmon.wire import DEFAULT_PREFIX, LEGACY_V1_PREFIX
 
+from .crlfetch import check_crl_url
+
 DEFAULT_PATH = Path("/etc/certmon/collector.toml")
 
 
@@ -91,12 +93,14 @@ class TlsConfig:
                                           "sweep): an online device whose client "
                                           "certificate one lists raises CERT_REVOKED.")
     fleet_crl_urls: tuple[str, ...] = setting(
-        default=(), schemes=("http", "https"), doc="CRL Distribution Point URLs of the "
-        "fleet CAs' CRLs (docs/broker-host.md), fetched at the fleet sweep at most every "
-        "`crl_fetch_every_s` and used as `fleet_crl` files are; a failed fetch keeps the "
-        "last good copy and is logged.")
-    crl_fetch_timeout_s: float = setting(default=10.0, ge=0.1, le=300, doc="Bound of each "
-                                         "blocking step (connect, each read) of a CRL fetch.")
+        default=(), schemes=("http", "https"), check=check_crl_url, doc="CRL "
+        "Distribution Point URLs of the fleet CAs' CRLs (docs/broker-host.md), fetched at "
+        "the fleet sweep at most every `crl_fetch_every_s` and used as `fleet_crl` files "
+        "are (only a CRL whose signature verifies under a fleet CA or a device chain's "
+        "intermediate is believed); no user:password@, redirects are not followed; a "
+        "failed, unverifiable or older fetch keeps the last good CRL and is logged.")
+    crl_fetch_timeout_s: float = setting(default=10.0, ge=0.1, le=300, doc="Total deadline "
+                                         "of one CRL fetch (connect, headers and body).")
     crl_fetch_every_s: float = setting(default=3600.0, ge=10, doc="A fetched CRL is fetched "
                                        "again once its copy is this old (a failed fetch is "
                                        "retried after a tenth of it).")

@@ -3,11 +3,14 @@
 Owns the per-message pipeline (topic → admission → kind → verify → record) as a
 side-effect-free decide stage: `decide(batch)` turns a batch into a `Plan` of effects
 in message order
-(status runs recorded in one transaction; rejections with their reason), which
+(status runs recorded in one transaction — a heartbeat recorded as the full status
+it names, with its own sequence number and clock sample; rejections with their
+reason), which
 `apply(plan)` performs (collector.effects: exactly once, resumable after a store
 outage). Nothing it is sent may crash it: every input ends as "stored" or
 "rejected: <reason>". Decide reads the store only to load a certificate another
-collector stored; it writes nothing but the in-memory certificate cache, which is
+collector stored, or the stored status a heartbeat names when this process has not
+verified it; it writes nothing but the in-memory certificate cache, which is
 idempotent, and, once decided, the admission buckets, so after `StoreUnavailable` it
 is simply run again. Admission (collector.admission) comes first and reads only topics
 and arrival instants: a device over its budget has only its newest pending status
@@ -21,6 +24,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from cryptography import x509
@@ -72,8 +76,32 @@ log = logging.getLogger("certmon.collector.ingest")
 
 # A signed status waiting for the verifier pool, at its place in the batch.
 _Signed = tuple[Incoming, str, p.ParsedJWS, KnownCert, datetime]
-_Decided = Pending | Effect | int | None  # int: the index of a `_Signed` slot
 TOPICS_KEPT = 200_000  # parsed topics remembered (a few per device)
+# What admission charges to a device's budget: a heartbeat is a report like a status.
+_BUDGETED = (p.TopicKind.STATUS, p.TopicKind.HEARTBEAT)
+
+
+@dataclass(frozen=True, slots=True)
+class _Beat:
+    """A heartbeat waiting for the batch's statuses to be verified (the one it names
+    may be among them, in the verifier pool), at its place in the batch."""
+
+    msg: Incoming
+    device_id: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _FullStatus:
+    """The newest full status this process verified for a device: what its heartbeats
+    refer to (by `digest`) and what a heartbeat's record is made from."""
+
+    digest: str  # p.status_digest of the signed payload
+    status: p.Status
+    record: StatusRecord
+
+
+_Decided = Pending | Effect | int | None | _Beat  # int: the index of a `_Signed` slot
 
 
 class Ingestor:
@@ -96,6 +124,10 @@ class Ingestor:
         # Per-device admission before the expensive work (collector.admission).
         self.admission = Admission(budget or Budget())
         self._topics: dict[str, tuple[str, p.TopicKind] | None] = {}
+        # Per device, the last full status (one per device, ~2 KB): heartbeats name it.
+        self._full: dict[str, _FullStatus] = {}
+        self._full_prev: dict[str, _FullStatus] = {}  # the one before, per device
+        self.heartbeats_unknown = 0  # heartbeats naming a full status not seen here
         self.store = store
         self.certs = certs
         self.prefix = prefix
@@ -179,7 +211,8 @@ class Ingestor:
                 decided.append(Reject("internal_error", msg, f"{type(exc).__name__}: {exc}",
                                       at))
         checked = self._verify_in_pool(signed) if signed else []
-        plan = _plan([checked[d] if isinstance(d, int) else d for d in decided])
+        plan = _plan([checked[d] if isinstance(d, int) else
+                      self._resolve_beat(d) if isinstance(d, _Beat) else d for d in decided])
         now = self.now()
         plan.effects += [Flooding(d, True, now) for d in judgement.started]
         plan.effects += [Flooding(d, False, now) for d in judgement.calmed]
@@ -192,7 +225,7 @@ class Ingestor:
         statuses: list[tuple[int, str, datetime]] = []
         for i, msg in enumerate(messages):
             parsed = self._parse_topic(msg.topic)
-            if parsed is not None and parsed[1] == p.TopicKind.STATUS and msg.payload \
+            if parsed is not None and parsed[1] in _BUDGETED and msg.payload \
                     and not msg.retained:  # a retained copy is one per device anyway
                 statuses.append((i, parsed[0], msg.received_at or self.now()))
         judgement = self.admission.judge([(device, at) for _i, device, at in statuses])
@@ -220,6 +253,8 @@ class Ingestor:
                 return len(signed) - 1
             verified = self._verify(device_id, parsed_jws, known)
             return Pending(verified, self._status_record(verified, msg, at), msg)
+        if kind == p.TopicKind.HEARTBEAT:
+            return _Beat(msg, device_id, at) if msg.payload else None
         if kind == p.TopicKind.CERT and msg.payload:
             accept_cert_message(self.certs, device_id, msg.payload, at)
         elif kind == p.TopicKind.ONLINE and msg.payload:
@@ -269,12 +304,12 @@ class Ingestor:
 
     def _signer(self, device_id: str, parsed: p.ParsedJWS, now: datetime) -> KnownCert:
         try:
-            return resolve_signer(self.certs, parsed, now)
+            return resolve_signer(self.certs, parsed, now, device_id)
         except ProtocolError as exc:
             if exc.reason != "unknown_cert" or not self._load_cert_from_store(
                     device_id, parsed.cert_sha256, now):
                 raise
-        return resolve_signer(self.certs, parsed, now)
+        return resolve_signer(self.certs, parsed, now, device_id)
 
     def _load_cert_from_store(self, device_id: str, sha: str, now: datetime) -> bool:
         # Another collector of the share group may have seen the cert message; the
@@ -305,7 +340,7 @@ class Ingestor:
         roles: frozenset[CertRole] = frozenset()
         if self.applier.stored_certs.get(status.device_id) != cert_key(verified):
             links, roles = _cert_links(signer, status)
-        return StatusRecord(
+        record = StatusRecord(
             device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
             device_ts=status.ts, received_at=at, interval_s=status.interval_s,
             status_json=verified.payload.decode("utf-8"),
@@ -317,6 +352,94 @@ class Ingestor:
             certs=links, replace_roles=roles,
             clock_offset_lo_s=offset.lo_s, clock_offset_hi_s=offset.hi_s,
         )
+        last = self._full.get(status.device_id)
+        if last is None or last.status.boot_id != status.boot_id or last.status.seq < status.seq:
+            if last is not None:
+                self._full_prev[status.device_id] = last
+            self._full[status.device_id] = _FullStatus(p.status_digest(verified.payload), status,
+                                                       replace(record, certs=(),
+                                                               replace_roles=frozenset()))
+        return record
+
+    # ------------------------------------------------------------ heartbeats
+
+    def _resolve_beat(self, beat: _Beat) -> Pending | Reject:
+        try:
+            return self._heartbeat(beat.device_id, beat.msg, beat.at)
+        except ProtocolError as exc:
+            return Reject(exc.reason, beat.msg, str(exc), beat.at)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error on %s", beat.msg.topic[:200])
+            return Reject("internal_error", beat.msg, f"{type(exc).__name__}: {exc}", beat.at)
+
+    def _known_full(self, device_id: str, digest: str) -> _FullStatus | None:
+        # The newest and the one before it: a heartbeat and a newer status can share
+        # a batch (the heartbeat then names the older one).
+        for full in (self._full.get(device_id), self._full_prev.get(device_id)):
+            if full is not None and full.digest == digest:
+                return full
+        return None
+
+    def _heartbeat(self, device_id: str, msg: Incoming, at: datetime) -> Pending:
+        """A verified heartbeat as the record of the full status it names, with its own
+        (boot_id, seq), instants and clock sample: stored like a status, so the replay
+        window, the order, liveness and the clock offset hold for both, while the
+        stored status (findings, certificates, status_json) stays what it was, so a
+        heartbeat alone can change no alert. Naming a full status this process has not
+        verified (a new collector before the retained status arrived, a lost one) is
+        counted `heartbeat_unknown_status`: the retained or next full status mends it."""
+        parsed = p.parse_jws(msg.payload, p.MAX_HEARTBEAT_JWS_BYTES, typ=p.HEARTBEAT_TYP)
+        known = self._signer(device_id, parsed, at)
+        p.verify_jws(parsed, known.cert.public_key())
+        beat = p.decode_heartbeat(parsed.payload)
+        if known.identity != beat.device_id:
+            raise ProtocolError("identity_mismatch", f"heartbeat for {beat.device_id!r} "
+                                f"signed by the certificate of {known.identity!r}")
+        if beat.device_id != device_id:
+            raise ProtocolError("topic_mismatch", f"heartbeat for {beat.device_id!r} "
+                                f"published on the topic of {device_id!r}")
+        full = self._known_full(device_id, beat.status_digest) or \
+            self._full_from_store(device_id, beat.status_digest, known, at)
+        if full is None:
+            self.heartbeats_unknown += 1
+            raise ProtocolError("heartbeat_unknown_status",
+                                f"heartbeat seq={beat.seq} names status "
+                                f"{beat.status_digest[:16]}…, not the last one seen here")
+        status = replace(full.status, boot_id=beat.boot_id, seq=beat.seq, ts=beat.ts,
+                         interval_s=beat.interval_s)
+        # The bounds of aggregate.clock_offset: lo from ts against arrival (not for a
+        # retained copy), hi from when the device heard our beacon.
+        lo = None if msg.retained else (beat.ts - at).total_seconds()
+        hi = None
+        if beat.beacon_ts is not None and beat.beacon_age_s is not None:
+            hi = (beat.ts - beat.beacon_ts).total_seconds() - beat.beacon_age_s
+        record = replace(full.record, boot_id=beat.boot_id, seq=beat.seq, device_ts=beat.ts,
+                         received_at=at, interval_s=beat.interval_s,
+                         clock_offset_lo_s=lo, clock_offset_hi_s=hi)
+        return Pending(Verified(status, known, parsed.payload), record, msg)
+
+    def _full_from_store(self, device_id: str, digest: str, known: KnownCert,
+                         at: datetime) -> _FullStatus | None:
+        """The stored status when it is the one `digest` names: another collector of
+        the share group stored it (the group hands a device's messages to any member),
+        or this one did before a restart. status_json is the verified payload itself."""
+        row = self.store.device(device_id)
+        if row is None or row.status_json is None:
+            return None
+        payload = row.status_json.encode("utf-8")
+        if p.status_digest(payload) != digest:
+            return None
+        verified = Verified(p.decode_status(payload), known, payload)
+        record = self._status_record(
+            verified, Incoming(topic="", payload=b"", retained=True, qos=0), at)
+        # Remembered whatever the cache held: the device's signed heartbeat names it.
+        full = _FullStatus(digest, verified.status,
+                           replace(record, certs=(), replace_roles=frozenset()))
+        self._full_prev.pop(device_id, None)
+        self._full[device_id] = full
+        return full
 
     # ------------------------------------------------------------ other topics
 

@@ -109,7 +109,8 @@ def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], Non
     # statuses and inventories they sign, not after (which would reject them all).
     # With mqtt.legacy_v1_topics each kind is also subscribed in the v1 layout.
     for kind, shared in ((p.TopicKind.CERT, ""), (p.TopicKind.ONLINE, ""),
-                         (p.TopicKind.INVENTORY, share), (p.TopicKind.STATUS, share)):
+                         (p.TopicKind.INVENTORY, share), (p.TopicKind.STATUS, share),
+                         (p.TopicKind.HEARTBEAT, share)):
         for topic_filter in p.device_topic_filters(prefix, kind,
                                                    legacy_v1=mqtt.legacy_v1_topics):
             link.subscribe(shared + topic_filter, 1)

@@ -25,11 +25,12 @@ from certmon import wire as p
 from certmon.chain import verify_chain
 from certmon.errors import ProtocolError
 
-# Reasons added here on top of certmon.wire's parsing reasons; the last two are
-# ingest's (a bug caught per message, and a row the database refused).
+# Reasons added here on top of certmon.wire's parsing reasons; the last three are
+# ingest's (a bug caught per message, a row the database refused, a heartbeat naming a
+# full status the collector does not know).
 REASONS = (*p.PROTOCOL_REASONS, "unknown_cert", "untrusted_cert", "identity_mismatch",
            "topic_mismatch", "bad_topic", "replay", "bad_cert_message",
-           "internal_error", "store_refused")
+           "internal_error", "store_refused", "heartbeat_unknown_status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,14 @@ class CertCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def chain_certs(self) -> set[x509.Certificate]:
+        """The certificates above the leaf of every trusted device chain held here:
+        the intermediates a fleet CRL may be signed by (collector.revocation admits
+        each by signature)."""
+        with self._lock:
+            held = [known for known, _ in self._entries.values() if known.trusted]
+        return {c for known in held for c in (*known.chain[1:], *known.client_chain[1:])}
 
     def get(self, sha256: str, now: datetime) -> KnownCert | None:
         with self._lock:
@@ -132,29 +141,44 @@ def accept_cert_message(cache: CertCache, device_id: str, payload: bytes,
         raise ProtocolError("topic_mismatch", f"cert message for {msg.device_id!r} on the "
                             f"topic of {device_id!r}")
     client_chain = msg.certificates(client=True) if msg.client_x5c else []
-    known = cache.add(msg.certificates(), now, client_chain=client_chain)
+    return judge_device_chain(cache, device_id, msg.certificates(), now,
+                              client_chain=client_chain)
+
+
+def judge_device_chain(cache: CertCache, device_id: str | None,
+                       chain: Sequence[x509.Certificate], now: datetime, *,
+                       client_chain: Sequence[x509.Certificate] = ()) -> KnownCert:
+    """A device's signing chain, from its cert message or a status's `x5c` header (one
+    rule for both): remembered with its verdict, refused unless it chains to a fleet CA
+    and names `device_id` (None: the identity is checked with the status instead)."""
+    known = cache.add(chain, now, client_chain=client_chain)
     if not known.trusted:
-        raise ProtocolError("untrusted_cert", f"{device_id}: certificate {known.facts.subject} "
-                            f"does not chain to a fleet CA: {known.trust_error}")
-    if known.identity != device_id:
+        raise ProtocolError("untrusted_cert", f"{device_id or known.identity}: certificate "
+                            f"{known.facts.subject} does not chain to a fleet CA: "
+                            f"{known.trust_error}")
+    if device_id is not None and known.identity != device_id:
         raise ProtocolError("identity_mismatch", f"certificate identity {known.identity!r} "
                             f"is not the device id {device_id!r}")
     return known
 
 
-def resolve_signer(cache: CertCache, parsed: p.ParsedJWS, now: datetime) -> KnownCert:
-    """The cheap half: the certificate a parsed JWS names, trusted, or refused."""
+def resolve_signer(cache: CertCache, parsed: p.ParsedJWS, now: datetime,
+                   device_id: str | None = None) -> KnownCert:
+    """The cheap half: the certificate a parsed JWS names, trusted, or refused. A
+    certificate not yet known is learnt from the header's `x5c` when it carries one
+    (`mqtt.status_x5c`: brokers that do not retain the cert topic), judged exactly as
+    a cert message on `device_id`'s topic would be."""
     known = cache.get(parsed.cert_sha256, now)
     if known is None and parsed.x5c:
-        # The first message after a change may carry its chain in x5c.
         try:
             chain = [x509.load_der_x509_certificate(der) for der in parsed.x5c]
         except ValueError as exc:
             raise ProtocolError("bad_header", f"x5c does not hold certificates: {exc}") from exc
-        known = cache.add(chain, now)
+        return judge_device_chain(cache, device_id, chain, now)
     if known is None:
         raise ProtocolError("unknown_cert", f"no certificate known for x5t#S256 "
-                            f"{parsed.cert_sha256[:16]}… (publish it on the cert topic)")
+                            f"{parsed.cert_sha256[:16]}… (publish it on the cert topic, "
+                            "or set the agent's mqtt.status_x5c)")
     if not known.trusted:
         raise ProtocolError("untrusted_cert", f"signing certificate {known.facts.subject} "
                             f"does not chain to a fleet CA: {known.trust_error}")

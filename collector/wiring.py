@@ -60,7 +60,7 @@ def _fleet_crls(config: CollectorConfig, certs: CertCache,
     urls = CrlSource(tls.fleet_crl_urls, timeout_s=tls.crl_fetch_timeout_s,
                      every_s=tls.crl_fetch_every_s, monotonic=monotonic) \
         if tls.fleet_crl_urls else None
-    return FleetCrls(tls.fleet_crl, cas, urls).current
+    return FleetCrls(tls.fleet_crl, cas, urls, chain_certs=certs.chain_certs).current
 
 
 def build_collector(config: CollectorConfig, *, web: bool = True,

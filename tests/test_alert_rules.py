@@ -13,6 +13,7 @@ import pytest
 
 from certmon.pki import Policy, Severity
 from certmon.wire import FindingWire
+from collector import aggregate
 from collector.alerts import Notification
 from collector.alerts.engine import DEVICE_ROWS_MAX, AlertEngine
 from collector.alerts.rules import (
@@ -162,6 +163,40 @@ def test_offline_with_an_already_expired_certificate() -> None:
                          client_not_after=NOW - timedelta(days=1), now=NOW, policy=Policy())
     c = next(c for c in out if c.rule == OFFLINE_CERT_EXPIRING)
     assert "has never reported" in c.summary and "(1 day ago)" in c.summary
+
+
+def test_offline_by_its_will_right_after_a_status_says_so() -> None:
+    # The broker fired the device's last will 2 s after its status: sooner than any
+    # silence judgement could (one interval at least), so not "silent for 2 seconds".
+    [c] = offline_alerts("gw-0601", online=False, last_seen_at=NOW - timedelta(seconds=2),
+                         client_not_after=None, now=NOW, policy=Policy(), interval_s=60)
+    assert c.summary == ("gw-0601 went offline (its connection dropped; the broker published "
+                         "its last will) at 2026-03-01T12:00:00Z, last status 2 seconds ago")
+
+
+@pytest.mark.parametrize(("silence_s", "interval_s", "will"), [
+    (30, 60, True), (61, 60, False), (9, None, True), (10, None, False)])
+def test_will_or_silence_is_told_apart_by_the_interval(silence_s: int, interval_s: int | None,
+                                                      will: bool) -> None:
+    # Unknown interval: the agent's minimum (10 s) bounds the earliest silence verdict.
+    [c] = offline_alerts("gw-1", online=False, last_seen_at=NOW - timedelta(seconds=silence_s),
+                         client_not_after=None, now=NOW, policy=Policy(), interval_s=interval_s)
+    assert ("last will" in c.summary) is will
+    assert ("has been silent for" in c.summary) is not will
+
+
+def test_an_offline_device_leads_with_offline_not_its_last_finding() -> None:
+    # gw-0601 last reported CLOCK_UNSYNCED, then its will fired: offline is what to fix.
+    code, message = aggregate.shown_worst("CLOCK_UNSYNCED", "clock not synchronised",
+                                          online=False, offline_since=NOW)
+    assert code == aggregate.OFFLINE_CODE == DEVICE_OFFLINE
+    assert message == ("offline since 2026-03-01T12:00:00Z; last reported CLOCK_UNSYNCED: "
+                       "clock not synchronised")
+    assert aggregate.shown_worst(None, None, online=False, offline_since=None) == (
+        DEVICE_OFFLINE, "offline")
+    assert aggregate.shown_worst("CERT_EXPIRING", "m", online=True, offline_since=NOW) == (
+        "CERT_EXPIRING", "m")
+    assert aggregate.device_state(1, "CLOCK_UNSYNCED", online=False) == "offline"
 
 
 def test_offline_expiry_outside_the_warn_window_is_not_an_alert() -> None:

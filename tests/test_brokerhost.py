@@ -91,14 +91,14 @@ def test_syntax_it_does_not_know_is_a_finding_naming_file_and_line(tmp_path: Pat
                     "keyfile=/pki/broker.key\n")
     config = mosquitto.read_config(main)
     messages = [f.message for f in config.findings]
-    assert messages[0] == (f"{main}:2: 'certfile = /pki/broker.crt': Mosquitto's syntax is "
-                           "`name value`, without '='")
-    assert messages[1].startswith(f"{main}:3: listener 'eight': the port is not a number")
+    assert messages[0] == f"{main}:2: certfile: Mosquitto's syntax is `name value`, without '='"
+    assert messages[1].startswith(f"{main}:3: listener: the port is not a number")
     assert messages[2].startswith(f"{main}:4: certfile has no value")
     assert messages[3].startswith(f"{main}:5: bridge_cafile outside a bridge")
-    assert messages[4].startswith(f"{main}:6: include_dir /nonexistent.d: No such file")
+    assert messages[4].startswith(f"{main}:6: include_dir: No such file")
     assert messages[5].startswith(f"{main}:7: 'frobnicate' is not a Mosquitto 2 directive")
-    assert messages[6].startswith(f"{main}:8: 'keyfile=/pki/broker.key': Mosquitto's syntax")
+    assert messages[6].startswith(f"{main}:8: keyfile: Mosquitto's syntax")
+    assert not any("/pki/broker" in m for m in messages)  # values are never echoed
     assert [f.severity for f in config.findings] == [
         pki.Severity.WARNING, pki.Severity.WARNING, pki.Severity.WARNING, pki.Severity.WARNING,
         pki.Severity.CRITICAL, pki.Severity.OK, pki.Severity.WARNING]
@@ -110,6 +110,56 @@ def test_syntax_it_does_not_know_is_a_finding_naming_file_and_line(tmp_path: Pat
     done = check("--broker-config", tmp_path / "absent.conf")
     assert done.returncode == 3 and "Traceback" not in done.stderr
     assert f"cannot read Mosquitto config {tmp_path / 'absent.conf'}" in done.stdout
+
+
+def test_no_finding_echoes_a_value_so_a_password_never_reaches_the_report(
+    tmp_path: Path,
+) -> None:
+    main = tmp_path / "mosquitto.conf"
+    main.write_text("connection up\naddress up.example:8883\nremote_password = s3cret-pw\n"
+                    "remote_password=s3cret-pw2\nport s3cret-pw3\n")
+    config = mosquitto.read_config(main)
+    messages = [f.message for f in config.findings]
+    assert messages[0] == (f"{main}:3: remote_password: Mosquitto's syntax is "
+                           "`name value`, without '='")
+    assert messages[1].startswith(f"{main}:4: remote_password: ")
+    assert messages[2] == f"{main}:5: port: the value is not a port number"
+    assert len(messages) == 3
+    done = check("--broker-config", main, "--json")
+    assert "remote_password" in done.stdout and "Traceback" not in done.stderr
+    assert "s3cret" not in done.stdout + done.stderr
+
+
+def test_a_conf_d_including_itself_is_read_once(tmp_path: Path) -> None:
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    for n in range(8):  # each one includes conf.d again: 8^8 reads before the fix
+        (conf_d / f"{n}.conf").write_text(f"include_dir {conf_d}\n")
+    main = tmp_path / "mosquitto.conf"
+    main.write_text(f"include_dir {tmp_path / '.' / 'conf.d'}\n")
+    config = mosquitto.read_config(main)
+    assert len(config.files_read) == 9  # the main file and each conf.d file once
+    loops = [f for f in config.findings if "already being read" in f.message]
+    assert len(loops) == 8 and loops[0].message.startswith(f"{conf_d / '0.conf'}:1: ")
+
+
+def test_a_fifo_or_a_huge_conf_is_a_finding_and_not_read(tmp_path: Path) -> None:
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    os.mkfifo(conf_d / "a-fifo.conf")  # opening it for reading would block forever
+    (conf_d / "b-huge.conf").write_bytes(b"# x\n" * (mosquitto.MAX_CONF_BYTES // 4 + 1))
+    (conf_d / "c-ok.conf").write_text("listener 8883\n")
+    main = tmp_path / "mosquitto.conf"
+    main.write_text(f"include_dir {conf_d}\n")
+    config = mosquitto.read_config(main)
+    assert config.files_read == (str(main), str(conf_d / "c-ok.conf"))
+    messages = [f.message for f in config.findings]
+    assert messages == [
+        f"{main}:1: {conf_d / 'a-fifo.conf'} is not a regular file; not read (Mosquitto "
+        "would block on a FIFO or device)",
+        f"{main}:1: {conf_d / 'b-huge.conf'} is larger than {mosquitto.MAX_CONF_BYTES} "
+        "bytes: not a Mosquitto config; not read"]
+    assert [e.port for e in config.endpoints] == [8883]
 
 
 # --- broken files: findings naming the config line, never a traceback ---------------

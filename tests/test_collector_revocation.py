@@ -9,6 +9,7 @@ a fleet alert too (CRL_EXPIRING).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -60,8 +61,10 @@ def crl_collector(fleet_broker: Fleet, tmp_path: Path) -> Iterator[tuple[Collect
 
 
 def test_a_revoked_device_that_still_reports_raises_cert_revoked(
-    fleet_broker: Fleet, crl_collector: tuple[CollectorService, Path], tmp_path: Path
+    fleet_broker: Fleet, crl_collector: tuple[CollectorService, Path], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="certmon.collector")
     collector, crl_path = crl_collector
     fleet = fleet_broker
     revoked = fleet.device_credentials("gw-revoked", tmp_path / "r", days=365)
@@ -107,7 +110,27 @@ def test_a_revoked_device_that_still_reports_raises_cert_revoked(
         assert revoked_cert.facts.serial_hex in alert.summary
         assert alert.labels["cert"] == revoked_cert.facts.sha256[:16]
         assert not alerts_of("CRL_EXPIRING")  # the reissued CRL is fresh
-        # Re-read at every sweep: a CRL without it (say, a mistaken revocation
+        # The file half-written, then briefly gone, then an older CRL put back: the
+        # last good CRL stands and the alert neither resolves nor flaps.
+        older = fleet.pki.crl(fleet.devices_ca, this_update=fleet.pki.now - timedelta(days=1),
+                              next_update=fleet.pki.now + timedelta(days=60), number=1)
+        for trouble, logged in ((b"-----BEGIN X509 CRL-----\ntruncat", "no CRL found"),
+                                (None, "cannot read CRL"), (older, "is older than")):
+            if trouble is None:
+                crl_path.unlink()
+            elif isinstance(trouble, bytes):
+                crl_path.write_bytes(trouble)
+            else:
+                write_crls(crl_path, [trouble])
+            # Its warning proves a sweep has read it.
+            def read_it(message: str = logged) -> bool:
+                return swept() and message in caplog.text
+
+            assert wait_until(read_it, 10), logged
+            assert [a.device_id for a in revoked_alerts()] == ["gw-revoked"], logged
+        assert [a.started_at for a in store.alert_history("gw-revoked")
+                if a.rule == "CERT_REVOKED"] == [alert.started_at]  # fired once, never resolved
+        # Re-read at every sweep: a newer CRL without it (say, a mistaken revocation
         # undone) resolves the alert.
         write_crls(crl_path, [fleet.pki.crl(
             fleet.devices_ca, this_update=fleet.pki.now,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from kit.pki import PKIFactory, write_crls
 
 from certmon import pki
@@ -128,3 +129,31 @@ def test_revoked_certificate_is_found_by_issuer_and_serial() -> None:
     assert [(f.code, f.cert_sha256) for f in found] == [
         (pki.FindingCode.CERT_REVOKED, facts[0].sha256)]
     assert found[0].message.startswith("device gw-bad certificate gw-bad (serial ")
+
+
+def test_a_crl_is_matched_to_its_ca_by_key_identifier_and_only_a_verified_one_revokes(
+    tmp_path: Path,
+) -> None:
+    factory = PKIFactory(NOW)
+    old, new = factory.root("Rekeyed CA", name="old"), factory.root("Rekeyed CA", name="new")
+    client = factory.leaf(old, "gw-aki")
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(old.cert.subject)
+           .last_update(NOW).next_update(NOW + timedelta(days=60))
+           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+               old.key.public_key()), critical=False)
+           .add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                    .serial_number(client.cert.serial_number)
+                                    .revocation_date(NOW).build())
+           .sign(old.key, hashes.SHA256()))
+    der = crl.public_bytes(serialization.Encoding.DER)
+    ca_of = {c.name: pki.parse_bundle(c.cert_pem(), c.name).certs[0] for c in (old, new)}
+    facts = [pki.parse_bundle(client.cert_pem(), "c").certs[0].facts]
+    # Same name, another key identifier: not its CA at all (not "a bad signature").
+    (alone,) = parse_crls(der, "r.crl", [ca_of["new"]]).crls
+    assert not alone.has_known_issuer and not alone.is_verified
+    assert [f.code for f in crl_findings(alone, NOW, POLICY)] == [
+        pki.FindingCode.CRL_ISSUER_UNKNOWN]
+    assert revoked_findings(facts, [alone]) == []  # unverifiable: revokes nothing
+    (both,) = parse_crls(der, "r.crl", [ca_of["new"], ca_of["old"]]).crls
+    assert both.signed_by_sha256 == ca_of["old"].facts.sha256
+    assert [f.code for f in revoked_findings(facts, [both])] == [pki.FindingCode.CERT_REVOKED]

@@ -5,14 +5,19 @@ letting every fetch finish) and `--enable-logging=stderr`, which prints each con
 message as `INFO:CONSOLE…`. The page logs nothing on purpose, so any console line is
 a failure (an uncaught error, a failed resource, a CSP violation); app.js also copies
 errors into `#errors`, which must stay empty. A screenshot is kept in artifacts/.
+`test_demo_dashboard` runs the demo fleet (bench/demo.py) and screenshots its
+dashboard, broker scans and all: with CERTMON_DOCS_IMG=1 it also writes
+docs/img/dashboard.png, the README's picture.
 Chromium missing: skipped, or a failure when CI is set.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from html.parser import HTMLParser
@@ -25,7 +30,8 @@ from kit.seed import Pki, seed_fleet
 from collector.store import open_store
 from collector.web import TrustRequirementView, WebServer, start_web
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--enable-logging=stderr",
@@ -176,3 +182,49 @@ def test_unknown_device_page_says_so(chromium: str, dashboard: tuple[WebServer, 
     others = [x for x in console_lines(stderr) if "404" not in x]
     assert others == []
     assert "Unknown device" in Dom(html).text_by_id["device"]
+
+
+@pytest.mark.slow
+def test_demo_dashboard(chromium: str, tmp_path: Path) -> None:
+    """The demo's dashboard as a visitor sees it: the broker section gives each scanned
+    endpoint's verdict (the one whose intermediate expires in 10 days: a warning) and
+    the devices' view of the broker against the scan; the gateway that went dark leads
+    with being offline. The demo runs as `make demo` runs it (tests never import bench/)."""
+    demo = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "demo.py"), "--duration", "120",
+         "--workdir", str(tmp_path / "demo"), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert demo.stdout is not None
+    try:
+        lines: list[str] = []
+        for line in demo.stdout:  # the overview is printed once the fleet has reported
+            lines.append(line)
+            if line.startswith("dashboard:"):
+                url = line.split()[1]
+                break
+        else:
+            pytest.fail("".join(lines))
+        html, stderr = run_chromium(chromium, tmp_path, url, "--dump-dom")
+        assert console_lines(stderr) == [], "\n".join(console_lines(stderr))
+        dom = Dom(html)
+        assert dom.text_by_id["errors"].strip() == ""
+        scans = dom.text_by_id["scans-table"]
+        assert re.search(r"warning\s*INTERMEDIATE_EXPIR", scans), scans
+        assert "CLIENT_CERT_REQUIRED" in scans, scans  # the device listener: ok
+        # ... and so not a failing scan: only the expiring intermediate is a problem.
+        assert "0/2Scansfailing" in re.sub(r"\s+", "", dom.text_by_id["tiles"])
+        assert "same as scan" in dom.text_by_id["seen-table"]
+        states = {str(r["data-device"]): r for r in dom.rows}
+        assert states["gw-0601"]["data-state"] == "offline"
+        assert "DEVICE_OFFLINE" in dom.text_by_id["devices-table"]
+        shot = ARTIFACTS / "demo-dashboard.png"
+        ARTIFACTS.mkdir(exist_ok=True)
+        _, stderr = run_chromium(chromium, tmp_path, url, f"--screenshot={shot}")
+        assert console_lines(stderr) == []
+        if os.environ.get("CERTMON_DOCS_IMG") == "1":
+            shutil.copyfile(shot, REPO / "docs" / "img" / "dashboard.png")
+        print(f"screenshot: {shot}")
+    finally:
+        demo.terminate()  # the demo stops everything it started on SIGTERM
+        rest, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, rest

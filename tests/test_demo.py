@@ -33,6 +33,8 @@ def test_make_demo_from_a_clean_clone(tmp_path: Path) -> None:
         cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     dashboard = None
+    offline: list[dict[str, object]] = []
+    brokers: dict[str, list[dict[str, object]]] = {}
     assert proc.stdout is not None
     started = None
     for line in proc.stdout:
@@ -46,6 +48,10 @@ def test_make_demo_from_a_clean_clone(tmp_path: Path) -> None:
                 assert resp.status == 200
             with urllib.request.urlopen(dashboard + "api/summary", timeout=10) as resp:
                 assert json.load(resp)
+            with urllib.request.urlopen(dashboard + "api/devices?state=offline", timeout=10) as resp:
+                offline = json.load(resp)["items"]
+            with urllib.request.urlopen(dashboard + "api/brokers", timeout=10) as resp:
+                brokers = json.load(resp)
     returncode = proc.wait(timeout=600)
     proc.stdout.close()
     assert returncode == 0, "".join(lines)
@@ -57,3 +63,14 @@ def test_make_demo_from_a_clean_clone(tmp_path: Path) -> None:
          f"sqlite:///{work / 'certmon.db'}", "--json"], capture_output=True, text=True)
     states = {d["device_id"]: d["state"] for d in json.loads(report.stdout)["devices"]}
     assert states == {dev: v["intended"] for dev, v in intended.items()}, output
+    # The broker story: the collector scanned the demo's broker (what the devices see,
+    # the same chain) and a second endpoint whose intermediate expires in 10 days.
+    verdicts = {s["target"]: (s["severity"], [f["code"] for f in s["findings"]])
+                for s in brokers["scanned"]}
+    assert sorted(v[0] for v in verdicts.values()) == ["ok", "warning"], verdicts
+    assert any("INTERMEDIATE_EXPIRING" in codes for _, codes in verdicts.values()), verdicts
+    assert [s["matches_scan"] for s in brokers["seen_by_devices"]] == [True], brokers
+    # The gateway that went dark leads with being offline, not its last finding.
+    assert [(d["device_id"], d["worst_code"]) for d in offline] == [
+        ("gw-0601", "DEVICE_OFFLINE")], offline
+    assert "scanned 127.0.0.1:" in output and "INTERMEDIATE_EXPIR" in output, output

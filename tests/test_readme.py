@@ -12,7 +12,9 @@ line before a block, `<!-- readme-test: DIRECTIVE; DIRECTIVE … -->`, with
 - `repo`: run in the checkout (default: the demo directory, which holds ca.pem,
   device.crt, device.key, broker-ca.pem, collector.crt, collector.key, fleet-root.pem);
 - `skip COMMAND: reason`: commands starting with COMMAND are not run here, and the
-  reason says where they are tested.
+  reason says where they are tested;
+- `quiet`: the block's commands write files and may print nothing (openssl issuing a
+  certificate); they must still exit 0 without a traceback.
 An unmarked block runs verbatim; one naming a `.example` host or an /etc/certmon path
 fails, so a new block that needs real hosts must be marked. `[--json]` runs a command
 with and without the option, `[--json | --prometheus]` once per choice. A `… run`
@@ -247,7 +249,7 @@ def test_markers_are_consistent() -> None:
     by_block: dict[str, list[str]] = {}
     for block, command in found:
         by_block.setdefault(block.where, []).append(command)
-        known = {"loopback", "repo"}
+        known = {"loopback", "repo", "quiet"}
         bad = [d for d in block.directives if d not in known and not d.startswith("skip ")]
         assert not bad, f"{block.where}: unknown readme-test directive {bad}"
         assert "…" not in command, f"{block.where}: `{command}` is not runnable as written"
@@ -304,6 +306,6 @@ def run_one(demo: Demo, block: Block, command: str) -> None:
                            f"({time.monotonic() - started:.1f} s): {first}")
     shown = f"{block.where}: `{command}` exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, shown
-    assert done.stdout.strip(), shown
+    assert done.stdout.strip() or "quiet" in block.directives, shown
     is_check = any(tuple(argv[:len(c)]) == c for c in CHECKS)
     assert done.returncode in ({0, 1, 2} if is_check else {0}), shown

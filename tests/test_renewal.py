@@ -305,3 +305,89 @@ def test_connect_timeout_bounds_the_broker_proof(
     assert code == 2 and f"the broker 127.0.0.1:{port} refused the new pair" in err, err
     assert 1.0 <= elapsed < 2.9, elapsed  # the hook itself takes a fraction of a second
     assert gw.pair() == before
+
+
+def test_a_child_swapping_the_files_after_exit_0_never_gets_its_pair_installed(
+    fleet_broker: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook exits 0 and leaves a setsid'd child (out of reach of the group kill)
+    that keeps swapping in another valid pair and holds stderr open: what is installed
+    is exactly the pair that was proven (or nothing), and the agent does not wait."""
+    fleet_ca = write_ca(fleet_broker, tmp_path, "fleet")
+    done = tmp_path / "swapped"
+    monkeypatch.setenv("SWAP_CA", fleet_ca[0])
+    monkeypatch.setenv("SWAP_CA_KEY", fleet_ca[1])
+    monkeypatch.setenv("SWAP_DONE", str(done))
+    gw = gateway(fleet_broker, tmp_path, "gw-renew-swap", hook("swap", fleet_ca))
+    before = gw.pair()
+    started = time.monotonic()
+    code, out, err = renew(gw, capsys)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.5, elapsed  # not held by the child's open stderr (2+ s)
+    state = json.loads((gw.state / "renewal.json").read_text())
+    if code == 0:
+        leaf = pki.read_bundle(gw.cert).certs[0]
+        assert leaf.facts.sha256 == state["cert_sha256"]  # the proven certificate
+        key_facts, _, _ = pki.read_private_key(gw.key)
+        assert key_facts is not None
+        assert pki.cert_spki_sha256(leaf.cert) == key_facts.public_sha256  # its own key
+    else:  # the swap was read (a mixed pair): refused, nothing changed
+        assert code == 2 and gw.pair() == before, (out, err)
+    assert wait_until(done.exists, 5)  # the child did swap, after the hook's exit
+
+
+def test_a_combined_pem_never_puts_the_key_into_the_certificate_file(
+    fleet_broker: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = gateway(fleet_broker, tmp_path, "gw-renew-combined",
+                 hook("combined", write_ca(fleet_broker, tmp_path, "fleet")))
+    gw.cert.chmod(0o644)
+    code, _, err = renew(gw, capsys)
+    assert code == 0, err
+    installed = gw.cert.read_bytes()
+    assert b"PRIVATE KEY" not in installed
+    assert installed.count(b"-----BEGIN CERTIFICATE-----") == 2  # leaf + CA, re-encoded
+    assert (gw.cert.stat().st_mode & 0o777) == 0o644
+    assert b"PRIVATE KEY" in gw.key.read_bytes() and (gw.key.stat().st_mode & 0o777) == 0o600
+    leaf = pki.read_bundle(gw.cert).certs[0]  # the installed pair is a pair
+    key_facts, _, _ = pki.read_private_key(gw.key)
+    assert key_facts is not None and pki.cert_spki_sha256(leaf.cert) == key_facts.public_sha256
+
+
+def test_two_attempts_at_once_one_proceeds_the_other_says_in_progress(
+    fleet_broker: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`renew --force` beside `run`'s attempt: the second reports in progress (exit 1),
+    the first installs a consistent pair; `run`'s path skips the same way."""
+    started, go = tmp_path / "hook-started", tmp_path / "hook-go"
+    monkeypatch.setenv("WAIT_STARTED", str(started))
+    monkeypatch.setenv("WAIT_GO", str(go))
+    gw = gateway(fleet_broker, tmp_path, "gw-renew-twice",
+                 hook("wait", write_ca(fleet_broker, tmp_path, "fleet")))
+    before = gw.pair()
+    agent = AgentService(load_agent_config(gw.config))
+    runs: list[Any] = []
+    first = threading.Thread(target=lambda: runs.append(agent.renew()), daemon=True)
+    first.start()
+    try:
+        assert wait_until(started.exists, 10)
+        code, out, _ = renew(gw, capsys, "--force", "--json")
+        report = json.loads(out)
+        assert (code, report["attempted"], report["reason"]) == (
+            1, False, "another renewal is in progress"), report
+        assert gw.pair() == before  # the second changed nothing
+        busy = AgentService(load_agent_config(gw.config)).renew()  # `run`'s path
+        assert busy is not None and busy.is_busy and busy.result is None
+    finally:
+        go.touch()
+        first.join(15)
+    assert runs and runs[0].result is not None and runs[0].result.is_renewed, runs
+    leaf = pki.read_bundle(gw.cert).certs[0]
+    key_facts, _, _ = pki.read_private_key(gw.key)
+    assert key_facts is not None and pki.cert_spki_sha256(leaf.cert) == key_facts.public_sha256
+    assert previous_path(gw.cert).read_bytes() == before[0]
+    assert previous_path(gw.key).read_bytes() == before[1]
+    state = json.loads((gw.state / "renewal.json").read_text())
+    assert (state["outcome"], state["cert_sha256"]) == ("renewed", leaf.facts.sha256)

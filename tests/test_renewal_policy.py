@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,9 +20,17 @@ from agent.renewal.attempt import (
     load_state,
     policy_of,
     recorded,
+    renewal_lock,
     save_state,
 )
-from agent.renewal.hook import HookPaths, clean_stderr, run_hook
+from agent.renewal.hook import (
+    OUTPUT_MAX_BYTES,
+    HookOutput,
+    HookPaths,
+    clean_stderr,
+    read_output,
+    run_hook,
+)
 from agent.renewal.install import install_pair, previous_path
 from agent.renewal.policy import (
     AttemptState,
@@ -239,3 +250,100 @@ def test_jitter_fraction_key_bounds_the_spread() -> None:
     points = [renewal_point(facts(90), f"gw-{i}", wide) for i in range(200)]
     assert min(points) < T0 + timedelta(days=20) and max(points) <= T0 + timedelta(days=60)
     assert all(p >= T0 + timedelta(days=15) for p in points)  # 60 - 0.5 * 90
+
+
+def _is_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_backgrounded_child_is_killed_when_the_hook_exits_0(tmp_path: Path) -> None:
+    paths = hook_paths(tmp_path)
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(30)'], stderr=subprocess.DEVNULL); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    result = run_hook([sys.executable, "-c", script], paths, 10)
+    assert result.is_ok, result.error
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while not _is_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _is_gone(child)  # in the hook's group: killed with it, at once
+
+
+def test_a_descendant_that_escaped_the_group_holding_stderr_does_not_hang(
+    tmp_path: Path
+) -> None:
+    paths = hook_paths(tmp_path)
+    pid_file = tmp_path / "child.pid"
+    # setsid: out of the group kill's reach; it inherits stderr and keeps it open.
+    script = ("import subprocess, sys; sys.stderr.write('hook says hi'); sys.stderr.flush(); "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)'], "
+              f"start_new_session=True); open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    started = time.monotonic()
+    try:
+        result = run_hook([sys.executable, "-c", script], paths, 10)
+        assert time.monotonic() - started < 3
+        assert result.is_ok and result.stderr == "hook says hi"
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the test's own straggler
+
+
+def test_stderr_is_read_bounded_and_never_blocks_the_hook(tmp_path: Path) -> None:
+    script = "import sys; sys.stderr.write('x' * 5_000_000); sys.exit(4)"
+    r = run_hook([sys.executable, "-c", script], hook_paths(tmp_path), 10)
+    assert r.error is not None and r.error.startswith(f"hook {sys.executable} exited 4: xxx")
+    assert len(r.stderr) == 512
+
+
+def test_hook_output_is_read_once_regular_files_only_and_bounded(tmp_path: Path) -> None:
+    paths = hook_paths(tmp_path)
+    assert read_output(paths) == "the hook exited 0 but wrote no certificate to CERTMON_NEW_CERT"
+    paths.new_cert.write_bytes(b"cert")
+    assert read_output(paths) == "the hook exited 0 but wrote no key to CERTMON_NEW_KEY"
+    paths.new_key.write_bytes(b"")
+    assert read_output(paths) == "the hook exited 0 but wrote no key to CERTMON_NEW_KEY"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not the hook's")
+    paths.new_key.unlink()
+    paths.new_key.symlink_to(secret)
+    why = read_output(paths)
+    assert isinstance(why, str) and "cannot read the new key (CERTMON_NEW_KEY)" in why
+    paths.new_key.unlink()
+    os.mkfifo(paths.new_key)  # a FIFO: refused, without waiting for a writer
+    assert read_output(paths) == "the new key (CERTMON_NEW_KEY) is not a regular file"
+    paths.new_key.unlink()
+    paths.new_key.write_bytes(b"k" * (OUTPUT_MAX_BYTES + 1))
+    assert read_output(paths) == (
+        f"the new key (CERTMON_NEW_KEY) is larger than {OUTPUT_MAX_BYTES} bytes")
+    paths.new_key.write_bytes(b"key")
+    assert read_output(paths) == HookOutput(b"cert", b"key")
+
+
+def test_install_temp_files_are_unique_and_follow_no_planted_symlink(tmp_path: Path) -> None:
+    cert, key = tmp_path / "device.crt", tmp_path / "device.key"
+    cert.write_bytes(b"old cert")
+    key.write_bytes(b"old key")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    for name in (".device.crt.renewing", ".device.key.renewing"):  # the old fixed names
+        (tmp_path / name).symlink_to(victim)
+    install_pair(cert, key, b"new cert", b"new key")
+    assert (cert.read_bytes(), key.read_bytes()) == (b"new cert", b"new key")
+    assert victim.read_bytes() == b"untouched"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".renewing")
+                and not p.is_symlink()]
+
+
+def test_the_renewal_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    with renewal_lock(tmp_path) as first:
+        assert first
+        with renewal_lock(tmp_path) as second:
+            assert not second  # another descriptor: as another process would see it
+    with renewal_lock(tmp_path) as again:
+        assert again
+    assert stat.S_IMODE((tmp_path / "renewal.lock").stat().st_mode) == 0o600

@@ -216,8 +216,8 @@ def _der_findings(ref: FileRef) -> list[pki.Finding]:
     # Mosquitto loads cafile, certfile, keyfile and crlfile with OpenSSL's PEM readers:
     # a DER file (which certmon reads fine) stops it at start, e.g. "Unable to load
     # certificate revocation file … PEM routines::no start line" (Mosquitto 2.0.11).
-    if ref.role == "capath":
-        return []
+    if ref.role == "capath" or not Path(ref.path).is_file():
+        return []  # a FIFO would block the read; the reader's finding says what it is
     try:
         with open(ref.path, "rb") as handle:
             head = handle.read(4096)

@@ -5,7 +5,12 @@ Owns `read_config` (the I/O shell: the main file and every `include_dir` file) a
 each one names, with the FILE:LINE of every line.
 Must not: read certificate files or judge them (that is `inventory`), or raise on
 what a configuration contains: an unknown directive is an information finding
-naming its line, a malformed one a finding, an unreadable file a finding.
+naming its line, a malformed one a finding, an unreadable file a finding. Must not
+put a directive's value in a finding: findings go into the signed status, the
+dashboard and logs, and a line may be `remote_password s3cret`; a finding names
+the directive and its FILE:LINE only. Must not block or balloon on what a directory
+holds: only regular files are read (a FIFO named x.conf would hang the check), at
+most `MAX_CONF_BYTES` each, and a directory already being read is not entered again.
 
 How Mosquitto reads it (2.0, src/conf.c), which this module follows:
 - One directive per line, `name value…`; a line starting with `#` is a comment;
@@ -22,6 +27,8 @@ How Mosquitto reads it (2.0, src/conf.c), which this module follows:
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -66,6 +73,8 @@ try_private username global_plugin global_plugin_opt
 """.split()) | frozenset(_LISTENER_FILES) | frozenset(_BRIDGE_FILES)  # noqa: SIM905
 _KNOWN_PREFIXES = ("auth_opt_", "plugin_opt_", "global_plugin_opt_")
 _WILDCARD_BINDS = {"", "0.0.0.0", "::"}  # noqa: S104 (recognised, not bound)
+# A mosquitto.conf is a few KB; a larger file is not a configuration (a log, a dump).
+MAX_CONF_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -96,6 +105,8 @@ class _State:
     default_touched: bool = False
     files_read: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    # include_dir directories being read now (resolved): one met again is a loop.
+    dirs_open: list[Path] = field(default_factory=list)
 
     @property
     def listener(self) -> _Builder:
@@ -115,7 +126,7 @@ def read_config(path: Path) -> BrokerConfig:
 
 def _read_file(path: Path, state: _State, named_at: str | None, depth: int) -> None:
     try:
-        text = path.read_text(errors="replace")
+        data = _read_regular(path)
     except OSError as exc:
         where = f"{named_at}: " if named_at else ""
         # The main file unreadable: the check could not look at all (UNKNOWN, as for
@@ -125,8 +136,33 @@ def _read_file(path: Path, state: _State, named_at: str | None, depth: int) -> N
             f"{where}cannot read Mosquitto config {path}: {exc.strerror or exc}"
             f"{unreadable_hint(exc)}", source=str(path)))
         return
+    where = named_at or str(path)
+    if data is None:
+        state.findings.append(_invalid(where, f"{path} is not a regular file; not read "
+                                       "(Mosquitto would block on a FIFO or device)"))
+        return
+    if len(data) > MAX_CONF_BYTES:
+        state.findings.append(_invalid(where, f"{path} is larger than {MAX_CONF_BYTES} "
+                                       "bytes: not a Mosquitto config; not read"))
+        return
     state.files_read.append(str(path))
-    parse_lines(text, str(path), state, depth)
+    parse_lines(data.decode(errors="replace"), str(path), state, depth)
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """Up to MAX_CONF_BYTES + 1 bytes of `path`, or None when it is no regular file.
+    Opened non-blocking so that a FIFO is seen (by fstat) rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as handle:
+            fd = -1
+            return handle.read(MAX_CONF_BYTES + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def parse_lines(text: str, name: str, state: _State, depth: int = 0) -> None:
@@ -141,7 +177,9 @@ def parse_lines(text: str, name: str, state: _State, depth: int = 0) -> None:
         if "=" in directive or value.startswith("="):
             # INI habits: Mosquitto reads `certfile = x` as the path "= x", and
             # `certfile=x` as an unknown directive.
-            state.findings.append(_invalid(at, f"{line!r}: Mosquitto's syntax is "
+            # The directive's name only: the value may be a password.
+            shown = directive.partition("=")[0] or "(no name)"
+            state.findings.append(_invalid(at, f"{shown}: Mosquitto's syntax is "
                                            "`name value`, without '='"))
             if "=" in directive:
                 continue
@@ -156,7 +194,7 @@ def _apply(directive: str, value: str, at: str, state: _State, depth: int) -> No
     elif directive == "port":
         port = _port(value)
         if port is None:
-            state.findings.append(_invalid(at, f"port {value!r} is not a port number"))
+            state.findings.append(_invalid(at, "port: the value is not a port number"))
         else:
             state.default.port, state.default_touched = port, True
             state.default.name = f"default listener {port}"
@@ -201,8 +239,8 @@ def _listener_line(value: str, at: str, state: _State) -> None:
     parts = value.split()
     port = _port(parts[0]) if parts else None
     if port is None:
-        state.findings.append(_invalid(at, f"listener {value!r}: the port is not a "
-                                       "number; Mosquitto refuses to start"))
+        state.findings.append(_invalid(at, "listener: the port is not a number; "
+                                       "Mosquitto refuses to start"))
         port = -1
     bind = parts[1] if len(parts) > 1 else ""
     # `listener 0 /run/mosquitto.sock` is a Unix socket: nothing to handshake with.
@@ -231,19 +269,31 @@ def _address_line(value: str, at: str, state: _State) -> None:
 
 def _include_dir(value: str, at: str, state: _State, depth: int) -> None:
     directory = Path(value)
-    if depth > 8:  # a directory that includes itself, via a symlink say
-        state.findings.append(_invalid(at, f"include_dir {value} nested too deep"))
+    if depth > 8:  # distinct directories including one another, eight deep
+        state.findings.append(_invalid(at, "include_dir: nested too deep"))
         return
     try:
+        resolved = directory.resolve()
         names = sorted(p for p in directory.iterdir() if p.name.endswith(".conf"))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (3.11)
+        why = exc.strerror or exc if isinstance(exc, OSError) else "symlink loop"
+        hint = unreadable_hint(exc) if isinstance(exc, OSError) else ""
         state.findings.append(Finding(
             FindingCode.FILE_UNREADABLE, Severity.CRITICAL,
-            f"{at}: include_dir {value}: {exc.strerror or exc}{unreadable_hint(exc)}",
-            source=at))
+            f"{at}: include_dir: {why}{hint}", source=at))
         return
-    for path in names:
-        _read_file(path, state, at, depth + 1)
+    # A conf.d file that includes conf.d (or a parent being read) would re-read it
+    # at every level: with 8 files, 8^8 reads before the depth cap.
+    if resolved in state.dirs_open:
+        state.findings.append(_invalid(at, "include_dir: that directory is already being "
+                                       "read (it includes itself); not read again"))
+        return
+    state.dirs_open.append(resolved)
+    try:
+        for path in names:
+            _read_file(path, state, at, depth + 1)
+    finally:
+        state.dirs_open.pop()
 
 
 def _port(text: str) -> int | None:

@@ -1,7 +1,9 @@
 """Promoting a proven pair: atomic replacement of the working certificate and key.
 
-Owns the file dance: each new file is written beside its target as a temporary file
-with the target's mode, fsynced and `os.replace`d in; the previous bytes are kept as
+Owns the file dance: each new file is written beside its target as a fresh temporary
+file (a unique name created O_EXCL|O_NOFOLLOW by `tempfile.mkstemp`, so a second
+writer or a planted symlink can never share or redirect it) with the target's mode,
+fsynced and `os.replace`d in; the previous bytes are kept as
 `<name>.previous` (same mode); the directory is fsynced. The key goes first and the
 certificate last, because the agent reconnects when the *certificate* changes. If
 any step fails, what was already replaced is put back, so the working pair is
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -22,8 +25,8 @@ def previous_path(path: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.renewing")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".renewing", dir=path.parent)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), mode)  # the umask must not widen or narrow it

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
@@ -35,6 +36,7 @@ from .rules import days_of, human_days
 
 _ISSUER_KEYS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
                 ed448.Ed448PublicKey, dsa.DSAPublicKey)
+_Ext = TypeVar("_Ext", x509.AuthorityKeyIdentifier, x509.SubjectKeyIdentifier)
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----(.*?)-----END X509 CRL-----", re.DOTALL)
 
 
@@ -53,9 +55,16 @@ class CrlFacts:
     # given has the issuer's name, or when none of them verifies it.
     signed_by_sha256: str | None
     signed_by: str | None  # that CA's name, for messages
-    has_known_issuer: bool  # some CA given carries the CRL issuer's name
+    # Some CA given carries the CRL issuer's name (and, when both carry one, the key
+    # identifier its authority key identifier names).
+    has_known_issuer: bool
     source: str = ""
     index: int = 0
+
+    @property
+    def is_verified(self) -> bool:
+        """Its signature verifies under a CA given: only then are its entries believed."""
+        return self.signed_by_sha256 is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,11 @@ def read_crls(path: str | Path, cas: Sequence[LoadedCert] = ()) -> CrlFile:
     """Read a CRL file; an unreadable file is a finding, never an exception."""
     source = str(path)
     try:
+        # A FIFO or device would block the read (a crlfile is a regular file).
+        if Path(path).exists() and not Path(path).is_dir() and not Path(path).is_file():
+            return CrlFile(source, findings=(Finding(
+                FindingCode.FILE_UNREADABLE, Severity.CRITICAL,
+                f"{source}: not a regular file; not read as a CRL", source=source),))
         data = Path(path).read_bytes()
     except OSError as exc:
         return CrlFile(source, findings=(Finding(
@@ -190,15 +204,15 @@ def missing_crl_findings(cas: Sequence[CertFacts], crls: Sequence[CrlFacts],
 def revoked_by(issuer: str | None, serial_hex: str | None,
                crls: Iterable[CrlFacts]) -> CrlFacts | None:
     """The CRL that revokes the certificate (issuer DN as `CertFacts.issuer` spells it,
-    serial as `CertFacts.serial_hex`), if any. A CRL whose signature does not verify
-    under its named CA is not believed; one whose issuer is unknown cannot be checked
-    and is believed (the operator configured it)."""
+    serial as `CertFacts.serial_hex`), if any. Only a CRL whose signature verifies
+    under a CA given is believed: one whose issuer is unknown cannot be checked, and a
+    CRL fetched over plain HTTP that anyone could forge must never revoke a device (it
+    stays a finding, CRL_ISSUER_UNKNOWN or CRL_SIGNATURE_INVALID)."""
     serial = _serial_of(serial_hex)
     if serial is None or issuer is None:
         return None
     for crl in crls:
-        believed = crl.signed_by_sha256 is not None or not crl.has_known_issuer
-        if believed and crl.issuer == issuer and serial in crl.revoked_serials:
+        if crl.is_verified and crl.issuer == issuer and serial in crl.revoked_serials:
             return crl
     return None
 
@@ -226,7 +240,7 @@ def _facts(der: bytes, source: str, index: int, cas: Sequence[LoadedCert]) -> Cr
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         except x509.ExtensionNotFound:
             number = None
-        named = [ca for ca in cas if ca.cert.subject == crl.issuer]
+        named = [ca for ca in cas if _may_have_signed(crl, ca)]
         signer = next((ca for ca in named if _verifies(crl, ca)), None)
         return CrlFacts(
             issuer=issuer, this_update=crl.last_update_utc, next_update=crl.next_update_utc,
@@ -236,6 +250,27 @@ def _facts(der: bytes, source: str, index: int, cas: Sequence[LoadedCert]) -> Cr
             signed_by=signer.facts.name if signer else None,
             has_known_issuer=bool(named), source=source, index=index)
     except Exception:  # noqa: BLE001
+        return None
+
+
+def _may_have_signed(crl: x509.CertificateRevocationList, ca: LoadedCert) -> bool:
+    """The CA's name is the CRL's issuer and, when both carry one, its subject key
+    identifier is the CRL's authority key identifier: a CA re-keyed under the same
+    name (an old and a new intermediate side by side) is told apart by its key, not
+    its DN."""
+    if ca.cert.subject != crl.issuer:
+        return False
+    aki = _extension(crl.extensions, x509.AuthorityKeyIdentifier)
+    ski = _extension(ca.cert.extensions, x509.SubjectKeyIdentifier)
+    if aki is None or aki.key_identifier is None or ski is None:
+        return True
+    return aki.key_identifier == ski.digest
+
+
+def _extension(extensions: x509.Extensions, kind: type[_Ext]) -> _Ext | None:
+    try:
+        return extensions.get_extension_for_class(kind).value
+    except Exception:  # noqa: BLE001 - absent, or a malformed extension: not there
         return None
 
 

@@ -2,7 +2,7 @@
 
 One package, one home per part: `topics` (device ids, topic names, the online
 payloads), `codec` (schema version, limits, instants, canonical JSON and the
-field-driven decoder), `messages` (status v1, inventory, cert message, beacon) and
+field-driven decoder), `messages` (status v1, heartbeat, inventory, cert message, beacon) and
 `jws` (signing and verification). Both roles import it as `from certmon import wire`.
 
 It must not import paho, the agent or the collector, do I/O or read the clock:
@@ -37,6 +37,8 @@ from .jws import (
     x5t_s256,
 )
 from .messages import (
+    HEARTBEAT_TYP,
+    MAX_HEARTBEAT_JWS_BYTES,
     AgentSelf,
     Beacon,
     BeaconEcho,
@@ -52,6 +54,7 @@ from .messages import (
     ClockSummary,
     CrlBrief,
     FindingWire,
+    Heartbeat,
     Inventory,
     RenewalState,
     Status,
@@ -59,9 +62,11 @@ from .messages import (
     cert_brief_from_facts,
     cert_message,
     cert_summary_from_facts,
+    decode_heartbeat,
     decode_status,
     encode_status,
     finding_to_wire,
+    status_digest,
     trust_store_digest,
 )
 from .topics import (
@@ -78,6 +83,7 @@ from .topics import (
     device_topic_filters,
     fleet_device_topic,
     fleet_summary_topic,
+    heartbeat_topic,
     inventory_topic,
     legacy_v1_device_topic,
     online_payload,
@@ -91,21 +97,20 @@ from .topics import (
 )
 
 __all__ = [
-    "CERT_REF_LEN", "DEFAULT_PREFIX", "INVENTORY_TYP", "LEGACY_V1_PREFIX", "MAX_DEVICE_ID_LEN",
-    "MAX_INVENTORY_JWS_BYTES", "MAX_MESSAGE_BYTES", "MAX_STATUS_JWS_BYTES",
-    "PROTOCOL_REASONS", "RESERVED_DEVICE_IDS", "SCHEMA_VERSION", "STATUS_TYP",
-    "SUPPORTED_ALGS", "AgentSelf", "Beacon", "BeaconEcho", "BrokerEndpointState",
+    "CERT_REF_LEN", "DEFAULT_PREFIX", "HEARTBEAT_TYP", "INVENTORY_TYP", "LEGACY_V1_PREFIX",
+    "MAX_DEVICE_ID_LEN", "MAX_HEARTBEAT_JWS_BYTES", "MAX_INVENTORY_JWS_BYTES", "MAX_MESSAGE_BYTES",
+    "MAX_STATUS_JWS_BYTES", "PROTOCOL_REASONS", "RESERVED_DEVICE_IDS", "SCHEMA_VERSION",
+    "STATUS_TYP", "SUPPORTED_ALGS", "AgentSelf", "Beacon", "BeaconEcho", "BrokerEndpointState",
     "BrokerFile", "BrokerHostState", "BrokerSeen", "CaEntry", "CertBrief", "CertMessage",
-    "CertSummary", "ChainSummary", "ClockSummary", "CrlBrief", "FindingWire",
-    "Inventory", "Message", "ParsedJWS", "RenewalState", "Status", "TopicKind", "TrustStoreSummary",
-    "alerts_topic", "alg_for_key", "beacon_topic", "cert_brief_from_facts", "cert_message",
-    "cert_ref", "cert_summary_from_facts", "cert_topic", "decode_message", "decode_status",
-    "device_topic", "device_topic_filter", "device_topic_filters", "encode_message",
-    "encode_status",
-    "finding_to_wire", "fleet_device_topic", "fleet_summary_topic", "format_instant",
+    "CertSummary", "ChainSummary", "ClockSummary", "CrlBrief", "FindingWire", "Heartbeat",
+    "Inventory", "Message", "ParsedJWS", "RenewalState", "Status", "TopicKind",
+    "TrustStoreSummary", "alerts_topic", "alg_for_key", "beacon_topic", "cert_brief_from_facts",
+    "cert_message", "cert_ref", "cert_summary_from_facts", "cert_topic", "decode_heartbeat",
+    "decode_message", "decode_status", "device_topic", "device_topic_filter",
+    "device_topic_filters", "encode_message", "encode_status", "finding_to_wire",
+    "fleet_device_topic", "fleet_summary_topic", "format_instant", "heartbeat_topic",
     "inventory_topic", "legacy_v1_device_topic", "online_payload", "online_topic",
-    "parse_device_topic",
-    "parse_instant", "parse_jws", "parse_online", "sign_jws", "status_topic",
-    "trust_store_digest", "validate_device_id", "validate_topic_level",
-    "validate_topic_prefix", "verify_jws", "x5t_s256",
+    "parse_device_topic", "parse_instant", "parse_jws", "parse_online", "sign_jws",
+    "status_digest", "status_topic", "trust_store_digest", "validate_device_id",
+    "validate_topic_level", "validate_topic_prefix", "verify_jws", "x5t_s256",
 ]

@@ -1,4 +1,4 @@
-"""The messages: status v1, inventory, cert message, beacon, and their parts.
+"""The messages: status v1, heartbeat, inventory, cert message, beacon, and their parts.
 
 Owns each message's fields, limits and cross-field rules (as frozen dataclasses
 decoded by `codec`), the builders that turn certificate facts into wire parts, and
@@ -33,6 +33,11 @@ from .codec import (
     wire_meta,
 )
 from .topics import MAX_DEVICE_ID_LEN, validate_device_id
+
+# The heartbeat's JWS typ (beside jws.STATUS_TYP and INVENTORY_TYP; here with its message).
+HEARTBEAT_TYP = "certmon-heartbeat+jws"
+# A heartbeat JWS is ~500 bytes; this cap keeps a flood of big "heartbeats" cheap to refuse.
+MAX_HEARTBEAT_JWS_BYTES = 2048
 
 _TEXT = wire_meta(max_len=256)
 _NAME = wire_meta(max_len=512)  # RFC 4514 subject/issuer
@@ -235,6 +240,36 @@ class Status(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """The compact signed heartbeat (typ HEARTBEAT_TYP, on the heartbeat topic, not
+    retained): sent instead of a status while nothing but time and counters changed.
+    Same signing key, same (boot_id, seq) space as statuses, so one replay window and
+    one order cover both; `status_digest` names the full status it stands for (see
+    `status_digest()`), which the collector must hold. Every byte counts (≤ 600 as
+    JWS): the beacon echo is the beacon's `ts` and how long before `ts` the device
+    heard it (a status says the same as two monotonic readings)."""
+
+    device_id: str = field(metadata=wire_meta(max_len=MAX_DEVICE_ID_LEN, check=validate_device_id))
+    boot_id: str = field(metadata=wire_meta(pattern=r"^[0-9A-Za-z._-]{1,64}$"))
+    seq: int
+    ts: datetime  # device wall clock at signing: the clock-offset sample
+    interval_s: int = field(metadata=wire_meta(lo=1, hi=86400 * 7))
+    status_digest: str = field(metadata=wire_meta(pattern=r"^[A-Za-z0-9_-]{43}$"))
+    beacon_ts: datetime | None = None  # the last collector beacon heard, its own `ts`
+    beacon_age_s: float | None = field(default=None, metadata=wire_meta(lo=0))
+
+    def _check(self) -> None:
+        if (self.beacon_ts is None) != (self.beacon_age_s is None):
+            raise bad_schema("beacon_age_s", "beacon_ts and beacon_age_s go together")
+
+
+def status_digest(payload: bytes) -> str:
+    """What a heartbeat's `status_digest` names: the SHA-256 of a status's signed
+    payload, unpadded base64url (43 characters, like `x5t#S256`)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(payload).digest()).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
 class CaEntry(Wire):
     sha256: str = field(metadata=wire_meta(pattern=SHA256_RE))
     subject: str = field(metadata=_NAME)
@@ -352,3 +387,7 @@ def encode_status(status: Status) -> bytes:
 
 def decode_status(payload: bytes) -> Status:
     return decode_message(Status, payload)
+
+
+def decode_heartbeat(payload: bytes) -> Heartbeat:
+    return decode_message(Heartbeat, payload, max_bytes=MAX_HEARTBEAT_JWS_BYTES)

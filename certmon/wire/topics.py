@@ -40,6 +40,7 @@ class TopicKind(enum.StrEnum):
     CERT = "cert"
     ONLINE = "online"
     INVENTORY = "inventory"
+    HEARTBEAT = "heartbeat"  # not retained: the status topic keeps the last full status
 
 
 def validate_topic_level(level: str) -> str | None:
@@ -112,6 +113,10 @@ def online_topic(prefix: str, device_id: str) -> str:
 
 def inventory_topic(prefix: str, device_id: str) -> str:
     return device_topic(prefix, device_id, TopicKind.INVENTORY)
+
+
+def heartbeat_topic(prefix: str, device_id: str) -> str:
+    return device_topic(prefix, device_id, TopicKind.HEARTBEAT)
 
 
 def beacon_topic(prefix: str) -> str:

@@ -90,7 +90,8 @@ class AlertDriver:
         self.engine.evaluate(device_id, offline_alerts(
             device_id, online=online, last_seen_at=row.last_received_at if row else None,
             client_not_after=client.not_after if client else None,
-            client_sha256=row.client_sha256 if row else None, now=at, policy=self.policy),
+            client_sha256=row.client_sha256 if row else None, now=at, policy=self.policy,
+            interval_s=row.interval_s if row else None),
             scope=Scope.OFFLINE, now=at)
 
     def on_flooding(self, device_id: str, flooding: bool, at: datetime) -> None:

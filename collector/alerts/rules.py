@@ -42,6 +42,9 @@ RENEWAL_FAILING = "RENEWAL_FAILING"  # from the status's renewal part (renewal_a
 RENEWAL_OVERDUE = "RENEWAL_OVERDUE"
 DEVICE_FLOODING = "DEVICE_FLOODING"  # flooding_alerts: over its ingest budget (admission)
 
+# agent.config's lower bound on interval_s: no device is judged silent sooner.
+MIN_AGENT_INTERVAL_S = 10
+
 FLEET = "fleet"  # the `device` label of an alert about no single device (a reserved id)
 
 
@@ -224,20 +227,32 @@ def renewal_alerts(device_id: str, renewal: RenewalState | None, *, interval_s: 
 
 def offline_alerts(device_id: str, *, online: bool, last_seen_at: datetime | None,
                    client_not_after: datetime | None, now: datetime, policy: Policy,
-                   client_sha256: str | None = None,
+                   client_sha256: str | None = None, interval_s: int | None = None,
                    rules_config: RulesConfig = DEFAULT_RULES) -> list[AlertCandidate]:
     """Scope OFFLINE. DEVICE_OFFLINE (WARNING) while the device is offline;
     OFFLINE_CERT_EXPIRING (CRITICAL) when, in addition, its client certificate
     expires within `policy.warn_days` or already has: the agent cannot report that
-    itself, and the device may not reconnect once the certificate has expired."""
+    itself, and the device may not reconnect once the certificate has expired.
+
+    `now` is the instant it went offline. Silence can only be judged after at least
+    one of its intervals (`interval_s`, else the agent's minimum): offline sooner than
+    that came from its online topic, and the summary says so instead of "silent for
+    0 seconds"."""
     if online:
         return []
-    silent = (f"has been silent for {humanize(now - last_seen_at)}"
-              if last_seen_at is not None else "has never reported")
+    seen = ""
+    if last_seen_at is None:
+        silent = "has never reported"
+    elif now - last_seen_at < timedelta(seconds=interval_s or MIN_AGENT_INTERVAL_S):
+        silent = (f"went offline (its connection dropped; the broker published its last "
+                  f"will) at {format_instant(now)}, last status "
+                  f"{humanize(now - last_seen_at)} ago")
+    else:
+        silent = f"has been silent for {humanize(now - last_seen_at)}"
+        seen = f" (last seen {format_instant(last_seen_at)})"
     out = []
     severity = rules_config.severity(DEVICE_OFFLINE, Severity.WARNING)
     if severity >= Severity.WARNING:
-        seen = f" (last seen {format_instant(last_seen_at)})" if last_seen_at else ""
         out.append(_candidate(DEVICE_OFFLINE, device_id, None, None, severity, FLEET,
                               Scope.OFFLINE, f"{device_id} {silent}{seen}"))
     severity = rules_config.severity(OFFLINE_CERT_EXPIRING, Severity.CRITICAL)
@@ -329,11 +344,16 @@ def fleet_crl_alerts(crls: Sequence[CrlFacts], now: datetime, policy: Policy, *,
     """Scope REVOKED, fleet alerts: a `tls.fleet_crl` CRL past or near its nextUpdate
     (CRL_EXPIRED / CRL_EXPIRING, certmon.pki.crl's rule): the collector's copy is stale,
     so new revocations go unseen, and every broker given that CRL as crlfile refuses
-    all clients from that instant. Keyed by the CRL's issuer."""
+    all clients from that instant. A CRL whose signature no known CA verifies
+    (CRL_SIGNATURE_INVALID / CRL_ISSUER_UNKNOWN: forged, or its CA is not configured)
+    is an alert of its own and revokes nothing; its dates are not judged. Keyed by the
+    CRL's issuer."""
     out: list[AlertCandidate] = []
     for crl in crls:
+        wanted = ((FindingCode.CRL_EXPIRED, FindingCode.CRL_EXPIRING) if crl.is_verified
+                  else (FindingCode.CRL_SIGNATURE_INVALID, FindingCode.CRL_ISSUER_UNKNOWN))
         for f in crl_findings(crl, now, policy):
-            if f.code not in (FindingCode.CRL_EXPIRED, FindingCode.CRL_EXPIRING):
+            if f.code not in wanted:
                 continue
             severity = rules_config.severity(str(f.code), f.severity)
             if severity >= Severity.WARNING:

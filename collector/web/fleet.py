@@ -137,6 +137,9 @@ def _renewal_of(status_json: str | None) -> tuple[datetime | None, int | None]:
     return due, failures if isinstance(failures, int) else None
 
 
+_SEVERITY_RANK = {name: rank for rank, name in SEVERITY_NAMES.items()}
+
+
 def _scan_view(target: str, scanned_at: datetime, severity: int, result_json: str) -> JSON:
     """A stored scan (`certmon-scan --json` per-target shape), read defensively: the
     scanner's schema may grow, and a bad row must not break the dashboard."""
@@ -150,9 +153,16 @@ def _scan_view(target: str, scanned_at: datetime, severity: int, result_json: st
               "subject": c.get("subject"), "not_after": c.get("not_after")}
              for i, c in enumerate(raw.get("presented") or []) if isinstance(c, dict)]
     earliest = raw.get("earliest_expiry")
-    return {"target": target, "scanned_at": instant(scanned_at),
+    # The verdict's reasons, worst first: what the dashboard shows next to it.
+    findings = sorted(({"code": f.get("code"), "severity": str(f.get("severity")).lower(),
+                        "message": f.get("message")}
+                       for f in raw.get("findings") or [] if isinstance(f, dict)),
+                      key=lambda f: -_SEVERITY_RANK.get(str(f["severity"]), -1))
+    return {"target": target, "scanned_at": instant(scanned_at), "findings": findings,
             "severity": SEVERITY_NAMES.get(severity, "unknown"),
-            "success": raw.get("error") is None, "error": raw.get("error"),
+            # A probe the broker ended on a verdict the scanner judged OK (refused for
+            # want of a client certificate: CLIENT_CERT_REQUIRED) is not a failing scan.
+            "success": raw.get("error") is None or severity == 0, "error": raw.get("error"),
             "chain_valid": raw.get("chain_valid"), "chain": chain,
             "earliest_expiry": earliest.get("not_after") if isinstance(earliest, dict) else None}
 
@@ -214,6 +224,9 @@ def _brief(row: DeviceRow, fleet_severity: int = 0, fleet_rule: str | None = Non
     worst_msg = next((f.message for f in row.findings if f.code == row.worst_code), None)
     # A device at risk only through a fleet rule (e.g. a missing required CA) names it.
     worst = row.worst_code or (fleet_rule if fleet_severity else None)
+    if row.status_json is not None:  # one that never reported has nothing to lead with
+        worst, worst_msg = aggregate.shown_worst(worst, worst_msg, online=row.is_online,
+                                                 offline_since=row.online_changed_at)
     due_at, failures = _renewal_of(row.status_json)
     return DeviceBrief(row.device_id, str(state), row.severity, worst, worst_msg,
                        row.is_online, row.last_received_at, row.clock_offset_lo_s,

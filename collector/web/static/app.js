@@ -234,11 +234,21 @@ function renderCas(c) {
     `${c.devices_with_trust_store} devices have reported their trust store. “Required”: who breaks when the old CA goes; “retiring”: who still depends on it.`;
 }
 
+// A scan's verdict (its severity) and its worst reason, in full on hover. A probe
+// that ended early can still be a verdict (a broker refusing us for want of a client
+// certificate is CLIENT_CERT_REQUIRED, OK): the severity decides, not the error.
+function scanVerdict(s) {
+  const state = { ok: "ok", info: "ok", warning: "warning", critical: "critical" }[s.severity];
+  if (!state) return [h("span", { class: "badge s-critical" }, "failed"), s.error ? ` ${s.error}` : ""];
+  const worst = (s.findings || [])[0];
+  return [badge(state), worst ? h("span", { title: worst.message || "" }, ` ${worst.code}`) : ""];
+}
+
 function renderBrokers(b) {
   fill("scans-table", b.scanned.map((s) => h("tr", {},
     h("th", { scope: "row" }, s.target),
     h("td", {}, ago(s.scanned_at)),
-    h("td", {}, s.success ? badge("ok") : h("span", { class: "badge s-critical" }, "failed"), s.error ? ` ${s.error}` : ""),
+    h("td", { "data-verdict": s.severity }, ...scanVerdict(s)),
     h("td", { class: "subject" }, s.chain.length ? `${s.chain[0].subject} (${s.chain[0].ref})` : "—"),
     h("td", {}, when(s.earliest_expiry)))), "No scans stored.", 5);
   fill("seen-table", b.seen_by_devices.map((s) => {
@@ -354,7 +364,9 @@ async function refreshDevice(id) {
     throw err;
   }
   const facts = [
-    ["State", badge(d.state)], ["Worst finding", d.worst_code || "—"],
+    ["State", badge(d.state)],
+    // Offline leads, as in the device list; the last status's worst finding follows.
+    ["Worst finding", !d.online && d.status ? `DEVICE_OFFLINE (last reported: ${d.worst_code || "no findings"})` : d.worst_code || "—"],
     ["Online", d.online ? "yes" : `no (since ${when(d.online_changed_at)})`],
     ["Last seen", `${ago(d.last_seen_at)} (${when(d.last_seen_at)})`],
     ["Device clock at last status", when(d.last_status_ts)],
