@@ -214,7 +214,7 @@ def offline_alerts(store: Store) -> dict[str, datetime]:
 
 
 def run_outage(service: CollectorService, fleet: Fleetlet, store_url: str,
-               stop_store: Any, start_store: Any) -> dict[str, Any]:
+               stop_store: Any, start_store: Any, *, broker: Mosquitto) -> dict[str, Any]:
     """Warm up, take the store away for OUTAGE_S under load, bring it back, drain.
     Returns what was observed (metric samples, timings) for the assertions."""
     assert service.web_url is not None
@@ -225,6 +225,11 @@ def run_outage(service: CollectorService, fleet: Fleetlet, store_url: str,
     seen: dict[str, Any] = {"store_up": [], "backlog": []}
     try:
         assert service.link.wait_connected(10)
+        # A new session: statuses published before the broker has the collector's
+        # subscriptions are delivered to nobody, so the devices start only after them.
+        client_id = service.link.settings.client_id
+        assert wait_until(lambda: broker.log_text().count(
+            f"Received SUBSCRIBE from {client_id}") >= 4, 10), "collector never subscribed"
         fleet.certs()
         fleet.thread.start()
         assert wait_until(lambda: all(len(s) >= 3 for s in fleet.published.values())
@@ -397,7 +402,7 @@ def test_postgres_restart_under_load_loses_nothing_and_fires_no_false_offline(
     service = make_service(fleet_broker, broker, tmp_path, pg.url)
     fleet = Fleetlet(broker.listeners[2].port, fleet_broker, DEVICES + 1, "pgout")
     try:
-        seen = run_outage(service, fleet, pg.url, pg.stop, pg.start)
+        seen = run_outage(service, fleet, pg.url, pg.stop, pg.start, broker=broker)
     finally:
         fleet.close()
     check_notifications(notes, seen)
@@ -440,7 +445,7 @@ def test_sqlite_disk_full_under_load_loses_nothing_and_fires_no_false_offline(
                     pass
 
         try:
-            seen = run_outage(service, fleet, url, fill, filler.unlink)
+            seen = run_outage(service, fleet, url, fill, filler.unlink, broker=broker)
         finally:
             fleet.close()
         check_notifications(notes, seen)
