@@ -12,7 +12,6 @@ device's own. Must not write the store or judge anything: the agent judged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 from certmon import wire as p
 from certmon.errors import ProtocolError
 
-_KEY = '"broker_host":{'
+from . import aggregate
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +38,10 @@ def broker_host_of(device_id: str, status_json: str | None) -> BrokerHostView | 
     """The status's broker-host part, or None. Canonical JSON (sorted keys) lets the
     object be decoded alone, as `web.fleet` does for "broker"; the status was verified
     at ingest, and a part this collector cannot decode (a newer agent) is skipped."""
-    at = status_json.find(_KEY) if status_json else -1
-    if status_json is None or at < 0:
+    obj = aggregate.status_part(status_json, "broker_host")
+    if obj is None:
         return None
     try:
-        obj, _ = json.JSONDecoder().raw_decode(status_json, at + len(_KEY) - 1)
         return BrokerHostView(device_id, p.BrokerHostState.from_json(obj, "broker_host"))
     except (ValueError, ProtocolError):
         return None

@@ -106,30 +106,13 @@ class Snapshot:
 
 
 def _broker_of(status_json: str | None) -> JSON | None:
-    # Canonical JSON (sorted keys): decode only the "broker" object, ~20× cheaper than
-    # parsing the whole status; a quoted `"broker":` inside a string would be escaped.
-    if not status_json:
-        return None
-    at = status_json.find('"broker":{')
-    if at < 0:
-        return None
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(status_json, at + len('"broker":'))
-    except ValueError:
-        return None
+    obj = aggregate.status_part(status_json, "broker")
     return obj if isinstance(obj, dict) and "host" in obj and "port" in obj else None
 
 
 def _renewal_of(status_json: str | None) -> tuple[datetime | None, int | None]:
-    """(due_at, failures) of the status's renewal part; the same partial decode as
-    `_broker_of` (no "renewal" key appears elsewhere in a status)."""
-    at = status_json.find('"renewal":{') if status_json else -1
-    if status_json is None or at < 0:
-        return None, None
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(status_json, at + len('"renewal":'))
-    except ValueError:
-        return None, None
+    """(due_at, failures) of the status's renewal part."""
+    obj = aggregate.status_part(status_json, "renewal")
     if not isinstance(obj, dict):
         return None, None
     due = p.parse_instant(obj["due_at"]) if isinstance(obj.get("due_at"), str) else None
