@@ -84,7 +84,8 @@ def test_agent_on_rabbitmq_reaches_the_collector_through_a_bridge(
         assert agent.link is not None and agent.link.wait_connected(20), \
             (agent.link.state.last_error, rabbitmq.log_text()[-3000:])
         assert agent.wait_delivered(20), agent.link.state.last_error
-        assert wait_until(lambda: collector.store.device("gw-rabbit") is not None, 20), \
+        # The status itself, not just the device row (its online message makes that).
+        assert wait_until(lambda: collector.store.seen_seqs("gw-rabbit") != [], 20), \
             (collector.ingestor.rejected, mosquitto.log_text()[-2000:])
         seqs = sorted(seq for _, seq in collector.store.seen_seqs("gw-rabbit"))
         assert seqs == [result.status.seq]
