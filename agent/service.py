@@ -2,11 +2,13 @@
 
 Owns timing (interval with jitter, an early report when something changed), one
 cycle (read the files, ask the clock sources, judge, build and sign the status with
-the signing key), the device identity, the broker chain as seen on our own session,
-what is enqueued after a cycle (status or heartbeat, cert message, inventory; when a
-heartbeat may stand for the status, `agent.heartbeat`), when renewal is
-checked (before each report; `agent.renewal` decides and does it), signals (SIGTERM:
-say offline and leave cleanly; SIGHUP: reload the config) and sd_notify.
+the signing key), the device identity, what is enqueued after a cycle (status or
+heartbeat, cert message, inventory), when renewal is checked (before each report),
+signals (SIGTERM: say offline and leave cleanly; SIGHUP: reload the config) and
+sd_notify. It composes the schedules that live in their own modules: the broker
+chain judged once per connection (`agent.brokerchain`), heartbeats
+(`agent.heartbeat`), `x5c` (`agent.x5c`), broker-host mode (`agent.hostmode`) and
+renewal (`agent.renewal.schedule`).
 Must not: hold the link's life cycle (`agent.uplink`) or the spool and PUBACK
 bookkeeping (`agent.delivery`); judge (`agent.report` / `agent.status`); spell the
 wire format (`certmon.wire`) or import paho (`certmon.mqtt`). Never logs key
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import threading
 from collections.abc import Callable
@@ -34,33 +35,29 @@ from certmon import wire as p
 from certmon.errors import ConfigError, TransportError
 from certmon.mqtt import MqttLink
 
+from . import identity
+from .brokerchain import BrokerChainWatch
 from .certstore import DeviceMaterial, read_material
 from .clocksync import ClockVerdict, Runner, collect_clock_state, evaluate_clock, run_command
 from .config import AgentConfig
 from .delivery import Delivery, publish_retained
+from .filewatch import WATCH_EVERY_S, FileWatch
+from .heartbeat import HeartbeatSchedule, LastFull
+from .hostmode import BrokerHostMode
+from .renewal import schedule as renewal
 from .renewal.policy import CLOCK_WRONG
 from .report import check_device, newest_not_before
+from .sidetopics import side_messages
 from .spool import SequenceCounter, Spool
-from .status import (
-    AgentCounters,
-    BrokerObservation,
-    build_heartbeat,
-    build_status,
-    inventory,
-    observe_broker,
-    status_essence,
-)
+from .status import AgentCounters, build_status
 from .uplink import Uplink
+from .x5c import X5cSchedule
 
 if TYPE_CHECKING:
-    from .brokerhost.watch import BrokerHostWatch
-    from .renewal import attempt as renewal
+    from .renewal.attempt import RenewalRun
 
 log = logging.getLogger("certmon.agent")
 
-# Files are stat()ed this often between reports, so a renewed certificate is
-# reported (and used for the connection) within seconds, not at the next interval.
-WATCH_EVERY_S = 15.0
 
 
 def release_date() -> datetime:
@@ -77,16 +74,6 @@ class CycleResult:
     # `agent.heartbeat`: sent instead of `status`, which only time and counters set apart
     # from the last full status the broker confirmed.
     heartbeat: p.Heartbeat | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _LastFull:
-    """The last full status signed: what a heartbeat may stand for (`_heartbeat_for`)."""
-
-    digest: str  # p.status_digest of its payload
-    essence: bytes  # status_essence()
-    at_mono_s: float
-    connects: int | None  # the link's connection count when it was signed
 
 
 class AgentService:
@@ -116,13 +103,12 @@ class AgentService:
         self.uplink = Uplink(monotonic=self.clock.monotonic, wake=self._wake.set,
                              on_published=self.delivery.on_published,
                              on_replaced=self.delivery.forget_inflight)
-        self._broker: BrokerObservation | None = None
-        self._broker_key: tuple[int, bytes] | None = None
-        self._x5c_key: tuple[int, str] | None = None  # (connection, signer) x5c last rode on
-        self._last_full: _LastFull | None = None  # agent.heartbeat
-        self._file_stamp: tuple[object, ...] | None = None
+        self.broker_chain = BrokerChainWatch()
+        self.heartbeats = HeartbeatSchedule()
+        self.x5c = X5cSchedule()
+        self.broker_host = BrokerHostMode()
+        self.files = FileWatch()
         self._is_clock_ok = True  # until a cycle's clock findings say otherwise
-        self._broker_host: BrokerHostWatch | None = None  # [broker] config: broker-host mode
         self._random = random.Random()  # noqa: S311 - jitter only
 
     @property
@@ -146,27 +132,29 @@ class AgentService:
     def last_publish_ok_at(self) -> datetime | None:
         return self.delivery.last_ok_at
 
+    @property
+    def _last_full(self) -> LastFull | None:
+        return self.heartbeats.last_full
+
+    @_last_full.setter
+    def _last_full(self, value: LastFull | None) -> None:
+        self.heartbeats.last_full = value
+
+    def _connected_on(self) -> int | None:
+        """The link's connection count while connected, else None."""
+        link = self.link
+        return link.state.connects if link is not None and link.is_connected else None
+
     # ------------------------------------------------------------ identity & link
 
     def _resolve_device_id(self, material: DeviceMaterial) -> str:
-        if self.device_id is not None:
-            return self.device_id
-        client = material.client
-        facts = client.certs[0].facts if client and client.certs else None
-        identity = pki.identity_of(facts) if facts else None
-        if identity is None:
-            raise ConfigError(f"{self.config.tls.cert}: no device_id configured and no CN or "
-                              "certmon device URI in the client certificate")
-        problem = p.validate_device_id(identity)
-        if problem:
-            raise ConfigError(f"{self.config.tls.cert}: certificate identity {identity!r} "
-                              f"is not a valid device id: {problem}")
-        self.device_id = identity
-        return identity
+        if self.device_id is None:
+            self.device_id = identity.device_id_from(material, self.config.tls.cert)
+        return self.device_id
 
     def _ensure_link(self, material: DeviceMaterial) -> None:
         if self.uplink.ensure(self.config, material, self._resolve_device_id):
-            self._broker_key = None  # a new session: its broker chain is judged afresh
+            self.broker_chain.forget_session()
 
     # ------------------------------------------------------------ one cycle
 
@@ -178,88 +166,36 @@ class AgentService:
         device_id = self._resolve_device_id(material)
         verdict, clock_findings = self._judge_clock(material)
         check = check_device(material, now, self.policy, clock=verdict)
-        self._refresh_broker(material, now, verdict)
+        self.broker_chain.refresh(self.link, self.config, material, now, self.policy, verdict)
         status = build_status(
             device_id=device_id, boot_id=self.boot_id,
             seq=self.seq.next() if sign else self.seq.last + 1, now=now,
             mono_s=self.clock.monotonic(), interval_s=self.config.agent.interval_s,
-            check=check, clock=verdict, clock_findings=clock_findings, broker=self._broker,
-            beacon=self.uplink.beacon, counters=self._counters(), policy=self.policy,
-            broker_host=self._judge_broker_host(now))
-        if self.config.renewal.enabled and check.client is not None:
-            # Imported here, as in renew(): the attempt machinery (and the TLS probe
-            # under it, pyOpenSSL) stays out of an agent that does not renew.
-            from .renewal import attempt as renewal
-
-            status = dataclasses.replace(status, renewal=renewal.status_part(
-                self.config, device_id, check.client, now, is_clock_ok=self._is_clock_ok))
-        beat = self._heartbeat_for(status) if sign else None
+            check=check, clock=verdict, clock_findings=clock_findings,
+            broker=self.broker_chain.observation, beacon=self.uplink.beacon,
+            counters=self._counters(), policy=self.policy,
+            broker_host=self.broker_host.judge(self.config.broker, now,
+                                               self.clock.monotonic(), self.policy))
+        status = renewal.with_renewal_part(status, self.config, check.client, now,
+                                           is_clock_ok=self._is_clock_ok)
+        beat = self.heartbeats.heartbeat_for(
+            self.config, status, connected_on=self._connected_on(),
+            spool_depth=self.spool.depth, mono_s=self.clock.monotonic()) if sign else None
         if beat is not None:
-            token = self._sign(material, p.encode_message(beat), p.HEARTBEAT_TYP)
+            token = identity.sign(material, p.encode_message(beat), p.HEARTBEAT_TYP)
             return CycleResult(status, token, material, heartbeat=beat)
         payload = p.encode_status(status)
-        token = self._sign(material, payload, p.STATUS_TYP,
-                           include_x5c=self._is_x5c_due(material)) if sign else b""
-        if sign and self.config.agent.heartbeat:
-            link = self.link
-            self._last_full = _LastFull(p.status_digest(payload), status_essence(status),
-                                        self.clock.monotonic(),
-                                        link.state.connects if link is not None else None)
-        return CycleResult(status, token, material)
-
-    def _heartbeat_for(self, status: p.Status) -> p.Heartbeat | None:
-        """A heartbeat to send instead of `status` (`agent.heartbeat`), or None: only
-        while connected on the session the last full status was signed on, with that
-        status confirmed (the spool is empty, so order holds: nothing older is still
-        on its way), younger than `full_every_s`, and differing from this one only in
-        time and counters. A new session starts with a full status, so it re-asserts
-        the retained copy a new collector bootstraps from (and carries x5c when due).
-        Without retained statuses (`mqtt.retain` false) a new collector would have
-        nothing a heartbeat refers to: full statuses then."""
-        agent, last, link = self.config.agent, self._last_full, self.link
-        if not agent.heartbeat or last is None or link is None or not link.is_connected \
-                or not getattr(self.config.mqtt, "retain", True):
-            return None
-        if self.spool.depth or link.state.connects != last.connects:
-            return None
-        if self.clock.monotonic() - last.at_mono_s >= agent.full_every_s:
-            return None
-        if status_essence(status) != last.essence:
-            return None
-        return build_heartbeat(status, last.digest)
-
-    def _is_x5c_due(self, material: DeviceMaterial) -> bool:
-        """Whether this status carries its signing chain in `x5c` (`mqtt.status_x5c`):
-        with "on_change", the first status of each connection and of each signing
-        certificate, and every status signed while offline (it reaches the broker on
-        a later session, maybe ahead of the first status signed on it), so a collector
-        learns the certificate where the broker does not retain the cert topic."""
-        mode = self.config.mqtt.status_x5c
-        if mode != "on_change":
-            return mode == "always"
+        if not sign:
+            return CycleResult(status, b"", material)
         signer = material.signer()
+        x5c = self.x5c.is_due(self.config.mqtt.status_x5c,
+                              signer[1].certs[0].facts.sha256 if signer else None,
+                              self._connected_on())
+        token = identity.sign(material, payload, p.STATUS_TYP, include_x5c=x5c)
         link = self.link
-        if signer is None or link is None or not link.is_connected:
-            return True
-        key = (link.state.connects, signer[1].certs[0].facts.sha256)
-        due, self._x5c_key = key != self._x5c_key, key
-        return due
-
-    def _judge_broker_host(
-        self, now: datetime,
-    ) -> tuple[p.BrokerHostState, tuple[pki.Finding, ...]] | None:
-        """The broker host's files and listeners judged (`[broker] config`), at most
-        once per `check_every_s`; the reports between carry the last judgement."""
-        broker = self.config.broker
-        if broker.config is None:
-            return None
-        if self._broker_host is None:
-            # Imported here: an agent that is not on a broker host never loads it.
-            from .brokerhost.watch import BrokerHostWatch
-
-            self._broker_host = BrokerHostWatch(broker.config, broker.kind,
-                                                broker.check_every_s)
-        return self._broker_host.current(now, self.clock.monotonic(), self.policy)
+        self.heartbeats.record_full(self.config, payload, status, self.clock.monotonic(),
+                                    link.state.connects if link is not None else None)
+        return CycleResult(status, token, material)
 
     def _judge_clock(self, material: DeviceMaterial) -> tuple[ClockVerdict, list[pki.Finding]]:
         state = collect_clock_state(runner=self.runner, proc_root=self.proc_root,
@@ -276,46 +212,6 @@ class AgentService:
         tls = self.config.tls
         return read_material(tls.ca_bundle, tls.cert, tls.key, signing_cert=tls.signing_cert,
                              signing_key=tls.signing_key)
-
-    def _sign(self, material: DeviceMaterial, payload: bytes, typ: str, *,
-              include_x5c: bool = False) -> bytes:
-        signer = material.signer()
-        if signer is None:
-            which = "signing" if material.signing is not None else "client"
-            raise TransportError(f"cannot sign: the {which} certificate or key is unreadable")
-        key, bundle = signer
-        leaf, *chain = (c.cert for c in bundle.certs)
-        return p.sign_jws(payload, key, leaf, typ=typ,  # type: ignore[arg-type]
-                          include_x5c=include_x5c, chain=chain)
-
-    def _refresh_broker(self, material: DeviceMaterial, now: datetime,
-                        clock: ClockVerdict) -> None:
-        """Judge the broker chain seen on our own session, once per connection."""
-        link = self.link
-        if link is None or not link.state.peer_chain_der:
-            return
-        key = (link.state.connects, link.state.peer_chain_der[0])
-        if key == self._broker_key:
-            return
-        self._broker_key = key
-        mqtt = self.config.mqtt
-        presented = list(link.state.peer_chain_der)
-        if len(presented) == 1:
-            # The link read only the leaf (an ssl module without get_unverified_chain,
-            # public or private): a probe of the same endpoint fetches the
-            # intermediates, kept only if it saw the same leaf. Imported here:
-            # pyOpenSSL (~6 MiB resident) only in that case.
-            from certmon.tlsprobe import ProbeTarget
-            from certmon.tlsprobe import probe as tls_probe
-
-            result = tls_probe(ProbeTarget(
-                host=mqtt.host, port=mqtt.port, servername=mqtt.servername, alpn=mqtt.alpn,
-                client_cert=str(self.config.tls.cert), client_key=str(self.config.tls.key),
-                timeout_s=5.0))
-            if result.presented_der and result.presented_der[0] == presented[0]:
-                presented = list(result.presented_der)
-        self._broker = observe_broker(mqtt.host, mqtt.port, link.state.tls_version, presented,
-                                      material.trust_store, now, self.policy, clock=clock)
 
     def _counters(self) -> AgentCounters:
         try:
@@ -338,23 +234,9 @@ class AgentService:
             return
         self.delivery.spool_status(result.status.seq, p.status_topic(self.prefix, device_id),
                                    result.token, self.link)
-        client = result.material.client
-        signing = result.material.signer()
-        if signing is not None:
-            msg = p.cert_message(device_id, [c.cert for c in signing[1].certs],
-                                 [c.cert for c in client.certs] if client else ())
-            self.delivery.retain(p.cert_topic(self.prefix, device_id), p.encode_message(msg))
-        inventory_topic = p.inventory_topic(self.prefix, device_id)
-        ts = result.status.trust_store
-        # Re-signed when the trust store changes, and when the signing certificate
-        # does: a retained inventory signed by a replaced certificate could no longer
-        # be verified by a collector that (re)starts after the renewal.
-        signer = signing[1].certs[0].facts.sha256 if signing is not None else ""
-        if ts is not None and self.delivery.retained_digest(inventory_topic) != ts.digest + signer:
-            inv = inventory(device_id, result.status.ts, result.material.trust_store.facts)
-            self.delivery.retain(inventory_topic, self._sign(result.material, p.encode_message(inv),
-                                                             p.INVENTORY_TYP),
-                                 digest=ts.digest + signer)
+        for side in side_messages(self.prefix, result.status, result.material,
+                                  self.delivery.retained_digest):
+            self.delivery.retain(side.topic, side.payload, digest=side.digest)
 
     def _publish_heartbeat(self, device_id: str, result: CycleResult) -> None:
         link = self.link
@@ -421,7 +303,7 @@ class AgentService:
                 self._do_reload()
                 next_report = self.clock.monotonic()
             due = self.clock.monotonic() >= next_report
-            if due or self._files_changed() or self._broker_changed():
+            if due or self._files_changed() or self.broker_chain.is_changed(self.link):
                 self._report_logged()
                 next_report = self.clock.monotonic() + self._next_interval_s()
             self.flush()
@@ -439,7 +321,7 @@ class AgentService:
         self.shutdown()
         return 0
 
-    def renew(self, *, force: bool = False) -> renewal.RenewalRun | None:
+    def renew(self, *, force: bool = False) -> RenewalRun | None:
         """One renewal check (and attempt when due, or forced) against the files on
         disk and a fresh clock verdict; None when there is no client certificate."""
         material = self._read_material()
@@ -448,8 +330,6 @@ class AgentService:
             return None
         device_id = self._resolve_device_id(material)
         self._judge_clock(material)
-        from .renewal import attempt as renewal
-
         return renewal.renew_if_due(self.config, device_id, material.trust_store,
                                     client.certs[0].facts, self.clock.now(),
                                     is_clock_ok=self._is_clock_ok, force=force)
@@ -477,24 +357,12 @@ class AgentService:
                  worst.name,
                  len(result.status.findings), self.spool.depth)
 
-    def _broker_changed(self) -> bool:
-        # A new connection (or a new broker leaf) is reported at once: the broker
-        # chain as seen is the fact most likely to have changed.
-        link = self.link
-        if link is None or not link.state.peer_chain_der:
-            return False
-        return (link.state.connects, link.state.peer_chain_der[0]) != self._broker_key
-
     def _next_interval_s(self) -> float:
         spread = self.config.agent.jitter_fraction
         return self.config.agent.interval_s * (1 + self._random.uniform(-spread, spread))
 
     def _files_changed(self) -> bool:
-        tls = self.config.tls
-        stamp = tuple(_stamp(path) for path in (tls.ca_bundle, tls.cert, tls.key,
-                                                tls.signing_cert, tls.signing_key) if path)
-        changed = self._file_stamp is not None and stamp != self._file_stamp
-        self._file_stamp = stamp
+        changed = self.files.is_changed(self.config.tls)
         if changed:
             log.info("certificate material changed on disk: reporting now")
         return changed
@@ -508,7 +376,7 @@ class AgentService:
             log.error("configuration not reloaded, keeping the running one: %s", exc)
             return
         self.policy = _policy(self.config)
-        self._broker_host = None  # judged afresh with the new [broker] and policy
+        self.broker_host.reset()  # judged afresh with the new [broker] and policy
         log.info("configuration reloaded")
 
     def request_stop(self) -> None:
@@ -533,11 +401,4 @@ class AgentService:
 def _policy(config: AgentConfig) -> pki.Policy:
     return pki.Policy(**dataclasses.asdict(config.policy))
 
-
-def _stamp(path: Path) -> object:
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return exc.errno
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 

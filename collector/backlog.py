@@ -20,7 +20,6 @@ other than through the `now` it is given.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,13 @@ def device_key(msg: Incoming) -> str:
     """Whose message this is, from its topic alone: every device topic is
     <prefix>/<device>/<kind> (v1 and v2 alike), so all but the last level."""
     return msg.topic.rpartition("/")[0]
+
+
+def _stamped(msg: Incoming, at: datetime) -> Incoming:
+    # dataclasses.replace looks the fields up on every call; this runs per message on
+    # paho's thread.
+    return Incoming(msg.topic, msg.payload, msg.retained, msg.qos, msg.user_properties,
+                    msg.received_mono_s, msg.mid, msg.dup, at, msg.connection)
 
 
 class Backlog:
@@ -58,6 +64,11 @@ class Backlog:
         self._held: collections.deque[Incoming] = collections.deque()  # taken, not done
         self._cond = threading.Condition()
         self._closed = False
+        # The worker waits in `take` for this many queued messages (0: not waiting).
+        # `put` wakes it only when that is reached: a wake-up per message would cost
+        # paho's thread a futex call each and hand the interpreter lock back and forth
+        # (a sixth of that thread's time in a 60,000-status flood).
+        self._wake_at = 0
 
     def _size(self) -> int:
         return self._queued + len(self._held)
@@ -66,7 +77,7 @@ class Backlog:
         """Append (paho's thread). Waits while full; after `close` the message is left
         unacknowledged for the broker to deliver again."""
         if msg.received_at is None:
-            msg = dataclasses.replace(msg, received_at=self._now())
+            msg = _stamped(msg, self._now())
         key = self._key(msg)
         with self._cond:
             while self._size() >= self._max and not self._closed:
@@ -75,7 +86,9 @@ class Backlog:
                 return
             self._queues.setdefault(key, collections.deque()).append(msg)
             self._queued += 1
-            self._cond.notify()  # the one worker: waking every waiter per message costs
+            if self._wake_at and self._queued >= self._wake_at:
+                self._wake_at = 0
+                self._cond.notify()  # the one worker: waking every waiter per message costs
 
     def take(self, max_n: int, wait_s: float, linger_s: float, linger_below: int = 8
              ) -> list[Incoming]:
@@ -89,11 +102,14 @@ class Backlog:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
+                self._wake_at = 1
                 self._cond.wait(left)
             linger_end = time.monotonic() + linger_s
             while (self._queued < linger_below and not self._closed
                    and (left := linger_end - time.monotonic()) > 0):
+                self._wake_at = linger_below
                 self._cond.wait(left)
+            self._wake_at = 0
             batch: list[Incoming] = []
             while self._queues and len(batch) < max_n:
                 key, queue = next(iter(self._queues.items()))

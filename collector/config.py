@@ -56,9 +56,16 @@ class MqttConfig(BrokerEndpoint):
     client_id: str | None = setting(default=None, doc="MQTT client id; unset means "
                                     "\"certmon-collector-<hostname>\". Give each collector "
                                     "of a share group its own.")
+    protocol: Literal["v5", "v311"] = setting(
+        default="v5", doc="MQTT protocol version. \"v311\" for a broker without MQTT "
+        "v5 (RabbitMQ 3.10): ingest stays at least once, session_expiry_s > 0 still "
+        "keeps a persistent session; no share_group, and what the collector publishes "
+        "carries no certmon-sig signature (docs/brokers.md, \"MQTT 3.1.1 collector\").")
     session_expiry_s: int = setting(default=3600, ge=0, doc="MQTT v5 session expiry: the "
                                     "broker queues statuses this long while the collector "
-                                    "is down (0: clean session, nothing queued).")
+                                    "is down (0: clean session, nothing queued). With "
+                                    "protocol v311, any value > 0 is clean_session false "
+                                    "for as long as the broker keeps sessions.")
     share_group: str | None = setting(default=None, check=validate_topic_level,
                                       doc="Subscribe via $share/<group>/… (MQTT v5) so "
                                       "several collectors split the load.")
@@ -71,6 +78,13 @@ class MqttConfig(BrokerEndpoint):
                                      "(docs/mosquitto.md, \"Migrating from certmon/v1\").")
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
+        # MQTT 3.1.1 has no shared subscriptions. Some brokers accept "$share/g/…"
+        # from 3.1.1 clients anyway (Mosquitto); a 3.1.1-only one takes it as a plain
+        # filter whose first level is "$share", which no device topic matches: the
+        # group would receive nothing, and nobody would be told.
+        if self.protocol == "v311" and self.share_group is not None:
+            yield "share_group", ('needs mqtt.protocol = "v5": shared subscriptions are '
+                                  'MQTT v5; with "v311" run one collector per broker')
         # A prefix at or below certmon/v1 puts the v2 device subtree where the v1
         # broker rule `pattern write certmon/v1/%u/#` lets a CN "devices" (or the
         # prefix's next level) write any device's topics during the migration.

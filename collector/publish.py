@@ -2,7 +2,7 @@
 the retained per-device fleet views.
 
 Owns the `Publisher` (every publish of the collector goes through it, so every payload
-carries the collector's signature, certmon.fleetsig) and `FleetTopics` (the retained
+carries the collector's signature, certmon.fleetsig, where MQTT v5 can carry it) and `FleetTopics` (the retained
 `fleet/devices/<id>` views, published when a device's state changed). Must not
 subscribe, read the store or decide alerts.
 """
@@ -31,11 +31,14 @@ class Publisher:
     (beacon, fleet topics, alert messages) is re-published later anyway, so a
     disconnected link drops it (logged at debug) instead of failing the caller.
     With a signer, each payload carries the collector's signature (certmon.fleetsig)
-    as a user property, for consumers that cannot rely on the broker's ACL."""
+    as a user property, for consumers that cannot rely on the broker's ACL — except
+    on an MQTT 3.1.1 link (`mqtt.protocol = "v311"`), which has no properties to
+    carry it: there nothing is signed (docs/protocol.md)."""
 
     def __init__(self, link: MqttLink, signer: FleetSigner | None = None) -> None:
         self._link = link
-        self._signer = signer
+        # A signature per publish that the link would drop unsent is pure cost.
+        self._signer = signer if link.settings.protocol == "v5" else None
 
     def __call__(self, topic: str, payload: bytes, retain: bool = False) -> None:
         props = self._signer.user_properties(topic, payload) if (

@@ -94,7 +94,9 @@ def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], Non
                             ca_bundle=str(config.tls.ca_bundle),
                             cert=str(config.tls.cert), key=str(config.tls.key),
                             keepalive_s=mqtt.keepalive_s, max_inflight=100,
-                            manual_ack=True,
+                            manual_ack=True, protocol=mqtt.protocol,
+                            # With v311 a persistent session is clean_session false;
+                            # its lifetime is the broker's (3.1.1 cannot send one).
                             clean_start=mqtt.session_expiry_s == 0,
                             session_expiry_s=mqtt.session_expiry_s)
     link = MqttLink(settings, on_message=on_message, monotonic=monotonic,
