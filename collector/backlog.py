@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from certmon.mqtt import Incoming
@@ -89,6 +89,26 @@ class Backlog:
             if self._wake_at and self._queued >= self._wake_at:
                 self._wake_at = 0
                 self._cond.notify()  # the one worker: waking every waiter per message costs
+
+    def put_many(self, msgs: Sequence[Incoming]) -> None:
+        """`put` each, in order, under one lock and at most one wake-up (the link hands
+        over a batch at a time)."""
+        if not msgs:
+            return
+        at = self._now()
+        with self._cond:
+            for msg in msgs:
+                if msg.received_at is None:
+                    msg = _stamped(msg, at)
+                while self._size() >= self._max and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._queues.setdefault(self._key(msg), collections.deque()).append(msg)
+                self._queued += 1
+            if self._wake_at and self._queued >= self._wake_at:
+                self._wake_at = 0
+                self._cond.notify()
 
     def take(self, max_n: int, wait_s: float, linger_s: float, linger_below: int = 8
              ) -> list[Incoming]:

@@ -34,7 +34,8 @@ from certmon import pki, systemd
 from certmon import wire as p
 from certmon.config import broker_endpoint
 from certmon.errors import ConfigError
-from certmon.mqtt import Incoming, LinkSettings, MqttLink
+from certmon.mqtt import Incoming, LinkSettings
+from certmon.mqttproc import ProcessLink
 
 from .backlog import Backlog
 from .config import CollectorConfig
@@ -83,8 +84,8 @@ class Periodic:
     fleet_sweep_every_s: float = 60.0
 
 
-def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], None],
-                   monotonic: Callable[[], float]) -> MqttLink:
+def collector_link(config: CollectorConfig,
+                   on_messages: Callable[[Sequence[Incoming]], None]) -> ProcessLink:
     """The collector's broker connection and its subscriptions (not started)."""
     mqtt = config.mqtt
     prefix = mqtt.topic_prefix
@@ -99,9 +100,11 @@ def collector_link(config: CollectorConfig, on_message: Callable[[Incoming], Non
                             # its lifetime is the broker's (3.1.1 cannot send one).
                             clean_start=mqtt.session_expiry_s == 0,
                             session_expiry_s=mqtt.session_expiry_s)
-    link = MqttLink(settings, on_message=on_message, monotonic=monotonic,
-                    on_connect=lambda: log.info("connected to %s:%s as %s", host, port,
-                                                client_id))
+    # The connection lives in a child process (certmon.mqttproc): paho's per-message
+    # work runs on the other core and the inbox gets a batch per wake-up.
+    link = ProcessLink(settings, on_messages=on_messages,
+                       on_connect=lambda: log.info("connected to %s:%s as %s", host, port,
+                                                   client_id))
     share = f"$share/{mqtt.share_group}/" if mqtt.share_group else ""
     # Statuses and inventories are shared out across the group; cert and online
     # topics go to every collector: a collector must know a device's certificate
@@ -159,7 +162,7 @@ class CollectorService:
     and nothing changes them after construction."""
 
     def __init__(self, config: CollectorConfig, *, store: Store, clock: wallclock.Clock,
-                 link: MqttLink, inbox: Backlog, ingestor: Ingestor, listeners: DeviceListener,
+                 link: ProcessLink, inbox: Backlog, ingestor: Ingestor, listeners: DeviceListener,
                  health: HealthCell | None = None,
                  jobs: Sequence[Job] = (), on_close: Sequence[Callable[[], None]] = (),
                  periodic: Periodic | None = None, web_url: str | None = None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from certmon import clock as wallclock
 from certmon import pki
-from certmon.mqtt import MqttLink
+from certmon.mqttproc import ProcessLink
 from certmon.pki.crl import CrlFacts
 
 from .admission import Budget
@@ -81,7 +81,7 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
         store.migrate()
         inbox = Backlog(clock.now)  # stamps each message's arrival
         health = HealthCell()
-        link = collector_link(config, inbox.put, clock.monotonic)
+        link = collector_link(config, inbox.put_many)
         publish = Publisher(link, collector_signer(config))
         sinks = build_sinks(config.alerts, topic_prefix=prefix, publish=publish)
         engine = AlertEngine(store, sinks.notify, alertmanagers=sinks.alertmanager,
@@ -145,7 +145,7 @@ class LiveCounters:
     """The running process as /metrics sees it (`collector.web.ProcessCounters`)."""
 
     ingestor: Ingestor
-    link: MqttLink
+    link: ProcessLink
     inbox: Backlog
     health: HealthCell
 

@@ -1,0 +1,342 @@
+"""An MQTT link whose connection lives in a child process (`ProcessLink`).
+
+Owns the split of one `certmon.mqtt.MqttLink` across two processes: the child runs
+the link (paho's network thread: TLS, packet parsing, the PUBACKs) and hands received
+messages to the parent in batches over a socketpair; the parent sends back what to
+acknowledge and what to publish. Why: paho spends ~50 µs of interpreter time per
+received message; in the process that verifies and stores, that time and the lock
+hand-offs between paho's thread and the ingest worker set the collector's intake
+(a 60,000-status flood drained at ~13,000/s, everything behind it waiting). In a
+child it runs on the other core and the parent sees a batch per wake-up.
+
+The parent's face is the subset of MqttLink the collector uses: `subscribe` (before
+`start`), `start`, `wait_connected`, `is_connected`, `state`, `settings`, `publish`
+(fire-and-forget: the collector's publishes never wait for a PUBACK), `ack`, `stop`.
+Acks keep MqttLink's rule: never across a reconnect — and never across a child
+restart: `Incoming.connection` is `generation * GENERATION + connects`, so a message
+from a child that died is never acknowledged by its successor (the broker re-sends
+it). A child that dies is restarted with back-off; while it is down the link is
+disconnected. Must not: look inside messages, or import anything but the transport
+(the child is a small process: paho, ssl and this module).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .errors import TransportError
+from .mqtt import Incoming, LinkSettings, LinkState, MqttLink
+
+__all__ = ["GENERATION", "ProcessLink"]
+
+log = logging.getLogger(__name__)
+
+GENERATION = 1_000_000  # connection ids: generation * GENERATION + the child's connects
+BATCH_MAX = 512  # messages per batch the child sends
+BUFFER_MAX = 4096  # received, not yet sent to the parent: then paho's thread waits
+RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    settings: LinkSettings
+    subscriptions: tuple[tuple[str, int], ...]
+    log_level: int
+
+
+class ProcessLink:
+    """MqttLink's collector-side face, with the link itself in a child process."""
+
+    def __init__(self, settings: LinkSettings, *,
+                 on_message: Callable[[Incoming], None] | None = None,
+                 on_connect: Callable[[], None] | None = None,
+                 on_disconnect: Callable[[str], None] | None = None,
+                 on_messages: Callable[[Sequence[Incoming]], None] | None = None) -> None:
+        self.settings = settings
+        self.state = LinkState(protocol=settings.protocol)
+        self._on_message = on_message
+        self._on_messages = on_messages  # a batch at once (the inbox's put_many)
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._send_lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._generation = 0
+        self._child_connects = 0
+        self._stopping = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Before `start`: the child subscribes on every connect."""
+        if self._proc is not None:
+            raise RuntimeError("ProcessLink.subscribe after start")
+        self._subscriptions[topic_filter] = qos
+        self.state.subscriptions[topic_filter] = qos
+
+    def start(self) -> None:
+        if self._reader is not None:
+            return
+        self._spawn()
+        self._reader = threading.Thread(target=self._read, name="certmon-mqtt-rx", daemon=True)
+        self._reader.start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                expiry_s: int | None = None,
+                user_properties: Sequence[tuple[str, str]] = ()) -> int:
+        """Hand the message to the child; 0 (no mid: nothing here waits for a PUBACK).
+        Raises TransportError when not connected, as MqttLink does."""
+        if not self.is_connected:
+            raise TransportError("not connected")
+        self._send(("publish", topic, payload, qos, retain, expiry_s, tuple(user_properties)))
+        return 0
+
+    def ack(self, messages: Sequence[Incoming]) -> None:
+        """PUBACK these, in order: only those of the current connection of the current
+        child (the broker re-sends the others)."""
+        if not self.settings.manual_ack:
+            return
+        current = self._generation * GENERATION + self._child_connects
+        acks = [(m.mid, m.qos, m.connection - self._generation * GENERATION)
+                for m in messages if m.qos > 0 and m.connection == current]
+        if acks:
+            try:
+                self._send(("ack", acks))
+            except TransportError:  # the child just died: the broker re-sends them
+                log.debug("%d acks dropped: link process gone", len(acks))
+
+    def stop(self, final: Sequence[tuple[str, bytes, bool]] = (), timeout_s: float = 5.0) -> None:
+        """Publish `final`, disconnect cleanly (no will) and end the child."""
+        self._stopping.set()
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            self._send(("stop", tuple(final), timeout_s))
+            proc.wait(timeout_s + 5)
+        except (TransportError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        if self._conn is not None:
+            self._conn.close()
+        if self._reader is not None:
+            self._reader.join(5)
+        self._mark_down("stopped")
+
+    # ------------------------------------------------------------------ parent side
+
+    def _spawn(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        self._generation += 1
+        self._child_connects = 0
+        start = _Start(self.settings, tuple(self._subscriptions.items()),
+                       logging.getLogger().getEffectiveLevel())
+        env = {**os.environ, "CERTMON_MQTTPROC_FD": str(child_sock.fileno())}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "certmon.mqttproc"], pass_fds=(child_sock.fileno(),),
+            env=env, stdin=subprocess.DEVNULL, close_fds=True)
+        child_sock.close()
+        self._conn = Connection(parent_sock.detach())
+        self._send(("start", start))
+
+    def _send(self, command: tuple[Any, ...]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise TransportError("link not started")
+        data = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with self._send_lock:
+                conn.send_bytes(data)
+        except OSError as exc:
+            raise TransportError(f"link process gone: {exc}") from exc
+
+    def _read(self) -> None:
+        delay = RESTART_MIN_S
+        while not self._stopping.is_set():
+            conn = self._conn
+            assert conn is not None
+            try:
+                while True:
+                    self._handle(pickle.loads(conn.recv_bytes()))  # noqa: S301 — our child
+                    delay = RESTART_MIN_S
+            except (EOFError, OSError):
+                pass
+            if self._stopping.is_set():
+                return
+            code = self._proc.wait() if self._proc is not None else None
+            log.error("MQTT link process exited (code %s); restarting in %.1f s", code, delay)
+            self._child_connects = 0  # no current connection: nothing it delivered is acked
+            self._mark_down("link process exited")
+            conn.close()
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_MAX_S)
+            self._spawn()
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "batch":
+            base = self._generation * GENERATION
+            batch = [Incoming(topic, payload, retained, qos, props, mono, mid, dup, None,
+                              base + connection)
+                     for topic, payload, retained, qos, props, mono, mid, dup, connection
+                     in event[1]]
+            if self._on_messages is not None:
+                self._on_messages(batch)
+            elif self._on_message is not None:
+                for msg in batch:
+                    self._on_message(msg)
+        elif kind == "up":
+            _, connects, retain_available = event
+            self._child_connects = connects
+            self.state.connects += 1
+            self.state.is_retain_available = retain_available
+            self.state.last_error = None
+            self.state.is_connected = True
+            self._connected.set()
+            _call(self._on_connect)
+        elif kind == "down":
+            self._mark_down(event[1])
+        elif kind == "error":
+            self.state.last_error = event[1]
+
+    def _mark_down(self, reason: str) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self.state.is_connected = False
+        if reason not in ("stopped",):
+            self.state.last_error = reason
+        if was:
+            _call(self._on_disconnect, reason)
+
+
+def _call(fn: Callable[..., None] | None, *args: Any) -> None:
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:  # a callback's bug must not end the reader thread
+        log.exception("link callback failed")
+
+
+# ---------------------------------------------------------------------- child side
+
+class _Child:
+    """The child: an MqttLink, a buffer between paho's thread and the parent, and the
+    parent's commands."""
+
+    def __init__(self, conn: Connection, start: _Start) -> None:
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.buffer: list[tuple[Any, ...]] = []
+        self.closed = False
+        self.link = MqttLink(start.settings, on_message=self.received,
+                             on_connect=self.up, on_disconnect=self.down)
+        for topic_filter, qos in start.subscriptions:
+            self.link.subscribe(topic_filter, qos)
+
+    def send(self, event: tuple[Any, ...]) -> None:
+        data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with self.send_lock:
+                self.conn.send_bytes(data)
+        except OSError:  # the parent is gone; commands() sees EOF and ends the link
+            pass
+
+    def received(self, m: Incoming) -> None:  # paho's thread
+        row = (m.topic, m.payload, m.retained, m.qos, m.user_properties, m.received_mono_s,
+               m.mid, m.dup, m.connection)
+        with self.cond:
+            while len(self.buffer) >= BUFFER_MAX and not self.closed:
+                self.cond.wait(0.5)  # paho stops reading: back-pressure to the broker
+            self.buffer.append(row)
+            if len(self.buffer) == 1:
+                self.cond.notify_all()
+
+    def up(self) -> None:
+        self.send(("up", self.link.state.connects, self.link.state.is_retain_available))
+
+    def down(self, reason: str) -> None:
+        self.send(("down", reason))
+
+    def pump(self) -> None:  # batches to the parent, on its own thread
+        while True:
+            with self.cond:
+                while not self.buffer and not self.closed:
+                    self.cond.wait()
+                if self.closed and not self.buffer:
+                    return
+                batch, self.buffer = self.buffer[:BATCH_MAX], self.buffer[BATCH_MAX:]
+                self.cond.notify_all()
+            self.send(("batch", batch))
+
+    def commands(self) -> None:  # the parent's, on the main thread, until stop or EOF
+        while True:
+            try:
+                command = pickle.loads(self.conn.recv_bytes())  # noqa: S301 — our parent
+            except (EOFError, OSError):
+                self.link.stop(timeout_s=1.0)
+                return
+            kind = command[0]
+            if kind == "ack":
+                self.link.ack([Incoming("", b"", False, qos, mid=mid, connection=connection)
+                               for mid, qos, connection in command[1]])
+            elif kind == "publish":
+                _, topic, payload, qos, retain, expiry_s, props = command
+                try:
+                    self.link.publish(topic, payload, qos=qos, retain=retain,
+                                      expiry_s=expiry_s, user_properties=props)
+                except TransportError as exc:
+                    log.debug("publish to %s dropped: %s", topic, exc)
+            elif kind == "stop":
+                self.link.stop(command[1], command[2])
+                return
+
+
+def _child_main() -> int:
+    import signal
+
+    # The parent decides when the link ends (a clean DISCONNECT, no will): a Ctrl-C or
+    # systemd's SIGTERM to the group must not end it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = Connection(int(os.environ["CERTMON_MQTTPROC_FD"]))
+    kind, start = pickle.loads(conn.recv_bytes())  # noqa: S301 — our parent
+    assert kind == "start"
+    logging.basicConfig(level=start.log_level, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    child = _Child(conn, start)
+    pump = threading.Thread(target=child.pump, name="certmon-mqtt-pump", daemon=True)
+    pump.start()
+    child.link.start()
+    child.commands()
+    with child.cond:
+        child.closed = True
+        child.cond.notify_all()
+    pump.join(2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
