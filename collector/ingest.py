@@ -15,26 +15,25 @@ idempotent, and, once decided, the admission buckets, so after `StoreUnavailable
 is simply run again. Admission (collector.admission) comes first and reads only topics
 and arrival instants: a device over its budget has only its newest pending status
 verified, the others acknowledged as counted `superseded` / `rate_limited`.
-Verification rules live in collector.verify; storage in collector.store.
+Verification rules live in collector.verify; the records stored and the plan's
+order in collector.records; what a heartbeat names in collector.heartbeats;
+storage in collector.store.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
 
-from certmon import pki
 from certmon import wire as p
 from certmon.errors import ProtocolError
 from certmon.mqtt import Incoming
 
-from . import aggregate
 from .admission import Admission, Budget, Judgement, Verdict
 from .effects import (
     Applier,
@@ -45,17 +44,14 @@ from .effects import (
     Pending,
     Plan,
     Reject,
-    Statuses,
     Stored,
     Unadmitted,
     cert_key,
 )
+from .heartbeats import FullStatus, FullStatuses, full_status, heartbeat_record
+from .records import inventory_record, plan_of, status_record
 from .store import (
-    CertLink,
     CertRole,
-    CertRow,
-    FindingRecord,
-    InventoryRecord,
     StatusRecord,
     Store,
     StoreUnavailable,
@@ -91,16 +87,6 @@ class _Beat:
     at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class _FullStatus:
-    """The newest full status this process verified for a device: what its heartbeats
-    refer to (by `digest`) and what a heartbeat's record is made from."""
-
-    digest: str  # p.status_digest of the signed payload
-    status: p.Status
-    record: StatusRecord
-
-
 _Decided = Pending | Effect | int | None | _Beat  # int: the index of a `_Signed` slot
 
 
@@ -124,9 +110,9 @@ class Ingestor:
         # Per-device admission before the expensive work (collector.admission).
         self.admission = Admission(budget or Budget())
         self._topics: dict[str, tuple[str, p.TopicKind] | None] = {}
-        # Per device, the last full status (one per device, ~2 KB): heartbeats name it.
-        self._full: dict[str, _FullStatus] = {}
-        self._full_prev: dict[str, _FullStatus] = {}  # the one before, per device
+        # Per device, the last full statuses (bounded, collector.heartbeats): what
+        # heartbeats name.
+        self._full = FullStatuses()
         self.heartbeats_unknown = 0  # heartbeats naming a full status not seen here
         self.store = store
         self.certs = certs
@@ -211,7 +197,7 @@ class Ingestor:
                 decided.append(Reject("internal_error", msg, f"{type(exc).__name__}: {exc}",
                                       at))
         checked = self._verify_in_pool(signed) if signed else []
-        plan = _plan([checked[d] if isinstance(d, int) else
+        plan = plan_of([checked[d] if isinstance(d, int) else
                       self._resolve_beat(d) if isinstance(d, _Beat) else d for d in decided])
         now = self.now()
         plan.effects += [Flooding(d, True, now) for d in judgement.started]
@@ -262,7 +248,7 @@ class Ingestor:
             # broker, for its will) write this topic (docs/mosquitto.md).
             return Online(device_id, p.parse_online(msg.payload), at, msg)
         elif kind == p.TopicKind.INVENTORY and msg.payload:
-            return Inventory(self._inventory(device_id, msg.payload, at), msg)
+            return Inventory(inventory_record(self.certs, device_id, msg.payload, at), msg)
         return None
 
     def _verify_in_pool(self, signed: list[_Signed]) -> list[Pending | Reject]:
@@ -330,35 +316,14 @@ class Ingestor:
 
     def _status_record(self, verified: Verified, msg: Incoming, at: datetime) -> StatusRecord:
         """`at`: when the message arrived, which is what the store keeps as received."""
-        status, signer = verified.status, verified.signer
-        severity, worst_code = aggregate.headline(status.findings)
-        offset = aggregate.clock_offset(status, at, retained=msg.retained)
         # Certificate rows are written when a device's certificate changes (or first
         # seen by this process), not with every status: at thousands of statuses per
         # second, re-upserting the same rows would be most of the store's work.
-        links: tuple[CertLink, ...] = ()
-        roles: frozenset[CertRole] = frozenset()
-        if self.applier.stored_certs.get(status.device_id) != cert_key(verified):
-            links, roles = _cert_links(signer, status)
-        record = StatusRecord(
-            device_id=status.device_id, boot_id=status.boot_id, seq=status.seq,
-            device_ts=status.ts, received_at=at, interval_s=status.interval_s,
-            status_json=verified.payload.decode("utf-8"),
-            severity=int(severity), worst_code=worst_code,
-            findings=tuple(FindingRecord(f.code, int(f.severity), f.cert, f.msg)
-                           for f in status.findings),
-            client_sha256=status.client.sha256 if status.client else None,
-            trust_digest=status.trust_store.digest if status.trust_store else None,
-            certs=links, replace_roles=roles,
-            clock_offset_lo_s=offset.lo_s, clock_offset_hi_s=offset.hi_s,
-        )
-        last = self._full.get(status.device_id)
-        if last is None or last.status.boot_id != status.boot_id or last.status.seq < status.seq:
-            if last is not None:
-                self._full_prev[status.device_id] = last
-            self._full[status.device_id] = _FullStatus(p.status_digest(verified.payload), status,
-                                                       replace(record, certs=(),
-                                                               replace_roles=frozenset()))
+        with_certs = self.applier.stored_certs.get(verified.status.device_id) \
+            != cert_key(verified)
+        record = status_record(verified, retained=msg.retained, at=at, with_certs=with_certs)
+        self._full.saw(verified.status.device_id,
+                       full_status(verified.payload, verified.status, record))
         return record
 
     # ------------------------------------------------------------ heartbeats
@@ -373,14 +338,6 @@ class Ingestor:
         except Exception as exc:
             log.exception("unexpected error on %s", beat.msg.topic[:200])
             return Reject("internal_error", beat.msg, f"{type(exc).__name__}: {exc}", beat.at)
-
-    def _known_full(self, device_id: str, digest: str) -> _FullStatus | None:
-        # The newest and the one before it: a heartbeat and a newer status can share
-        # a batch (the heartbeat then names the older one).
-        for full in (self._full.get(device_id), self._full_prev.get(device_id)):
-            if full is not None and full.digest == digest:
-                return full
-        return None
 
     def _heartbeat(self, device_id: str, msg: Incoming, at: datetime) -> Pending:
         """A verified heartbeat as the record of the full status it names, with its own
@@ -400,28 +357,18 @@ class Ingestor:
         if beat.device_id != device_id:
             raise ProtocolError("topic_mismatch", f"heartbeat for {beat.device_id!r} "
                                 f"published on the topic of {device_id!r}")
-        full = self._known_full(device_id, beat.status_digest) or \
+        full = self._full.find(device_id, beat.status_digest) or \
             self._full_from_store(device_id, beat.status_digest, known, at)
         if full is None:
             self.heartbeats_unknown += 1
             raise ProtocolError("heartbeat_unknown_status",
                                 f"heartbeat seq={beat.seq} names status "
                                 f"{beat.status_digest[:16]}…, not the last one seen here")
-        status = replace(full.status, boot_id=beat.boot_id, seq=beat.seq, ts=beat.ts,
-                         interval_s=beat.interval_s)
-        # The bounds of aggregate.clock_offset: lo from ts against arrival (not for a
-        # retained copy), hi from when the device heard our beacon.
-        lo = None if msg.retained else (beat.ts - at).total_seconds()
-        hi = None
-        if beat.beacon_ts is not None and beat.beacon_age_s is not None:
-            hi = (beat.ts - beat.beacon_ts).total_seconds() - beat.beacon_age_s
-        record = replace(full.record, boot_id=beat.boot_id, seq=beat.seq, device_ts=beat.ts,
-                         received_at=at, interval_s=beat.interval_s,
-                         clock_offset_lo_s=lo, clock_offset_hi_s=hi)
+        status, record = heartbeat_record(full, beat, retained=msg.retained, at=at)
         return Pending(Verified(status, known, parsed.payload), record, msg)
 
     def _full_from_store(self, device_id: str, digest: str, known: KnownCert,
-                         at: datetime) -> _FullStatus | None:
+                         at: datetime) -> FullStatus | None:
         """The stored status when it is the one `digest` names: another collector of
         the share group stored it (the group hands a device's messages to any member),
         or this one did before a restart. status_json is the verified payload itself."""
@@ -435,76 +382,8 @@ class Ingestor:
         record = self._status_record(
             verified, Incoming(topic="", payload=b"", retained=True, qos=0), at)
         # Remembered whatever the cache held: the device's signed heartbeat names it.
-        full = _FullStatus(digest, verified.status,
-                           replace(record, certs=(), replace_roles=frozenset()))
-        self._full_prev.pop(device_id, None)
-        self._full[device_id] = full
+        full = full_status(payload, verified.status, record)
+        self._full.loaded(device_id, full)
         return full
 
     # ------------------------------------------------------------ other topics
-
-    def _inventory(self, device_id: str, token: bytes, at: datetime) -> InventoryRecord:
-        parsed = p.parse_jws(token, p.MAX_INVENTORY_JWS_BYTES, typ=p.INVENTORY_TYP)
-        known = self.certs.get(parsed.cert_sha256, at)
-        if known is None:
-            raise ProtocolError("unknown_cert", "inventory signed by an unknown certificate")
-        if not known.trusted or known.identity != device_id:
-            raise ProtocolError("identity_mismatch", "inventory not signed by this device")
-        p.verify_jws(parsed, known.cert.public_key())
-        inv = p.decode_message(p.Inventory, parsed.payload, max_bytes=p.MAX_INVENTORY_JWS_BYTES)
-        if inv.device_id != device_id:
-            raise ProtocolError("topic_mismatch", "inventory for another device")
-        cas = tuple(CertRow(sha256=c.sha256, subject=c.subject, not_before=c.not_before,
-                            not_after=c.not_after, is_ca=True) for c in inv.cas)
-        return InventoryRecord(device_id, inv.digest, json.dumps(
-            [c.to_json() for c in inv.cas], separators=(",", ":")), at, cas)
-
-
-def _plan(decided: Sequence[Pending | Effect | None]) -> Plan:
-    """Effects in message order, each run of statuses as one `Statuses` (one
-    transaction). Only a device-state effect (online, inventory) ends a run; a
-    rejection inside a run is applied after it, which changes no state."""
-    plan = Plan()
-    run: list[Pending] = []
-    rejects: list[Effect] = []
-
-    def flush() -> None:
-        if run:
-            plan.effects.append(Statuses(tuple(run)))
-            run.clear()
-        plan.effects.extend(rejects)
-        rejects.clear()
-
-    for d in decided:
-        if isinstance(d, Pending):
-            run.append(d)
-        elif isinstance(d, (Reject, Unadmitted)):
-            rejects.append(d)
-        elif d is not None:
-            flush()
-            plan.effects.append(d)
-    flush()
-    return plan
-
-
-def _cert_links(signer: KnownCert, status: p.Status
-                ) -> tuple[tuple[CertLink, ...], frozenset[CertRole]]:
-    """The certificate rows a status implies, and the roles they replace."""
-    def chain(facts: Sequence[pki.CertFacts], der: Sequence[bytes]) -> list[CertLink]:
-        return [CertLink(CertRow.from_facts(f, d), CertRole.CLIENT if i == 0 else CertRole.CHAIN)
-                for i, (f, d) in enumerate(zip(facts, der, strict=True))]
-
-    client_sha = status.client.sha256 if status.client else None
-    if client_sha is None or client_sha == signer.facts.sha256:
-        # Signed with the TLS key: the signing chain is the client chain.
-        return (tuple(chain(signer.chain_facts, signer.chain_der)),
-                frozenset({CertRole.CLIENT, CertRole.CHAIN}))
-    # A dedicated signing key: the signing certificate in its own role, and the client
-    # chain from the cert message when it names the client certificate of this status.
-    links = [CertLink(CertRow.from_facts(signer.facts, signer.chain_der[0]), CertRole.SIGNING)]
-    roles = {CertRole.SIGNING}
-    facts = signer.client_chain_facts
-    if facts and facts[0].sha256 == client_sha:
-        links += chain(facts, signer.client_chain_der)
-        roles |= {CertRole.CLIENT, CertRole.CHAIN}
-    return tuple(links), frozenset(roles)
