@@ -67,6 +67,11 @@ class FleetCrls:
             self._logged[read.source] = problems
         return (*self._good.values(), *unverified)
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """For /metrics: CRLs refused by reason, and failed fetches by reason."""
+        fetch = dict(self.urls.failures) if self.urls is not None else {}
+        return {"refused": dict(self.refused), "fetch_failed": fetch}
+
     def known_cas(self) -> tuple[pki.LoadedCert, ...]:
         """The fleet CAs, then each CA certificate of a held device chain that one of
         them (or an intermediate already admitted) signed: a CRL issued by the

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from certmon import clock as wallclock
 from certmon import pki
 from certmon.mqttproc import ProcessLink
-from certmon.pki.crl import CrlFacts
 
 from .admission import Budget
 from .alerts.driver import AlertDriver
@@ -52,7 +51,7 @@ log = logging.getLogger("certmon.collector")
 
 
 def _fleet_crls(config: CollectorConfig, certs: CertCache,
-                monotonic: Callable[[], float]) -> Callable[[], tuple[CrlFacts, ...]] | None:
+                monotonic: Callable[[], float]) -> FleetCrls | None:
     tls = config.tls
     if not tls.fleet_crl and not tls.fleet_crl_urls:
         return None
@@ -60,7 +59,7 @@ def _fleet_crls(config: CollectorConfig, certs: CertCache,
     urls = CrlSource(tls.fleet_crl_urls, timeout_s=tls.crl_fetch_timeout_s,
                      every_s=tls.crl_fetch_every_s, monotonic=monotonic) \
         if tls.fleet_crl_urls else None
-    return FleetCrls(tls.fleet_crl, cas, urls, chain_certs=certs.chain_certs).current
+    return FleetCrls(tls.fleet_crl, cas, urls, chain_certs=certs.chain_certs)
 
 
 def build_collector(config: CollectorConfig, *, web: bool = True,
@@ -89,10 +88,11 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
                              resend_interval_s=config.alerts.resend_interval_s,
                              clock=clock.now)
         undo.callback(engine.close, 1.0)
+        crls = _fleet_crls(config, certs, clock.monotonic)
         alerts = AlertDriver(store, engine, requirements=requirements,
                              policy=pki.Policy(**dataclasses.asdict(config.policy)),
                              now=clock.now,
-                             fleet_crls=_fleet_crls(config, certs, clock.monotonic))
+                             fleet_crls=crls.current if crls is not None else None)
         listeners = Listeners([FleetTopics(publish, prefix), alerts])
         workers = config.ingest.verify_workers
         pool = VerifierPool(workers) if workers else None
@@ -122,7 +122,7 @@ def build_collector(config: CollectorConfig, *, web: bool = True,
             from .web.app import start_web
 
             server = start_web(store, config.web.listen,
-                               process=LiveCounters(ingestor, link, inbox, health),
+                               process=LiveCounters(ingestor, link, inbox, health, crls),
                                trust_requirements=requirements, basic_auth=basic_auth,
                                now=clock.now,
                                metrics_per_device=config.web.metrics_per_device,
@@ -148,6 +148,7 @@ class LiveCounters:
     link: ProcessLink
     inbox: Backlog
     health: HealthCell
+    crls: FleetCrls | None = None
 
     def ingest_counts(self) -> Mapping[str, int]:
         ing = self.ingestor
@@ -167,6 +168,9 @@ class LiveCounters:
 
     def backlog(self) -> int:
         return len(self.inbox)
+
+    def crl_counts(self) -> Mapping[str, Mapping[str, int]]:
+        return self.crls.counts() if self.crls is not None else {}
 
 
 def in_background(job: Callable[[], None]) -> Callable[[], None]:

@@ -82,6 +82,9 @@ class Process:
     def backlog(self) -> int:
         return self.held
 
+    def crl_counts(self) -> dict[str, dict[str, int]]:
+        return {"refused": {"older": 1}, "fetch_failed": {"unreachable": 3}}
+
 
 @pytest.fixture(scope="module")
 def server(fleet: tuple[Store, dict[str, list[str]]]) -> Iterator[WebServer]:
@@ -259,6 +262,9 @@ def test_metrics(server: WebServer, fleet: tuple[Store, dict[str, list[str]]]) -
     assert ("CLOCK_UNSYNCED", "warning") in findings
     assert {s.labels["reason"]: s.value for s in fams["certmon_ingest_rejected"].samples} == {"bad_signature": 1.0}
     assert {s.labels["result"] for s in fams["certmon_ingest_messages"].samples} == {"accepted", "rejected"}
+    assert {s.labels["reason"]: s.value for s in fams["certmon_crl_refused"].samples} == {"older": 1.0}
+    assert {s.labels["reason"]: s.value
+            for s in fams["certmon_crl_fetch_failures"].samples} == {"unreachable": 3.0}
     assert {s.labels["target"]: s.value for s in fams["certmon_scan_success"].samples} == {
         BROKER_TARGET: 1.0, CLOUD_TARGET: 0.0}
     assert [s.labels["target"] for s in fams["certmon_scan_earliest_expiry_seconds"].samples] == [BROKER_TARGET]

@@ -85,6 +85,12 @@ class ProcessCounters(Protocol):
         """Messages received and not yet stored (held unacknowledged)."""
         ...
 
+    def crl_counts(self) -> Mapping[str, Mapping[str, int]]:
+        """Fleet CRLs not believed ("refused": unreadable / unverified / older, each
+        counted once per change) and CRL fetches that failed ("fetch_failed", by
+        reason), when fleet CRLs are configured."""
+        ...
+
 
 class FleetCollector:
     """Every certmon_* family from one snapshot; `exposition` renders them."""
@@ -241,6 +247,7 @@ class FleetCollector:
         # This process's counters (they reset on restart, which rate() handles).
         yield self._rejected(process.rejected_counts())
         yield from _store_health(process.store_health(), process.backlog())
+        yield from _crls(process.crl_counts())
 
     @staticmethod
     def _rejected(counts: Mapping[str, int]) -> Metric:
@@ -249,6 +256,19 @@ class FleetCollector:
         for reason, n in sorted(counts.items()):
             rej.add_metric([reason], float(n))
         return rej
+
+
+def _crls(counts: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    # A CRL the collector refuses or cannot fetch keeps the last good one in force
+    # (collector.revocation): these say that the fleet's revocation list is going stale.
+    for key, name, text in (
+            ("refused", "certmon_crl_refused", "Fleet CRLs not believed, by reason"),
+            ("fetch_failed", "certmon_crl_fetch_failures",
+             "Fleet CRL fetches (tls.fleet_crl_urls) that failed, by reason")):
+        family = CounterMetricFamily(name, text, labels=["reason"])
+        for reason, n in sorted(counts.get(key, {}).items()):
+            family.add_metric([reason], float(n))
+        yield family
 
 
 def _clock_in_doubt(d: DeviceBrief) -> bool:
