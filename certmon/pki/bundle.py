@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ..errors import unreadable_hint
+from ..files import read_regular
 from .facts import facts_from_cert, tolerant
 from .model import Bundle, Finding, FindingCode, LoadedCert, Severity
 
@@ -81,7 +82,7 @@ def read_bundle(path: str | Path) -> Bundle:
     """Read a certificate file; an unreadable file is a finding, never an exception."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
     except OSError as exc:
         return Bundle(source, findings=(Finding(
             FindingCode.FILE_UNREADABLE, Severity.CRITICAL,

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from ..errors import unreadable_hint
+from ..files import read_regular
 from .model import CertFacts, Finding, FindingCode, LoadedCert, Policy, Severity, iso_utc
 from .rules import days_of, human_days
 
@@ -104,12 +105,7 @@ def read_crls(path: str | Path, cas: Sequence[LoadedCert] = ()) -> CrlFile:
     """Read a CRL file; an unreadable file is a finding, never an exception."""
     source = str(path)
     try:
-        # A FIFO or device would block the read (a crlfile is a regular file).
-        if Path(path).exists() and not Path(path).is_dir() and not Path(path).is_file():
-            return CrlFile(source, findings=(Finding(
-                FindingCode.FILE_UNREADABLE, Severity.CRITICAL,
-                f"{source}: not a regular file; not read as a CRL", source=source),))
-        data = Path(path).read_bytes()
+        data = read_regular(path)  # a FIFO or device would block the read
     except OSError as exc:
         return CrlFile(source, findings=(Finding(
             FindingCode.FILE_UNREADABLE, Severity.CRITICAL,

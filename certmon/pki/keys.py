@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from ..errors import unreadable_hint
+from ..files import read_regular
 from .model import Finding, FindingCode, KeyFacts, Severity
 
 
@@ -61,7 +62,7 @@ def read_private_key(
     memory for signing and is never logged or serialised by certmon."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
         mode = stat.S_IMODE(Path(path).stat().st_mode)
     except OSError as exc:
         return None, [Finding(FindingCode.KEY_UNREADABLE, Severity.CRITICAL,
