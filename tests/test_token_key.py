@@ -1,0 +1,157 @@
+"""Keys that never leave the hardware (issue 16): a P-256 key generated on a SoftHSM2
+token signs certmon's JWS through certmon.pki.token, the signature verifies under the
+certificate's key, a token key that does not match its certificate is KEY_MISMATCH,
+and a wrong PIN, a missing module or a missing key is a clear finding that never
+shows the PIN. A fresh token per test (softhsm2-util, its own token directory)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import missing
+from kit.pki import PKIFactory
+from kit.softhsm import PIN, SoftHsm, Token, find_module
+
+from certmon import pki as cpki
+from certmon import wire as p
+from certmon.errors import PKIError
+from certmon.pki.token import TokenKey, load_token_key, parse_token_uri
+
+
+@pytest.fixture(scope="module")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    module = find_module()
+    if module is None:
+        missing("SoftHSM2 not installed (apt install softhsm2)")
+    try:
+        import pkcs11  # noqa: F401
+    except ImportError:
+        missing("python-pkcs11 not installed (pip install 'certmon[pkcs11]')")
+    return SoftHsm(tmp_path_factory.mktemp("softhsm"), module)
+
+
+@pytest.fixture
+def token(hsm: SoftHsm) -> Token:
+    return hsm.token()
+
+
+@pytest.fixture
+def key(token: Token) -> Iterator[TokenKey]:
+    facts, findings, loaded = load_token_key(token.uri(), module_path=token.module,
+                                             pin_file=token.pin_file)
+    assert findings == [] and loaded is not None and facts is not None
+    yield loaded
+    loaded.close()
+
+
+def test_a_status_signed_on_the_token_verifies_under_its_certificate(
+        pki: PKIFactory, key: TokenKey) -> None:
+    root = pki.root("token test root")
+    leaf = pki.leaf(root, "gw-hsm-01", key=key)  # the certificate of the token's key
+    token = p.sign_jws(b'{"device_id":"gw-hsm-01"}', key, leaf.cert)
+    parsed = p.parse_jws(token, p.MAX_STATUS_JWS_BYTES)
+    assert parsed.alg == "ES256"
+    p.verify_jws(parsed, leaf.cert.public_key())  # raises on a bad signature
+    facts = cpki.facts_from_cert(leaf.cert)
+    loaded = load_token_key_facts(key)
+    assert cpki.key_findings(loaded, facts, cpki.spki_sha256(leaf.cert.public_key())) == []
+
+
+def load_token_key_facts(key: TokenKey) -> cpki.KeyFacts:
+    return cpki.KeyFacts(key.label, "EC", 256, cpki.spki_sha256(key.public_key()), None)
+
+
+def test_a_token_key_that_is_not_the_certificates_is_key_mismatch(
+        pki: PKIFactory, token: Token, key: TokenKey) -> None:
+    root = pki.root("token test root")
+    other = pki.leaf(root, "gw-hsm-01")  # a file key's certificate
+    facts, _, _ = load_token_key(token.uri(), module_path=token.module,
+                                 pin_file=token.pin_file)
+    assert facts is not None and facts.mode is None  # no file: no permission finding
+    (finding,) = cpki.key_findings(facts, cpki.facts_from_cert(other.cert),
+                                  cpki.spki_sha256(other.cert.public_key()))
+    assert finding.code == cpki.FindingCode.KEY_MISMATCH
+    with pytest.raises(PKIError, match="does not match"):
+        p.sign_jws(b"{}", key, other.cert)  # caught on the device, not at the collector
+
+
+def test_the_key_never_leaves_the_token(key: TokenKey) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    with pytest.raises(TypeError, match="stays on its token"):
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    with pytest.raises(TypeError, match="stays on its token"):
+        key.private_numbers()
+    with pytest.raises(TypeError, match="stays on its token"):
+        pickle.dumps(key)
+
+
+def test_wrong_pin_missing_module_missing_key_are_findings_without_the_pin(
+        hsm: SoftHsm, token: Token, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("0000-not-it\n")
+    cases = {
+        "the PIN is incorrect": load_token_key(token.uri(), module_path=token.module,
+                                               pin_file=wrong),
+        "cannot load PKCS#11 module": load_token_key(
+            token.uri(), module_path=str(tmp_path / "no-such-module.so"),
+            pin_file=token.pin_file),
+        "no such key pair": load_token_key(
+            token.uri().replace("object=status-signing", "object=absent"),
+            module_path=token.module, pin_file=token.pin_file),
+        "no token": load_token_key(token.uri().replace(token.label, "t-absent"),
+                                   module_path=token.module, pin_file=token.pin_file),
+        "cannot read the PIN file": load_token_key(token.uri(), module_path=token.module,
+                                                   pin_file=tmp_path / "absent.pin"),
+        "no PKCS#11 module": load_token_key(token.uri(), pin_file=token.pin_file),
+    }
+    for expected, (facts, findings, loaded) in cases.items():
+        assert facts is None and loaded is None, expected
+        (finding,) = findings
+        assert finding.code == cpki.FindingCode.KEY_UNREADABLE, expected
+        assert expected in finding.message, (expected, finding.message)
+        assert PIN not in finding.message and "0000-not-it" not in finding.message
+    assert PIN not in caplog.text
+
+
+def test_module_and_pin_may_come_from_the_uri(token: Token) -> None:
+    uri = token.uri(**{"module-path": token.module, "pin-source": f"file:{token.pin_file}"})
+    facts, findings, loaded = load_token_key(uri)
+    assert findings == [] and loaded is not None and facts is not None
+    loaded.close()
+
+
+def test_uris_certmon_cannot_honour_are_refused_by_name() -> None:
+    assert parse_token_uri("pkcs11:token=a%20b;id=%01%02").id == b"\x01\x02"
+    assert parse_token_uri("pkcs11:token=a%20b;object=k").token == "a b"
+    for uri, why in (("pkcs11:token=t", "names no key"),
+                     ("pkcs11:object=k;serial=1", "unsupported pkcs11 URI attribute 'serial'"),
+                     ("pkcs11:object=k;type=cert", "type must be private"),
+                     ("pkcs11:object=k?pin-value=1234", "unsupported"),
+                     ("pkcs11:object=k;object=j", "given twice")):
+        with pytest.raises(ValueError, match=why):
+            parse_token_uri(uri)
+    facts, findings, _ = load_token_key("pkcs11:object=k?pin-value=1234")
+    assert facts is None and "1234" not in findings[0].message
+
+
+def test_no_log_line_carries_the_pin(token: Token, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        _, _, loaded = load_token_key(token.uri(), module_path=token.module,
+                                      pin_file=token.pin_file)
+        assert loaded is not None
+        loaded.sign(b"x", pki_ecdsa())
+        loaded.close()
+    assert PIN not in caplog.text
+
+
+def pki_ecdsa() -> object:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.ECDSA(hashes.SHA256())
