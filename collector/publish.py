@@ -2,9 +2,9 @@
 the retained per-device fleet views.
 
 Owns the `Publisher` (every publish of the collector goes through it, so every payload
-carries the collector's signature, certmon.fleetsig, where MQTT v5 can carry it) and `FleetTopics` (the retained
-`fleet/devices/<id>` views, published when a device's state changed). Must not
-subscribe, read the store or decide alerts.
+carries the collector's signature, certmon.fleetsig, where MQTT v5 can carry it) and
+`FleetTopics` (the retained `fleet/devices/<id>` views, published when a device's
+state changed). Must not subscribe, read the store or decide alerts.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from certmon import wire as p
 from certmon.errors import TransportError
 from certmon.fleetsig import FleetSigner
 from certmon.mqtt import MqttLink
+from certmon.mqttproc import ProcessLink
 
 from . import aggregate
 from .effects import Stored
@@ -35,7 +36,7 @@ class Publisher:
     on an MQTT 3.1.1 link (`mqtt.protocol = "v311"`), which has no properties to
     carry it: there nothing is signed (docs/protocol.md)."""
 
-    def __init__(self, link: MqttLink, signer: FleetSigner | None = None) -> None:
+    def __init__(self, link: MqttLink | ProcessLink, signer: FleetSigner | None = None) -> None:
         self._link = link
         # A signature per publish that the link would drop unsent is pure cost.
         self._signer = signer if link.settings.protocol == "v5" else None

@@ -5,12 +5,13 @@ The agent connects over mutual TLS (`mqtt.ssl_cert_login`: the certificate's CN 
 the user) with `mqtt.protocol = "v311"` and publishes its status, cert message and
 will as on Mosquitto. It must be told: RabbitMQ 3.10 answers a v5 CONNECT by closing
 the connection ("MQTT cannot parse a frame"), not with the CONNACK "unacceptable
-protocol version" that the agent's automatic fallback recognises. The collector speaks
-MQTT v5 only (session expiry, `$share` groups), which RabbitMQ 3.10 does not, so it
-reads the node through a Mosquitto bridge (the documented Mosquitto configuration
-plus a `connection` to RabbitMQ as an MQTT 3.1.1 client, `certmon/v2/#` in):
-agent → RabbitMQ → bridge → collector, and the collector stores the status it
-verified. docs/brokers.md records what differs.
+protocol version" that the agent's automatic fallback recognises. Here the collector
+keeps its default MQTT v5 (shared subscriptions, signed fleet views), which RabbitMQ
+3.10 does not speak, so it reads the node through a Mosquitto bridge (the documented
+Mosquitto configuration plus a `connection` to RabbitMQ as an MQTT 3.1.1 client,
+`certmon/v2/#` in): agent → RabbitMQ → bridge → collector, and the collector stores
+the status it verified. tests/test_rabbitmq_cluster.py connects a collector in its
+3.1.1 mode to a RabbitMQ cluster directly. docs/brokers.md records what differs.
 """
 
 from __future__ import annotations

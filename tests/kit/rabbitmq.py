@@ -17,7 +17,8 @@ The MQTT listener is the documented shape of a certmon broker: TLS with
 no anonymous clients. RabbitMQ still needs each CN as a user: the definitions file
 declares them with no password (they can log in only with their certificate) and
 full rights on the default vhost; certmon's per-device ACL is not reproduced. Users
-live in the cluster-wide database: a joining node drops its own and takes the seed's.
+live in the cluster-wide database, so a cluster defines them on its seed only. TLS
+and certificate login are per node: each node's rabbitmq.conf carries them.
 
 RabbitMQ 3.10 (Debian 12) quirks this module encodes:
 - MQTT 3.1.1 only: a v5 CONNECT is closed, which paho reads as "unsupported
@@ -264,10 +265,12 @@ class RabbitMQCluster:
         ports = free_ports(3 * count + 1)
         self.epmd_port = ports[-1]
         cookie = secrets.token_hex(20)
+        # Users only on the seed: the others' databases are reset when they join and
+        # take the cluster's, so a login on any node proves the users are shared.
         self.nodes = tuple(
             RabbitMQ(workdir / f"node-{i}", cacertfile=cacertfile, certfile=certfile,
-                     keyfile=keyfile, users=users, binary=binary, cookie=cookie,
-                     ports=(*ports[3 * i:3 * i + 3], self.epmd_port))
+                     keyfile=keyfile, users=users if i == 0 else (), binary=binary,
+                     cookie=cookie, ports=(*ports[3 * i:3 * i + 3], self.epmd_port))
             for i in range(count))
         self.started_in_s: float | None = None
 
