@@ -54,13 +54,20 @@ def host_findings(report: BrokerReport) -> tuple[pki.Finding, ...]:
 def _endpoint(e: EndpointReport) -> p.BrokerEndpointState:
     leaf = next((f.certs[0] for f in e.files if f.ref.role == "certfile" and f.certs), None)
     served = e.served.leaf if e.served is not None else None
+    served_error = e.served.error if e.served is not None else None
+    if e.remote is not None:
+        # A bridge: what its remote presented to the agent's own probe (the broker a
+        # gateway's local Mosquitto bridges to); its chain's findings are the remote's.
+        served = e.remote.chain[0] if e.remote.chain else None
+        served_error = e.remote.error
     return p.BrokerEndpointState(
         kind=e.endpoint.kind, name=e.endpoint.name, at=e.endpoint.at, port=e.endpoint.port,
         is_tls=e.endpoint.is_tls, require_certificate=e.endpoint.require_certificate,
         files=tuple(_file(f) for f in e.files[:MAX_FILES]),
         served=p.cert_brief_from_facts(served) if served is not None else None,
-        served_error=e.served.error if e.served is not None else None,
-        is_reloaded=(served.sha256 == leaf.sha256) if served and leaf else None)
+        served_error=served_error,
+        is_reloaded=(served.sha256 == leaf.sha256) if served and leaf and e.remote is None
+        else None)
 
 
 def _file(f: FileReport) -> p.BrokerFile:

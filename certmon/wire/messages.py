@@ -195,7 +195,9 @@ class BrokerEndpointState(Wire):
     is_tls: bool
     require_certificate: bool
     files: tuple[BrokerFile, ...] = field(metadata=wire_meta(max_items=6))
-    served: CertBrief | None  # the leaf the listener presented on a handshake
+    # A listener: the leaf it presented on a handshake; a bridge: the leaf its remote
+    # presented to the agent's own probe.
+    served: CertBrief | None
     served_error: str | None = field(metadata=_TEXT)
     # True: it serves its certfile's leaf; False: renewed on disk, not reloaded
     # (BROKER_CERT_NOT_RELOADED); None: not compared.

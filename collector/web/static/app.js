@@ -272,7 +272,8 @@ function renderBrokers(b) {
         const drift = e.is_reloaded === false;
         rows.push(h("tr", { class: drift ? "mismatch" : null },
           h("th", { scope: "row" }, ...who), h("td", {}, e.name, h("br"), h("small", { class: "mono" }, e.at)),
-          h("td", { class: "subject" }, e.served ? `served: ${e.served.subject} (${e.served.ref})` : `served: nothing (${e.served_error})`),
+          // A bridge's "served" is what its remote presented to the agent's probe.
+          h("td", { class: "subject" }, e.served ? `${e.kind === "bridge" ? "remote presents" : "served"}: ${e.served.subject} (${e.served.ref})` : `${e.kind === "bridge" ? "remote" : "served"}: nothing (${e.served_error})`),
           h("td", {}, e.served ? when(e.served.not_after) : "—"),
           h("td", {}, drift ? h("span", { class: "badge s-critical" }, "renewed on disk, not reloaded")
             : e.is_reloaded ? "serves its certfile" : "not compared")));
