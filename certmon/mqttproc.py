@@ -29,9 +29,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from .errors import TransportError
@@ -45,6 +47,8 @@ GENERATION = 1_000_000  # connection ids: generation * GENERATION + the child's 
 BATCH_MAX = 512  # messages per batch the child sends
 BUFFER_MAX = 4096  # received, not yet sent to the parent: then paho's thread waits
 RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
+STABLE_S = 60.0  # a child up this long resets the restart back-off
+EXIT_FATAL = 3  # the child's exit code when its settings cannot work (e.g. a bad key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class _Start:
     settings: LinkSettings
     subscriptions: tuple[tuple[str, int], ...]
     log_level: int
+    generation: int
 
 
 class ProcessLink:
@@ -62,6 +67,10 @@ class ProcessLink:
                  on_connect: Callable[[], None] | None = None,
                  on_disconnect: Callable[[str], None] | None = None,
                  on_messages: Callable[[Sequence[Incoming]], None] | None = None) -> None:
+        # The TLS files are read here, once, as MqttLink would: a bad CA, certificate
+        # or key fails the collector's start with one line (TransportError), instead
+        # of a child that fails on every restart.
+        MqttLink(settings)
         self.settings = settings
         self.state = LinkState(protocol=settings.protocol)
         self._on_message = on_message
@@ -71,12 +80,15 @@ class ProcessLink:
         self._subscriptions: dict[str, int] = {}
         self._connected = threading.Event()
         self._send_lock = threading.Lock()
+        self._spawn_lock = threading.Lock()  # spawn vs stop: no child started after stop
+        self._last_fatal: str | None = None
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._generation = 0
         self._child_connects = 0
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
+        self._started_at = 0.0
 
     # ------------------------------------------------------------------ control
 
@@ -116,18 +128,22 @@ class ProcessLink:
         child (the broker re-sends the others)."""
         if not self.settings.manual_ack:
             return
-        current = self._generation * GENERATION + self._child_connects
-        acks = [(m.mid, m.qos, m.connection - self._generation * GENERATION)
+        generation = self._generation
+        current = generation * GENERATION + self._child_connects
+        acks = [(m.mid, m.qos, m.connection - generation * GENERATION)
                 for m in messages if m.qos > 0 and m.connection == current]
         if acks:
             try:
-                self._send(("ack", acks))
+                # The child drops acks of another generation: its packet ids are not
+                # the dead child's (a worker that stalled across a restart).
+                self._send(("ack", generation, acks))
             except TransportError:  # the child just died: the broker re-sends them
                 log.debug("%d acks dropped: link process gone", len(acks))
 
     def stop(self, final: Sequence[tuple[str, bytes, bool]] = (), timeout_s: float = 5.0) -> None:
         """Publish `final`, disconnect cleanly (no will) and end the child."""
-        self._stopping.set()
+        with self._spawn_lock:  # a restart in progress finishes first; none after
+            self._stopping.set()
         proc = self._proc
         if proc is None:
             return
@@ -137,27 +153,51 @@ class ProcessLink:
         except (TransportError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
-        if self._conn is not None:
-            self._conn.close()
+        self._close_conn()
         if self._reader is not None:
             self._reader.join(5)
         self._mark_down("stopped")
 
     # ------------------------------------------------------------------ parent side
 
-    def _spawn(self) -> None:
-        parent_sock, child_sock = socket.socketpair()
-        self._generation += 1
-        self._child_connects = 0
-        start = _Start(self.settings, tuple(self._subscriptions.items()),
-                       logging.getLogger().getEffectiveLevel())
-        env = {**os.environ, "CERTMON_MQTTPROC_FD": str(child_sock.fileno())}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "certmon.mqttproc"], pass_fds=(child_sock.fileno(),),
-            env=env, stdin=subprocess.DEVNULL, close_fds=True)
-        child_sock.close()
-        self._conn = Connection(parent_sock.detach())
-        self._send(("start", start))
+    def _spawn(self) -> bool:
+        """Start a child (False: stopping, none started). Raises OSError/TransportError
+        when it cannot be started; nothing is left open then."""
+        with self._spawn_lock:
+            if self._stopping.is_set():
+                return False
+            parent_sock, child_sock = socket.socketpair()
+            proc: subprocess.Popen[bytes] | None = None
+            try:
+                self._generation += 1
+                self._child_connects = 0
+                start = _Start(self.settings, tuple(self._subscriptions.items()),
+                               logging.getLogger().getEffectiveLevel(), self._generation)
+                env = {**os.environ, "CERTMON_MQTTPROC_FD": str(child_sock.fileno())}
+                proc = subprocess.Popen(
+                    _child_command(), pass_fds=(child_sock.fileno(),), env=env,
+                    stdin=subprocess.DEVNULL, close_fds=True, cwd="/")
+                conn = Connection(parent_sock.detach())
+                with self._send_lock:
+                    self._conn, self._proc = conn, proc
+                self._send(("start", start))
+            except BaseException:
+                parent_sock.close()
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+                self._close_conn()
+                raise
+            finally:
+                child_sock.close()
+            self._started_at = time.monotonic()
+            return True
+
+    def _close_conn(self) -> None:
+        with self._send_lock:  # never under a concurrent send (a closed handle)
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
 
     def _send(self, command: tuple[Any, ...]) -> None:
         conn = self._conn
@@ -166,6 +206,8 @@ class ProcessLink:
         data = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             with self._send_lock:
+                if self._conn is not conn:
+                    raise TransportError("link process gone")
                 conn.send_bytes(data)
         except OSError as exc:
             raise TransportError(f"link process gone: {exc}") from exc
@@ -173,25 +215,43 @@ class ProcessLink:
     def _read(self) -> None:
         delay = RESTART_MIN_S
         while not self._stopping.is_set():
-            conn = self._conn
-            assert conn is not None
+            conn, proc = self._conn, self._proc
+            why = "link process exited"
             try:
+                if conn is None:
+                    raise EOFError
                 while True:
                     self._handle(pickle.loads(conn.recv_bytes()))  # noqa: S301 — our child
-                    delay = RESTART_MIN_S
             except (EOFError, OSError):
                 pass
+            except Exception:  # a callback's bug: this child's deliveries come again
+                log.exception("MQTT link: handling what the link process sent failed")
+                why = "link process restarted after an error"
             if self._stopping.is_set():
                 return
-            code = self._proc.wait() if self._proc is not None else None
-            log.error("MQTT link process exited (code %s); restarting in %.1f s", code, delay)
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                code = proc.wait()
+                if code == EXIT_FATAL and self._last_fatal:
+                    why = self._last_fatal
+                elif code not in (0, EXIT_FATAL):
+                    log.error("MQTT link process exited (code %s); restarting in %.1f s",
+                              code, delay)
             self._child_connects = 0  # no current connection: nothing it delivered is acked
-            self._mark_down("link process exited")
-            conn.close()
-            if self._stopping.wait(delay):
-                return
-            delay = min(delay * 2, RESTART_MAX_S)
-            self._spawn()
+            self._mark_down(why)
+            self._close_conn()
+            if time.monotonic() - self._started_at >= STABLE_S:
+                delay = RESTART_MIN_S  # it ran fine for a while: this is a new failure
+            while not self._stopping.wait(delay):
+                delay = min(delay * 2, RESTART_MAX_S)
+                try:
+                    if self._spawn():
+                        break
+                    return
+                except (OSError, TransportError) as exc:
+                    log.error("MQTT link process cannot start: %s; retrying in %.1f s",
+                              exc, delay)
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
@@ -217,8 +277,12 @@ class ProcessLink:
             _call(self._on_connect)
         elif kind == "down":
             self._mark_down(event[1])
-        elif kind == "error":
-            self.state.last_error = event[1]
+        elif kind == "fatal":  # the child's settings cannot work: said once per change
+            message = event[1]
+            if message != self._last_fatal:
+                log.error("MQTT link: %s", message)
+            self._last_fatal = message
+            self.state.last_error = message
 
     def _mark_down(self, reason: str) -> None:
         was = self._connected.is_set()
@@ -251,6 +315,7 @@ class _Child:
         self.cond = threading.Condition()
         self.buffer: list[tuple[Any, ...]] = []
         self.closed = False
+        self.generation = start.generation
         self.link = MqttLink(start.settings, on_message=self.received,
                              on_connect=self.up, on_disconnect=self.down)
         for topic_filter, qos in start.subscriptions:
@@ -298,20 +363,40 @@ class _Child:
             except (EOFError, OSError):
                 self.link.stop(timeout_s=1.0)
                 return
-            kind = command[0]
-            if kind == "ack":
+            try:
+                if self.command(command):
+                    return
+            except Exception:  # one bad command (a topic paho refuses) ends nothing
+                log.exception("MQTT link process: %s failed", command[0])
+
+    def command(self, command: tuple[Any, ...]) -> bool:
+        """Carry out one command; True when it was the last (stop)."""
+        kind = command[0]
+        if kind == "ack":
+            _, generation, acks = command
+            if generation == self.generation:
                 self.link.ack([Incoming("", b"", False, qos, mid=mid, connection=connection)
-                               for mid, qos, connection in command[1]])
-            elif kind == "publish":
-                _, topic, payload, qos, retain, expiry_s, props = command
-                try:
-                    self.link.publish(topic, payload, qos=qos, retain=retain,
-                                      expiry_s=expiry_s, user_properties=props)
-                except TransportError as exc:
-                    log.debug("publish to %s dropped: %s", topic, exc)
-            elif kind == "stop":
-                self.link.stop(command[1], command[2])
-                return
+                               for mid, qos, connection in acks])
+        elif kind == "publish":
+            _, topic, payload, qos, retain, expiry_s, props = command
+            try:
+                self.link.publish(topic, payload, qos=qos, retain=retain,
+                                  expiry_s=expiry_s, user_properties=props)
+            except TransportError as exc:
+                log.debug("publish to %s dropped: %s", topic, exc)
+        elif kind == "stop":
+            self.link.stop(command[1], command[2])
+            return True
+        return False
+
+
+def _child_command() -> list[str]:
+    # -I: the child imports exactly what the parent did (this certmon, from the
+    # parent's path), never a checkout in the working directory or PYTHONPATH's.
+    root = str(Path(__file__).resolve().parent.parent)
+    return [sys.executable, "-I", "-c",
+            f"import sys; sys.path.insert(0, {root!r}); "
+            "from certmon.mqttproc import _child_main; sys.exit(_child_main())"]
 
 
 def _child_main() -> int:
@@ -326,7 +411,11 @@ def _child_main() -> int:
     assert kind == "start"
     logging.basicConfig(level=start.log_level, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    child = _Child(conn, start)
+    try:
+        child = _Child(conn, start)
+    except TransportError as exc:  # e.g. a key file made unreadable since the start
+        conn.send_bytes(pickle.dumps(("fatal", str(exc))))
+        return EXIT_FATAL
     pump = threading.Thread(target=child.pump, name="certmon-mqtt-pump", daemon=True)
     pump.start()
     child.link.start()
@@ -338,5 +427,5 @@ def _child_main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # also runnable as python -m certmon.mqttproc
     sys.exit(_child_main())

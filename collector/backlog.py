@@ -101,6 +101,11 @@ class Backlog:
                 if msg.received_at is None:
                     msg = _stamped(msg, at)
                 while self._size() >= self._max and not self._closed:
+                    if self._wake_at and self._queued >= self._wake_at:
+                        # What this call queued so far must reach the worker before
+                        # waiting for the space only the worker can free.
+                        self._wake_at = 0
+                        self._cond.notify_all()
                     self._cond.wait()
                 if self._closed:
                     return

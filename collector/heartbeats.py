@@ -65,8 +65,11 @@ class FullStatuses:
         self._put(device_id, full)
 
     def find(self, device_id: str, digest: str) -> FullStatus | None:
+        """The full status `digest` names; a hit counts as the device reporting (a
+        device that sends mostly heartbeats is not the first forgotten)."""
         for full in (self._newest.get(device_id), self._before.get(device_id)):
             if full is not None and full.digest == digest:
+                self._newest.move_to_end(device_id)
                 return full
         return None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -208,7 +209,10 @@ def test_a_flooding_device_does_not_delay_or_blind_the_others(
             ca_key_pem=fleet_broker.devices_ca.key_pem(), count=2,
             interval_s=HEALTHY_S) + "\n")
         healthy.stdin.flush()
-        assert healthy.stdout.readline().strip() == "ready"
+        # Ready once both devices have a stored status; a collector that stores
+        # nothing fails the test here instead of hanging it.
+        ready, _, _ = select.select([healthy.stdout], [], [], 60)
+        assert ready and healthy.stdout.readline().strip() == "ready"
         time.sleep(3 * HEALTHY_S)  # healthy and judged online before the flood
         topic = p.status_topic(PREFIX, flooder.device_id)
         lines = b"\n".join(tokens) + b"\n"
@@ -243,7 +247,10 @@ def test_a_flooding_device_does_not_delay_or_blind_the_others(
     assert lags and unstored <= 2  # the last ones may be in flight
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
     counts = ingest.unadmitted_counts()
-    print(f"\nflood {FLOOD}: healthy lag p50 {statistics.median(lags):.3f} s, "
+    import collector as collector_pkg
+
+    print(f"\ncollector code: {Path(collector_pkg.__file__).parent}")
+    print(f"flood {FLOOD}: healthy lag p50 {statistics.median(lags):.3f} s, "
           f"p99 {p99:.3f} s, max {lags[-1]:.3f} s over {len(lags)} statuses; "
           f"flooder {counts}, accepted {ingest.accepted}; published in {published_s:.2f} s, "
           f"drained in {drained_s:.2f} s")

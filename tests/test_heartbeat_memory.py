@@ -44,3 +44,12 @@ def test_an_older_status_does_not_replace_a_newer_one() -> None:
     assert memory.find("a", "reboot") is not None and memory.find("a", "new") is not None
     memory.loaded("a", full("stored", 9))  # the stored one, named by a heartbeat
     assert memory.find("a", "stored") is not None and memory.find("a", "reboot") is None
+
+
+def test_a_device_that_sends_mostly_heartbeats_stays_remembered() -> None:
+    memory = FullStatuses(kept=2)
+    memory.saw("beater", full("b1", 1))
+    memory.saw("other", full("o1", 1))
+    assert memory.find("beater", "b1") is not None  # its heartbeat named it
+    memory.saw("third", full("t1", 1))
+    assert memory.find("beater", "b1") is not None and memory.find("other", "o1") is None

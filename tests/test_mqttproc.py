@@ -150,12 +150,14 @@ def test_a_killed_link_process_is_replaced_and_nothing_is_lost(
     assert wait_until(lambda: not rx.is_connected, 10)
     with pytest.raises(TransportError):
         rx.publish("t/x", b"while down")
-    # The dead child's deliveries are not acknowledged by its successor (its packet
-    # ids belong to a connection that no longer exists) ...
-    rx.ack(first)
     assert wait_until(lambda: rx.is_connected, 15), rx.state.last_error
     assert child_pid(rx) != old and rx.state.connects == 2
     subscribed(broker, "rx-test", 2)
+    # The dead child's deliveries are not acknowledged by its successor, not even
+    # by a worker that computed their acks before the restart (their packet ids
+    # belong to a connection that no longer exists) ...
+    rx.ack(first)
+    rx._send(("ack", 1, [(m.mid, m.qos, 1) for m in first]))  # a stalled worker's
     # ... so the broker delivers them again, on the new connection, and they are
     # acknowledged there.
     assert wait_until(lambda: len(inbox.got) == 4, 10), inbox.payloads()
@@ -196,8 +198,10 @@ def test_no_link_process_outlives_a_killed_collector(broker: Mosquitto, tmp_path
         child = psutil.Process(int(parent.stdout.readline()))
         parent.kill()
         parent.wait()
-        # The socket to the parent is closed: the child disconnects and exits.
-        child.wait(10)
+        # The socket to the parent is closed: the child disconnects and exits (a
+        # zombie until init reaps it counts as gone).
+        assert wait_until(lambda: not child.is_running()
+                          or child.status() == psutil.STATUS_ZOMBIE, 10)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -218,3 +222,42 @@ def test_sigterm_to_the_group_leaves_the_stop_to_the_parent(
     rx.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert wait_until(lambda: "Client rx-test disconnected." in broker.log_text(), 5)
+
+
+def test_a_publish_paho_refuses_ends_nothing(broker: Mosquitto,
+                                            link: tuple[ProcessLink, Inbox]) -> None:
+    rx, inbox = link
+    pid = child_pid(rx)
+    rx.publish("t/bad/#", b"a wildcard is no topic")  # paho raises ValueError in the child
+    rx.publish("t/after", b"still here")
+    assert wait_until(lambda: b"still here" in inbox.payloads(), 10)
+    assert child_pid(rx) == pid and rx.state.connects == 1
+
+
+def test_unusable_tls_files_fail_at_once_and_a_later_loss_is_said(
+        broker: Mosquitto, mosquitto_factory: Any, fleet_broker: Any, tmp_path: Path) -> None:
+    creds = fleet_broker.device_credentials("rx-tls", tmp_path / "creds")
+    tls_broker = mosquitto_factory([Listener(tls=True, certfile=fleet_broker.files.certfile,
+                                             keyfile=fleet_broker.files.keyfile,
+                                             allow_anonymous=True)])
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("garbage")
+    with pytest.raises(TransportError):  # as the collector starts: one clear line
+        ProcessLink(LinkSettings(host="127.0.0.1", port=tls_broker.port, client_id="rx-tls",
+                                 ca_bundle=str(bad), manual_ack=True))
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(Path(creds.ca_bundle_path).read_bytes())
+    rx = ProcessLink(LinkSettings(host="127.0.0.1", port=tls_broker.port, client_id="rx-tls",
+                                  ca_bundle=str(ca), manual_ack=True), on_messages=Inbox())
+    rx.start()
+    try:
+        assert rx.wait_connected(10), rx.state.last_error
+        ca.write_text("garbage")  # gone bad while running: the next child cannot start
+        os.kill(child_pid(rx), signal.SIGKILL)
+        assert wait_until(lambda: rx.state.last_error is not None
+                          and "ca.pem" in rx.state.last_error, 10), rx.state.last_error
+        assert not rx.is_connected
+        ca.write_bytes(Path(creds.ca_bundle_path).read_bytes())  # mended: it comes back
+        assert wait_until(lambda: rx.is_connected, 40), rx.state.last_error
+    finally:
+        rx.stop()
