@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DURATION ?= 0
 
-.PHONY: help venv install lint test bench demo deb deb-arm64 clean mosquitto
+.PHONY: help venv install lint test test-arm64 test-armhf bench demo deb deb-arm64 clean mosquitto
 
 help:
 	@echo "make demo    # run a local demo fleet (broker, collector, agents) and print the dashboard URL"
 	@echo "make test    # set up .venv, install certmon non-editable, lint, type-check and run the suite"
 	@echo "make lint    # ruff + mypy --strict"
+	@echo "make test-arm64 / test-armhf  # the ARM agent .deb in a Debian 12 root under qemu (root; docs/arm.md)"
 	@echo "make bench   # print the benchmark figures (see bench/README.md)"
 
 $(PY):
@@ -23,7 +24,7 @@ venv: $(PY)
 # ships, so a missing package-data entry fails here and not on a gateway.
 install: $(PY)
 	$(PIP) install -q --force-reinstall --no-deps .
-	$(PIP) install -q ".[collector,test]"
+	$(PIP) install -q ".[collector,test,pkcs11]"
 
 lint: install
 	$(VENV)/bin/ruff check certmon agent collector scanner tests bench
@@ -51,6 +52,15 @@ deb: $(PY)
 
 deb-arm64: $(PY)
 	$(PY) packaging/build_deb.py --arch arm64 --out dist
+
+# The ARM agent .deb installed in a Debian 12 root of its architecture and run under
+# qemu-user against a real broker and collector (tests/test_arm.py, docs/arm.md). Needs
+# root, debootstrap, qemu-user-static; the roots are cached in build/foreign-roots.
+test-arm64: install
+	$(VENV)/bin/pytest -m arm -k arm64 -s tests/test_arm.py
+
+test-armhf: install
+	$(VENV)/bin/pytest -m arm -k armhf -s tests/test_arm.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON_VERSION = "3.11"  # Debian 12's python3; the wheels' cp311 ABI is tied to it
 TARGET_PYTHON = f"/usr/bin/python{PYTHON_VERSION}"
 # Debian architecture → wheel platform machine. Debian 12 has glibc 2.36, so every
-# manylinux tag up to 2_36 is acceptable there.
-ARCHES = {"amd64": "x86_64", "arm64": "aarch64"}
+# manylinux tag up to 2_36 is acceptable there. armhf: PyPI lacks armv7l wheels of cffi
+# and psutil; build them into the wheelhouse first (docs/arm.md), they are found there.
+ARCHES = {"amd64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
 GLIBC_MAX_MINOR = 36
 MAINTAINER = "certmon developers <certmon@example.invalid>"
 SOURCE_FILES = ("pyproject.toml", "README.md", "certmon", "agent", "collector", "scanner")
@@ -134,8 +135,9 @@ def fetch_wheels(project_wheel: Path, role: Role, arch: str, wheelhouse: Path,
             raise SystemExit(f"build_deb: --no-download but {wheelhouse} has no wheels")
         return
     wheelhouse.mkdir(parents=True, exist_ok=True)
+    # --find-links: wheels built for an arch PyPI lacks (armhf) count as downloaded.
     run([sys.executable, "-m", "pip", "download", "-q", "-d", wheelhouse,
-         *platform_args(arch), requirement(project_wheel, role)])
+         "--find-links", wheelhouse, *platform_args(arch), requirement(project_wheel, role)])
     # The project wheel is rebuilt each time; a copy left here could shadow a newer
     # build of the same version.
     for stale in wheelhouse.glob("certmon-*.whl"):

@@ -10,7 +10,7 @@ are never touched. /proc, /dev and /sys are bind-mounted in a private mount
 namespace and vanish with the command.
 
 Must not: register a handler on the host, leave a mount behind, reach anything but
-the Debian mirror, or import the rest of the kit: the namespace steps need a
+the Debian mirror and (the host's pip, for sdists) PyPI, or import the rest of the kit: the namespace steps need a
 single-threaded process (unshare(CLONE_NEWUSER) refuses a threaded one, and pytest
 runs brokers and collectors in threads), so `run_in_root` starts this file as a
 script: `python tests/kit/foreignroot.py ROOT ARCH -- ARGV...`.
@@ -18,17 +18,17 @@ script: `python tests/kit/foreignroot.py ROOT ARCH -- ARGV...`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ARCHES", "RootSpec", "copy_root", "ensure_root", "run_in_root"]
+__all__ = ["ARCHES", "RootSpec", "build_wheels", "copy_root", "ensure_root", "run_in_root"]
 
 MIRROR = "http://deb.debian.org/debian"
 # Debian architecture -> qemu's cpu name (qemu-<cpu>-static, /usr/share/binfmts/qemu-<cpu>).
@@ -74,8 +74,10 @@ def ensure_root(cache: Path, spec: RootSpec, log: Path) -> Path:
             ["debootstrap", "--foreign", f"--arch={spec.arch}", "--variant=minbase",
              f"--include={','.join(spec.include)}", spec.suite, str(partial), MIRROR],
             stdout=out, stderr=subprocess.STDOUT, check=True, timeout=900)
+        # container=lxc: debootstrap then skips its mknod checks, which a user
+        # namespace (the private binfmt_misc case) refuses.
         done = run_in_root(partial, spec.arch, ["/debootstrap/debootstrap", "--second-stage"],
-                           timeout=1800)
+                           timeout=1800, env={"container": "lxc"})
         out.write(done.stdout + done.stderr)
         if done.returncode != 0:
             raise RuntimeError(f"debootstrap --second-stage failed ({done.returncode}); see {log}")
@@ -93,6 +95,54 @@ def copy_root(cached: Path, target: Path) -> Path:
     subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(target)], check=True,
                    timeout=300)
     return target
+
+
+def build_wheels(cached: Path, arch: str, requirements: Sequence[str], out: Path, *,
+                 build_requirements: Sequence[str], build_packages: Sequence[str],
+                 log: Path) -> list[Path]:
+    """Wheels of `requirements` built from their sdists in a copy of `cached` (its
+    Python, its libc, Debian's compiler from `build_packages`), copied into `out`.
+
+    For what PyPI has no wheel of on `arch` (armhf: cffi, psutil). The host's pip
+    downloads the sdists and the build backend (`build_requirements`), so the root
+    needs no route or CA for PyPI; pip in the root builds offline from them. The copy
+    is thrown away: the cached root stays what a device has."""
+    work = cached.parent / f"{cached.name}.wheels"
+    shutil.rmtree(work, ignore_errors=True)
+    copy_root(cached, work)
+    downloads = work / "build" / "downloads"
+    steps = [
+        ["/usr/bin/apt-get", "update", "-q"],
+        ["/usr/bin/apt-get", "install", "-y", "-q", "--no-install-recommends", *build_packages],
+        ["/usr/bin/python3.11", "-m", "venv", "/build/venv"],
+        ["/build/venv/bin/pip", "wheel", "-q", "--no-index", "--find-links", "/build/downloads",
+         "--no-deps", "-w", "/build/wheels", *requirements],
+    ]
+    try:
+        with log.open("a", encoding="utf-8") as written:
+            for argv in (["pip", "download", "sdists"], *steps):
+                if argv[0] == "pip":
+                    done = subprocess.run(
+                        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                         str(downloads), "--no-binary", ":all:", *requirements],
+                        capture_output=True, text=True, timeout=600)
+                    if done.returncode == 0:
+                        done = subprocess.run(
+                            [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                             "--only-binary", ":all:", "-d", str(downloads),
+                             *build_requirements], capture_output=True, text=True, timeout=600)
+                else:
+                    done = run_in_root(work, arch, argv, timeout=1800)
+                written.write(f"+ {' '.join(argv)}\n{done.stdout}{done.stderr}")
+                if done.returncode != 0:
+                    raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}); see {log}")
+        out.mkdir(parents=True, exist_ok=True)
+        built = []
+        for wheel in sorted((work / "build/wheels").glob("*.whl")):
+            built.append(Path(shutil.copy2(wheel, out / wheel.name)))
+        return built
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_in_root(root: Path, arch: str, argv: Sequence[str], *, timeout: float = 300,
@@ -178,10 +228,16 @@ def enter(root: Path, arch: str, argv: list[str], env: dict[str, str]) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(ready_r)
+            os.close(go_w)
             _child(root, cpu, private, ready_w, go_r, argv, env)
-        except BaseException as exc:  # noqa: BLE001 - reported, then the child ends
+        except BaseException as exc:  # reported; the forked child must never return
             print(f"foreignroot: {exc}", file=sys.stderr)
         os._exit(125)
+    # Our copies of the child's ends closed: a child that dies early reads as EOF here
+    # instead of a read that never returns.
+    os.close(ready_w)
+    os.close(go_r)
     ok = b"g"
     if os.read(ready_r, 1) == b"u" and private:
         try:
@@ -191,7 +247,8 @@ def enter(root: Path, arch: str, argv: list[str], env: dict[str, str]) -> int:
         except OSError as exc:
             print(f"foreignroot: mapping ids: {exc}", file=sys.stderr)
             ok = b"x"
-    os.write(go_w, ok)
+    with contextlib.suppress(BrokenPipeError):  # the child is gone; waitpid says how
+        os.write(go_w, ok)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
@@ -200,12 +257,10 @@ def main(args: list[str]) -> int:
     sep = args.index("--")
     root, arch, *assignments = args[:sep]
     env = dict(ROOT_ENV)
-    env.update(a.split("=", 1) for a in assignments)
-    started = time.monotonic()
-    code = enter(Path(root).resolve(), arch, args[sep + 1:], env)
-    if os.environ.get("FOREIGNROOT_TIMES"):
-        print(f"foreignroot: {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return code
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        env[key] = value
+    return enter(Path(root).resolve(), arch, args[sep + 1:], env)
 
 
 if __name__ == "__main__":
