@@ -24,9 +24,10 @@ from .probeio import (
     MQTT_TIMEOUT,
     Failed,
     Observed,
+    Steps,
     recv,
     retry,
-    wait,
+    wait_for,
 )
 
 DISCONNECT = b"\xe0\x00"
@@ -53,7 +54,8 @@ def encode_connect(client_id: str, keepalive_s: int = 10) -> bytes:
             return b"\x10" + bytes(length) + body
 
 
-def plain_connack(sock: socket.socket, deadline: float, *, client_id: str) -> int | None:
+def plain_connack(sock: socket.socket, deadline: float, *, client_id: str
+                  ) -> Steps[int | None]:
     """CONNECT on a plain (non-blocking, connected) socket: the CONNACK return code when
     the peer answers like an MQTT broker, else None. A broker that refused our
     ClientHello by resetting the connection is told apart from a broken TLS listener
@@ -61,7 +63,7 @@ def plain_connack(sock: socket.socket, deadline: float, *, client_id: str) -> in
     data = b""
     try:
         sock.sendall(encode_connect(client_id))
-        while len(data) < 4 and wait(sock, write=False, until=deadline):
+        while len(data) < 4 and (yield from wait_for(sock, write=False, until=deadline)):
             chunk = sock.recv(4 - len(data))
             if not chunk:
                 break
@@ -76,7 +78,7 @@ def plain_connack(sock: socket.socket, deadline: float, *, client_id: str) -> in
 
 
 def mqtt_exchange(conn: SSL.Connection, sock: socket.socket, seen: Observed, deadline: float,
-                  *, client_id: str, refusal_kind: str) -> None:
+                  *, client_id: str, refusal_kind: str) -> Steps[None]:
     """CONNECT, read the CONNACK into `seen`, DISCONNECT; raise `Failed` on the way.
 
     `refusal_kind` is the kind a TLS 1.3 refusal surfacing here gets once the server
@@ -85,10 +87,11 @@ def mqtt_exchange(conn: SSL.Connection, sock: socket.socket, seen: Observed, dea
     packet = encode_connect(client_id)
     data = b""
     try:
-        retry(lambda: conn.sendall(packet), sock, deadline, MQTT_TIMEOUT, "MQTT CONNECT")
+        yield from retry(lambda: conn.sendall(packet), sock, deadline, MQTT_TIMEOUT,
+                         "MQTT CONNECT")
         while len(data) < 4:
             read = functools.partial(recv, conn, 4 - len(data))
-            chunk = retry(read, sock, deadline, MQTT_TIMEOUT, "CONNACK")
+            chunk = yield from retry(read, sock, deadline, MQTT_TIMEOUT, "CONNACK")
             if not chunk:
                 raise Failed(MQTT_NO_CONNACK, "connection closed before CONNACK")
             data += chunk
@@ -111,6 +114,7 @@ def mqtt_exchange(conn: SSL.Connection, sock: socket.socket, seen: Observed, dea
         seen.mqtt_error = _CONNACK_REASONS.get(data[3], f"return code {data[3]}")
         raise Failed(MQTT_REFUSED, f"CONNACK {data[3]}: {seen.mqtt_error}")
     try:
-        retry(lambda: conn.sendall(DISCONNECT), sock, deadline, MQTT_TIMEOUT, "DISCONNECT")
+        yield from retry(lambda: conn.sendall(DISCONNECT), sock, deadline, MQTT_TIMEOUT,
+                         "DISCONNECT")
     except Failed as exc:
         seen.mqtt_error = exc.message  # accepted already; a failed goodbye is noted, not fatal

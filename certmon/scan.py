@@ -10,15 +10,25 @@ the clock (callers pass `now`) nor render anything (the `scanner` role does).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from . import pki
 from .errors import ConfigError
 from .pki import LoadedCert, Policy
-from .scanconfig import ScanTarget
-from .scanverdict import ScanReport, TrustStore, judge, trust_from_bundles
+from .scanverdict import (
+    PresentedCert,
+    ScanReport,
+    TrustStore,
+    judge,
+    parse_presented,
+    trust_from_bundles,
+)
 from .tlsprobe import ProbeResult, ProbeTarget, probe_many
+
+if TYPE_CHECKING:  # the config schema machinery is only needed to read a config
+    from .scanconfig import ScanTarget
 
 __all__ = ["SYSTEM_BUNDLE", "distinct_client_ids", "load_trust", "probe_targets", "scan_targets"]
 
@@ -36,22 +46,26 @@ def scan_targets(
 
     Judging waits for all probes on purpose: intermediates that one endpoint sends
     correctly let the verdict of another name the exact intermediate it fails to send.
+    Each distinct certificate is parsed once per scan, however many endpoints send it.
     """
     results = probe_many(targets, concurrency)
-    known = _presented_cas(results)
+    parsed = parse_presented(der for r in results for der in r.presented_der)
+    known = _presented_cas(results, parsed)
     return [judge(result, trust, now, policy, known_intermediates=known,
-                  duration_s=result.duration_s) for result in results]
+                  duration_s=result.duration_s, parsed=parsed) for result in results]
 
 
-def _presented_cas(results: Iterable[ProbeResult]) -> list[LoadedCert]:
+def _presented_cas(results: Iterable[ProbeResult],
+                   parsed: Mapping[bytes, PresentedCert | None]) -> list[LoadedCert]:
     seen: dict[bytes, LoadedCert] = {}
     for result in results:
         for der in result.presented_der[1:]:
-            if der in seen:
+            entry = parsed[der]
+            if der in seen or entry is None:
                 continue
-            certs = pki.parse_bundle(der, "scan").certs
-            if certs and certs[0].facts.is_ca and not certs[0].facts.is_self_issued:
-                seen[der] = certs[0]
+            facts = entry.loaded.facts
+            if facts.is_ca and not facts.is_self_issued:
+                seen[der] = entry.loaded
     return list(seen.values())
 
 

@@ -17,7 +17,7 @@ certificate rule that `certmon.pki` (expiry, strength), `certmon.chain` (validat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,9 +29,11 @@ from .pki.revinfo import RevocationPointers, ocsp_staple_status, revocation_poin
 from .tlsprobe import ProbeResult, ProbeTarget, sni_for
 
 __all__ = [
+    "PresentedCert",
     "ScanReport",
     "TrustStore",
     "judge",
+    "parse_presented",
     "target_label",
     "trust_from_bundles",
 ]
@@ -94,6 +96,26 @@ class ScanReport:
         return self.error is None
 
 
+@dataclass(frozen=True, slots=True)
+class PresentedCert:
+    """A presented certificate parsed once (source "scan", index 0), with its revocation
+    pointers: a scan's endpoints mostly send the same few intermediates, often one leaf."""
+
+    loaded: LoadedCert
+    revocation: RevocationPointers
+
+
+def parse_presented(ders: Iterable[bytes]) -> dict[bytes, PresentedCert | None]:
+    """Each distinct DER parsed once; None for one that does not parse."""
+    out: dict[bytes, PresentedCert | None] = {}
+    for der in ders:
+        if der not in out:
+            certs = pki.parse_bundle(der, "scan").certs
+            out[der] = PresentedCert(certs[0], revocation_pointers(certs[0].cert)) \
+                if certs else None
+    return out
+
+
 def target_label(target: ProbeTarget) -> str:
     host = target.host.strip("[]")
     hostport = f"[{host}]:{target.port}" if ":" in host else f"{host}:{target.port}"
@@ -108,14 +130,20 @@ def judge(
     *,
     known_intermediates: Sequence[LoadedCert] = (),
     duration_s: float | None = None,
+    parsed: Mapping[bytes, PresentedCert | None] | None = None,
 ) -> ScanReport:
     """The verdict on one probe. `known_intermediates` (e.g. what other endpoints of the
     same scan presented) only ever help *diagnose* an incomplete chain; they never make
-    a chain valid."""
+    a chain valid. `parsed` (`parse_presented` of the scan's chains) saves parsing
+    again what it holds; the verdict is the same without it."""
     target = result.target
     name = target_label(target)
     findings: list[Finding] = []
-    presented = _parse_presented(result.presented_der, f"tls:{name}", findings)
+    ders = result.presented_der
+    known = parsed or {}
+    cache = parse_presented(d for d in ders if d not in known)
+    cache.update((d, known[d]) for d in ders if d in known)
+    presented, revocation = _parse_presented(ders, f"tls:{name}", cache, findings)
     hostname = _check_name(target)
     chain = _Chain()
     match: str | None = None
@@ -141,7 +169,7 @@ def judge(
         cipher=result.cipher, alpn=result.alpn, address=result.address,
         mqtt_connack=result.mqtt_connack, error=result.error, error_kind=result.error_kind,
         duration_s=duration_s, findings=tuple(unique),
-        revocation=tuple(revocation_pointers(p.cert) for p in presented),
+        revocation=revocation,
         ocsp_stapled=None if result.ocsp_response is None else bool(result.ocsp_response),
         ocsp_status=ocsp_staple_status(result.ocsp_response) if result.ocsp_response else None,
     )  # fmt: skip
@@ -160,21 +188,24 @@ class _Chain:
 
 
 def _parse_presented(
-    ders: Sequence[bytes], source: str, findings: list[Finding]
-) -> list[LoadedCert]:
+    ders: Sequence[bytes], source: str, parsed: Mapping[bytes, PresentedCert | None],
+    findings: list[Finding],
+) -> tuple[list[LoadedCert], tuple[RevocationPointers, ...]]:
     out: list[LoadedCert] = []
+    revocation: list[RevocationPointers] = []
     for position, der in enumerate(ders):
-        bundle = pki.parse_bundle(der, source)
-        if not bundle.certs:
+        entry = parsed[der]
+        if entry is None:
             # A leaf nobody can parse fails every client; an odd extra certificate does not.
             severity = Severity.CRITICAL if position == 0 else Severity.WARNING
             findings.append(Finding(FindingCode.UNPARSEABLE_BLOCK, severity,
                                     f"{source}: presented certificate #{position} does not "
                                     "parse", source=source))
             continue
-        loaded = bundle.certs[0]
-        out.append(LoadedCert(loaded.cert, dataclasses.replace(loaded.facts, index=position)))
-    return out
+        facts = dataclasses.replace(entry.loaded.facts, source=source, index=position)
+        out.append(LoadedCert(entry.loaded.cert, facts))
+        revocation.append(entry.revocation)
+    return out, tuple(revocation)
 
 
 def _judge_chain(

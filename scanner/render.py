@@ -8,8 +8,11 @@ exit code (`scanner.cli` does).
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, TextIO
 
 from certmon import pki
@@ -60,9 +63,39 @@ def render_json(reports: Sequence[ScanReport], out: TextIO) -> None:
     # One target per line, each by json's C encoder, built once and written once:
     # `indent=` selects the pure-Python encoder and json.dump writes every token on
     # its own (~123,000 writes for 200 targets). Still one JSON document (jq reads it).
-    targets = ",\n".join(json.dumps(pki.as_json(r)) for r in reports)
+    encode = json.JSONEncoder(default=_Plain()).encode
+    targets = ",\n".join(encode(r) for r in reports)
     out.write(f"{head}, \"targets\": [\n{targets}\n]}}\n" if reports else
               f"{head}, \"targets\": []}}\n")
+
+
+class _Plain:
+    """`pki.as_json`'s mapping (instants as RFC 3339 'Z' strings, Severity by name, other
+    enums by value, dataclasses as dicts in field order) as the C encoder's `default`,
+    one object at a time, instead of first building the whole tree of dicts: the same
+    document (tests/test_scan.py compares them on every scenario) in a fraction of the
+    time. One per document: a report names the same facts object several times (sent,
+    on the path, earliest expiry) and the same instants, each turned into JSON once."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, object] = {}  # by id(): the reports keep every object alive
+        self._instants: dict[datetime, str] = {}
+
+    def __call__(self, value: object) -> object:
+        if isinstance(value, datetime):
+            if (text := self._instants.get(value)) is None:
+                text = self._instants[value] = pki.iso_utc(value)
+            return text
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if (done := self._done.get(id(value))) is None:
+                # A Severity is an int to the encoder, which would write its number.
+                done = self._done[id(value)] = {
+                    name: v.name if isinstance(v := getattr(value, name), Severity) else v
+                    for name in value.__dataclass_fields__}
+            return done
+        if isinstance(value, enum.Enum):
+            return value.value
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def render_prometheus(reports: Sequence[ScanReport], out: TextIO) -> None:

@@ -14,11 +14,14 @@ import os
 import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from certmon.errors import ConfigError
 from certmon.scan import distinct_client_ids, probe_targets
-from certmon.scanconfig import ScanTarget
 from certmon.tlsprobe import ProbeTarget
+
+if TYPE_CHECKING:  # the schema machinery loads only when a --config is read
+    from certmon.scanconfig import ScanTarget
 
 __all__ = ["DEFAULT_PORT", "collect_targets", "parse_endpoint", "parse_targets"]
 

@@ -8,8 +8,11 @@ certificate, mTLS, CONNACK refusal) are built here with `mosquitto_factory`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,13 +23,15 @@ from kit.broker import Listener, Mosquitto, wait_until
 from kit.pki import Issued, PKIFactory, write_bundle
 from prometheus_client.parser import text_string_to_metric_families
 
+from certmon import pki as certs
 from certmon import scan
 from certmon.errors import ConfigError
 from certmon.hostname import match_hostname
 from certmon.pki import FindingCode, Policy, Severity
-from certmon.scanverdict import ScanReport, judge, target_label
-from certmon.tlsprobe import ProbeTarget, probe_many
+from certmon.scanverdict import ScanReport, judge, parse_presented, target_label
+from certmon.tlsprobe import ProbeResult, ProbeTarget, probe_many
 from scanner import cli
+from scanner.render import render_json
 from scanner.targets import parse_endpoint, parse_targets
 
 TIMEOUT_S = 2.0
@@ -38,16 +43,21 @@ def codes(report: ScanReport) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def reports(scenario_broker: ScenarioBroker, pki: PKIFactory) -> dict[str, ScanReport]:
-    """Every servable scenario probed once (with MQTT CONNECT), judged against its own
-    trust bundle."""
+def probed(scenario_broker: ScenarioBroker) -> dict[str, ProbeResult]:
+    """Every servable scenario probed once (with MQTT CONNECT)."""
     sb = scenario_broker
     names = list(sb.ports)
     targets = [ProbeTarget("127.0.0.1", sb.ports[n], mqtt=True, mqtt_client_id=f"scan-{n}",
                            timeout_s=TIMEOUT_S) for n in names]
-    results = probe_many(targets)
-    return {n: judge(r, scan.load_trust(str(sb.trust_paths[n])), pki.now, POLICY)
-            for n, r in zip(names, results, strict=True)}
+    return dict(zip(names, probe_many(targets), strict=True))
+
+
+@pytest.fixture(scope="module")
+def reports(probed: dict[str, ProbeResult], scenario_broker: ScenarioBroker,
+            pki: PKIFactory) -> dict[str, ScanReport]:
+    """Each scenario's probe judged against its own trust bundle."""
+    return {n: judge(r, scan.load_trust(str(scenario_broker.trust_paths[n])), pki.now, POLICY)
+            for n, r in probed.items()}
 
 
 # --- the named scenarios -------------------------------------------------------------------
@@ -338,7 +348,44 @@ def test_black_hole_times_out_without_delaying_others(
     assert all(r.duration_s is not None and r.duration_s < 0.5 for r in reports[2:])
 
 
+def test_certificates_parsed_once_per_scan_give_the_same_verdicts(
+    probed: dict[str, ProbeResult], reports: dict[str, ScanReport],
+    scenario_broker: ScenarioBroker, pki: PKIFactory,
+) -> None:
+    # scan_targets parses each distinct certificate once for all endpoints and hands
+    # the parses to judge; every verdict must be the one judge reaches on its own.
+    parsed = parse_presented(der for r in probed.values() for der in r.presented_der)
+    for name, result in probed.items():
+        trust = scan.load_trust(str(scenario_broker.trust_paths[name]))
+        assert judge(result, trust, pki.now, POLICY, parsed=parsed) == reports[name], name
+
+
+def test_json_output_is_the_facts_json_form_of_every_report(
+    reports: dict[str, ScanReport], scenario_broker: ScenarioBroker, pki: PKIFactory,
+) -> None:
+    # render_json hands dataclasses to json's C encoder itself; the document must be
+    # exactly pki.as_json's, the one JSON form of facts and findings.
+    refused = ProbeResult(target=ProbeTarget("127.0.0.1", 1), error="TCP connect refused",
+                          error_kind="connect_refused", duration_s=0.001)
+    trust = scan.load_trust(str(scenario_broker.trust_paths["ok"]))
+    every = [*reports.values(), judge(refused, trust, pki.now, POLICY, duration_s=0.001)]
+    out = io.StringIO()
+    render_json(every, out)
+    assert json.loads(out.getvalue())["targets"] == [certs.as_json(r) for r in every]
+    assert out.getvalue().count("\n") == len(every) + 2  # one target a line
+
+
 # --- CLI -----------------------------------------------------------------------------------
+
+
+def test_the_scanner_loads_the_config_machinery_only_for_a_config() -> None:
+    # A scan from arguments starts without the TOML schema machinery (and the wire
+    # contract it pulls in); --config loads it when it is given (the tests below).
+    code = ("import sys, scanner.cli; print(' '.join(sorted(m for m in sys.modules if "
+            "m.startswith(('certmon.config', 'certmon.scanconfig', 'certmon.wire')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert loaded == []
 
 
 def test_parse_endpoint_and_targets_file() -> None:

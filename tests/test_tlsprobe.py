@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from kit import broker as kit_broker
 from kit import pki as kit_pki
 
 from certmon import tlsprobe
@@ -454,6 +455,50 @@ def test_black_hole_times_out_alone_in_probe_many(pki: Pki) -> None:
     for r in results[3:7]:
         assert r.connect_s is not None and r.handshake_s is not None
         assert r.connect_s + r.handshake_s < 0.5
+
+
+def test_probe_many_keeps_at_most_concurrency_probes_in_flight() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as hole:
+        timeout_s = 0.3
+        holes = [ProbeTarget("127.0.0.1", hole.getsockname()[1], timeout_s=timeout_s)] * 3
+        started = time.monotonic()
+        one_at_a_time = probe_many(holes, concurrency=1)
+        serial_s = time.monotonic() - started
+        started = time.monotonic()
+        together = probe_many(holes, concurrency=3)
+        parallel_s = time.monotonic() - started
+    assert [r.error_kind for r in one_at_a_time + together] == ["handshake_timeout"] * 6
+    assert serial_s >= 3 * timeout_s * 0.95  # one after the other
+    assert parallel_s < 2.5 * timeout_s  # side by side, with room for a loaded machine
+
+
+def test_probe_many_looks_names_up_beside_its_loop_and_a_failed_lookup_is_data(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # probe_many polls every probe's socket from one thread; a name lookup cannot be
+    # polled, so it runs on a resolver thread. Here one lookup answers only once
+    # another probe's handshake has reached the server: a lookup that blocked the loop
+    # would wait for that in vain.
+    real = socket.getaddrinfo
+    with py_tls_server(server_context(pki.server)) as server:
+        def lookup(host: str, *args: object, **kwargs: object) -> object:
+            if host == "broker.invalid":
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            if host == "late.test":
+                assert kit_broker.wait_until(lambda: server.server_names, 5.0)
+                return real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket, "getaddrinfo", lookup)
+        late, invalid, literal = probe_many([
+            ProbeTarget("late.test", server.port, timeout_s=TIMEOUT_S),
+            ProbeTarget("broker.invalid", server.port, timeout_s=TIMEOUT_S),
+            ProbeTarget("127.0.0.1", server.port, timeout_s=TIMEOUT_S)])
+    assert literal.error is None and literal.presented_der[0] == pki.server.der
+    assert invalid.error_kind == "dns" and "broker.invalid" in (invalid.error or "")
+    assert late.error is None and late.presented_der[0] == pki.server.der
+    assert server.server_names[0] is None  # the literal's handshake (no SNI) came first
+    assert "late.test" in server.server_names
 
 
 def test_ipv6_loopback(pki: Pki) -> None:
