@@ -82,6 +82,7 @@ class ProcessLink:
         self._send_lock = threading.Lock()
         self._spawn_lock = threading.Lock()  # spawn vs stop: no child started after stop
         self._last_fatal: str | None = None
+        self._fatal_generation = 0  # the child that said it cannot start
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._generation = 0
@@ -230,12 +231,14 @@ class ProcessLink:
             if self._stopping.is_set():
                 return
             if proc is not None:
-                if proc.poll() is None:
+                try:  # its socket closes a moment before it has exited
+                    code = proc.wait(2.0)
+                except subprocess.TimeoutExpired:
                     proc.kill()
-                code = proc.wait()
-                if code == EXIT_FATAL and self._last_fatal:
-                    why = self._last_fatal
-                elif code not in (0, EXIT_FATAL):
+                    code = proc.wait()
+                if self._fatal_generation == self._generation and self._last_fatal:
+                    why = self._last_fatal  # said when it came (once per change)
+                elif code != 0:
                     log.error("MQTT link process exited (code %s); restarting in %.1f s",
                               code, delay)
             self._child_connects = 0  # no current connection: nothing it delivered is acked
@@ -282,6 +285,7 @@ class ProcessLink:
             if message != self._last_fatal:
                 log.error("MQTT link: %s", message)
             self._last_fatal = message
+            self._fatal_generation = self._generation
             self.state.last_error = message
 
     def _mark_down(self, reason: str) -> None:
