@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from certmon import pki
+from certmon.files import read_regular
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ _PARSED: dict[tuple[str, str], pki.Bundle] = {}
 def read_bundle_cached(path: str | Path) -> pki.Bundle:
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)  # a FIFO or device never blocks the report
     except OSError:
         return pki.read_bundle(path)  # the unreadable-file finding, said once, in pki
     key = (source, hashlib.sha256(data).hexdigest())

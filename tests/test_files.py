@@ -66,3 +66,39 @@ def test_a_regular_file_reads_as_before(tmp_path: Path) -> None:
     assert read_regular(path) == b"abc"
     with pytest.raises(FileNotFoundError):
         read_regular(tmp_path / "missing.pem")
+
+
+def test_a_socket_is_not_a_regular_file(tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "ca.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    try:
+        assert "not a regular file" in pki.read_bundle(path).findings[0].message
+    finally:
+        sock.close()
+
+
+def test_the_agent_and_its_config_never_block_on_a_fifo(fifo: Path, tmp_path: Path) -> None:
+    from agent.certstore import read_material
+    from agent.config import AgentConfig
+    from certmon.config import loads
+    from certmon.errors import ConfigError
+
+    material = within(5, lambda: read_material(fifo))
+    assert "not a regular file" in material.trust_store.findings[0].message  # type: ignore[attr-defined]
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+
+    def load() -> object:
+        try:
+            return loads(AgentConfig, "", overrides={
+                "mqtt.broker": "mqtts://127.0.0.1:8883", "tls.ca_bundle": str(fifo),
+                "tls.cert": str(key), "tls.key": str(key)})
+        except ConfigError as exc:
+            return exc
+
+    refused = within(5, load)
+    assert isinstance(refused, ConfigError)
+    assert "tls.ca_bundle" in str(refused) and "not a regular file" in str(refused)

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from ..files import check_readable
 from .locate import locate_keys
 from .schema import (
     ConfigInvalid,
@@ -233,8 +234,7 @@ def _convert_scalar(tp: Any, value: Any, key: str, rule: Rule, ctx: _Context) ->
         value = ctx.base_dir / value
         if problem is None and rule.is_readable_file and ctx.check_files:
             try:
-                with value.open("rb"):
-                    pass
+                check_readable(value)  # a FIFO would block the load: only a regular file
             except OSError as exc:
                 problem = f"cannot read {str(value)!r}: {exc.strerror or exc}"
     if rule.ge is not None and value < rule.ge:
