@@ -40,16 +40,22 @@ def token(hsm: SoftHsm) -> Token:
 
 
 @pytest.fixture
-def key(token: Token) -> Iterator[TokenKey]:
-    facts, findings, loaded = load_token_key(token.uri(), module_path=token.module,
-                                             pin_file=token.pin_file)
-    assert findings == [] and loaded is not None and facts is not None
-    yield loaded
-    loaded.close()
+def loaded(token: Token) -> Iterator[tuple[cpki.KeyFacts, TokenKey]]:
+    facts, findings, key = load_token_key(token.uri(), module_path=token.module,
+                                          pin_file=token.pin_file)
+    assert findings == [] and key is not None and facts is not None
+    yield facts, key
+    key.close()
+
+
+@pytest.fixture
+def key(loaded: tuple[cpki.KeyFacts, TokenKey]) -> TokenKey:
+    return loaded[1]
 
 
 def test_a_status_signed_on_the_token_verifies_under_its_certificate(
-        pki: PKIFactory, key: TokenKey) -> None:
+        pki: PKIFactory, loaded: tuple[cpki.KeyFacts, TokenKey]) -> None:
+    facts_of_key, key = loaded
     root = pki.root("token test root")
     leaf = pki.leaf(root, "gw-hsm-01", key=key)  # the certificate of the token's key
     token = p.sign_jws(b'{"device_id":"gw-hsm-01"}', key, leaf.cert)
@@ -57,21 +63,18 @@ def test_a_status_signed_on_the_token_verifies_under_its_certificate(
     assert parsed.alg == "ES256"
     p.verify_jws(parsed, leaf.cert.public_key())  # raises on a bad signature
     facts = cpki.facts_from_cert(leaf.cert)
-    loaded = load_token_key_facts(key)
-    assert cpki.key_findings(loaded, facts, cpki.spki_sha256(leaf.cert.public_key())) == []
-
-
-def load_token_key_facts(key: TokenKey) -> cpki.KeyFacts:
-    return cpki.KeyFacts(key.label, "EC", 256, cpki.spki_sha256(key.public_key()), None)
+    # The facts load_token_key returned, not ones rebuilt here.
+    assert facts_of_key.mode is None and facts_of_key.key_bits == 256
+    assert cpki.key_findings(facts_of_key, facts,
+                             cpki.spki_sha256(leaf.cert.public_key())) == []
 
 
 def test_a_token_key_that_is_not_the_certificates_is_key_mismatch(
-        pki: PKIFactory, token: Token, key: TokenKey) -> None:
+        pki: PKIFactory, loaded: tuple[cpki.KeyFacts, TokenKey]) -> None:
+    facts, key = loaded
     root = pki.root("token test root")
     other = pki.leaf(root, "gw-hsm-01")  # a file key's certificate
-    facts, _, _ = load_token_key(token.uri(), module_path=token.module,
-                                 pin_file=token.pin_file)
-    assert facts is not None and facts.mode is None  # no file: no permission finding
+    assert facts.mode is None  # no file: no permission finding
     (finding,) = cpki.key_findings(facts, cpki.facts_from_cert(other.cert),
                                   cpki.spki_sha256(other.cert.public_key()))
     assert finding.code == cpki.FindingCode.KEY_MISMATCH
@@ -104,11 +107,12 @@ def test_wrong_pin_missing_module_missing_key_are_findings_without_the_pin(
         "no such key pair": load_token_key(
             token.uri().replace("object=status-signing", "object=absent"),
             module_path=token.module, pin_file=token.pin_file),
-        "no token": load_token_key(token.uri().replace(token.label, "t-absent"),
+        "no such token": load_token_key(token.uri().replace(token.label, "t-absent"),
                                    module_path=token.module, pin_file=token.pin_file),
         "cannot read the PIN file": load_token_key(token.uri(), module_path=token.module,
                                                    pin_file=tmp_path / "absent.pin"),
         "no PKCS#11 module": load_token_key(token.uri(), pin_file=token.pin_file),
+        "needs a PIN": load_token_key(token.uri(), module_path=token.module),
     }
     for expected, (facts, findings, loaded) in cases.items():
         assert facts is None and loaded is None, expected
@@ -130,9 +134,9 @@ def test_uris_certmon_cannot_honour_are_refused_by_name() -> None:
     assert parse_token_uri("pkcs11:token=a%20b;id=%01%02").id == b"\x01\x02"
     assert parse_token_uri("pkcs11:token=a%20b;object=k").token == "a b"
     for uri, why in (("pkcs11:token=t", "names no key"),
-                     ("pkcs11:object=k;serial=1", "unsupported pkcs11 URI attribute 'serial'"),
+                     ("pkcs11:object=k;slot-id=1", "unsupported pkcs11 URI attribute .slot-id."),
                      ("pkcs11:object=k;type=cert", "type must be private"),
-                     ("pkcs11:object=k?pin-value=1234", "unsupported"),
+                     ("pkcs11:object=k?pin-value=1234", "use pin-source"),
                      ("pkcs11:object=k;object=j", "given twice")):
         with pytest.raises(ValueError, match=why):
             parse_token_uri(uri)
@@ -155,3 +159,73 @@ def pki_ecdsa() -> object:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.ECDSA(hashes.SHA256())
+
+
+def test_a_second_login_is_refused_not_accepted_unchecked(
+        token: Token, key: TokenKey, tmp_path: Path) -> None:
+    """PKCS#11 logs in per process: with a key of the token loaded, a load with a
+    wrong PIN (or none) would succeed unchecked. It is a finding instead, and the
+    loaded key keeps signing."""
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("0000-not-it\n")
+    wrong.chmod(0o600)
+    for pin_file in (wrong, token.pin_file):
+        facts, findings, again = load_token_key(token.uri(), module_path=token.module,
+                                                pin_file=pin_file)
+        assert facts is None and again is None
+        assert "already logged in by this process" in findings[0].message
+    key.sign(b"still", pki_ecdsa())  # type: ignore[arg-type]
+
+
+def test_a_closed_or_inherited_key_refuses_to_sign(token: Token) -> None:
+    import os
+
+    _facts, _, key = load_token_key(token.uri(), module_path=token.module,
+                                   pin_file=token.pin_file)
+    assert key is not None
+    pid = os.fork()
+    if pid == 0:  # a forked child must load its own: the session is the parent's
+        try:
+            key.sign(b"x", pki_ecdsa())  # type: ignore[arg-type]
+            os._exit(1)
+        except PKIError as exc:
+            os._exit(0 if "loaded in another process" in str(exc) else 2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    key.close()
+    with pytest.raises(PKIError, match="session is closed"):
+        key.sign(b"x", pki_ecdsa())  # type: ignore[arg-type]
+
+
+def test_a_key_by_id_on_a_token_by_serial(hsm: SoftHsm, token: Token) -> None:
+    import pkcs11
+
+    serial = pkcs11.lib(token.module).get_token(token_label=token.label).serial
+    serial = serial.decode() if isinstance(serial, bytes) else serial
+    id_hex = "".join(f"%{b:02x}" for b in token.key_id)
+    facts, findings, key = load_token_key(
+        f"pkcs11:serial={serial.strip()};id={id_hex}", module_path=token.module,
+        pin_file=token.pin_file)
+    assert findings == [] and key is not None and facts is not None
+    key.close()
+
+
+def test_pin_files_no_pin_and_pin_sources_said_without_the_pin(
+        token: Token, tmp_path: Path) -> None:
+    _, findings, key = load_token_key(token.uri(), module_path=token.module)
+    assert key is None and "needs a PIN" in findings[0].message
+    loose = tmp_path / "loose.pin"
+    loose.write_text(PIN)
+    loose.chmod(0o644)
+    _, findings, key = load_token_key(token.uri(), module_path=token.module,
+                                          pin_file=loose)
+    assert key is not None and [f.code for f in findings] == [cpki.FindingCode.KEY_PERMISSIONS]
+    key.close()
+    # A PIN typed where its file belongs is not shown back.
+    _facts, findings, key = load_token_key(token.uri(**{"pin-source": "/4711-certmon"}),
+                                          module_path=token.module)
+    assert key is None and "4711-certmon" not in findings[0].message
+    with pytest.raises(ValueError, match="absolute path"):
+        parse_token_uri("pkcs11:object=k?pin-source=pin.txt")
+    assert parse_token_uri("pkcs11:object=k?pin-source=file:///run/p").pin_source == "/run/p"
+    assert parse_token_uri("PKCS11:object=k").object == "k"

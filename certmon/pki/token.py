@@ -11,12 +11,19 @@ extracted (`private_bytes`/`private_numbers` refuse) and the PIN is read from it
 file when the token is opened, never stored in a message, a finding or a log.
 `load_token_key` answers like `read_private_key`: (facts, findings, key), every
 failure a finding (module missing, token absent, PIN wrong or locked, no such key).
+One process, one login per token: PKCS#11 logs in per application, so a second load of
+a token this process holds logged in is refused (a finding) rather than opened without
+checking its PIN; every PKCS#11 call goes through one lock (python-pkcs11 initialises
+the module for single-threaded use) and a key refuses to sign in a process other than
+the one that loaded it (a forked child must load its own: a module's handles do not
+survive fork). A token that says its next wrong PIN locks it is not tried.
 Must not: pick a key by guesswork (one match or a finding), or hold the PIN beyond login.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +34,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from ..errors import PKIError
+from ..files import read_regular
 from .model import Finding, FindingCode, KeyFacts, Severity
 
 __all__ = ["TOKEN_KEY_MODE", "TokenKey", "TokenUri", "is_token_uri", "load_token_key",
            "parse_token_uri"]
 
 SCHEME = "pkcs11:"
+MAX_PIN_BYTES = 1024
+# python-pkcs11 initialises a module for single-threaded use (C_Initialize(NULL)): the
+# application promises one call at a time. One lock for every call keeps it.
+_P11_LOCK = threading.RLock()
+_LIB_PID: dict[str, int] = {}  # module path → the process that initialised it
 # KeyFacts.mode for a token key: no file, so no permission bits to judge.
 TOKEN_KEY_MODE = None
 _P256 = 32
 
 
 def is_token_uri(value: object) -> bool:
-    return isinstance(value, str) and value.startswith(SCHEME)
+    return isinstance(value, str) and value[:len(SCHEME)].lower() == SCHEME
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +61,9 @@ class TokenUri:
     """The parts of an RFC 7512 URI certmon uses (others are refused, not ignored)."""
 
     token: str | None = None
+    manufacturer: str | None = None  # token info, as p11tool / pkcs11-tool print them
+    model: str | None = None
+    serial: str | None = None
     object: str | None = None  # the key's CKA_LABEL
     id: bytes | None = None  # CKA_ID
     module_path: str | None = None
@@ -61,7 +78,7 @@ class TokenUri:
         return SCHEME + ";".join(parts)
 
 
-_PATH_ATTRS = {"token", "object", "id", "type"}
+_PATH_ATTRS = {"token", "manufacturer", "model", "serial", "object", "id", "type"}
 _QUERY_ATTRS = {"module-path", "pin-source"}
 
 
@@ -69,6 +86,8 @@ def parse_token_uri(text: str) -> TokenUri:
     """Raise ValueError naming the part at fault."""
     if not is_token_uri(text):
         raise ValueError("not a pkcs11: URI")
+    if "pin-value=" in text.split("?", 1)[-1]:
+        raise ValueError("pin-value in a URI would put the PIN in a config file; use pin-source")
     body = text[len(SCHEME):]
     path, _, query = body.partition("?")
     seen: dict[str, str] = {}
@@ -83,14 +102,24 @@ def parse_token_uri(text: str) -> TokenUri:
             seen[name] = value
     if seen.get("type", "private") != "private":
         raise ValueError("pkcs11 URI type must be private (the signing key)")
-    if "pin-value" in text:
-        raise ValueError("pin-value in a URI would put the PIN in a config file; use pin-source")
     raw_id = seen.get("id")
     key_id = unquote(raw_id, encoding="latin-1").encode("latin-1") if raw_id is not None \
         else None
-    uri = TokenUri(token=_text(seen.get("token")), object=_text(seen.get("object")),
-                   id=key_id, module_path=_text(seen.get("module-path")),
-                   pin_source=_text(seen.get("pin-source")))
+    pin_source = _text(seen.get("pin-source"))
+    if pin_source is not None:
+        if pin_source.startswith("file://"):  # file:///path (RFC 8089); no remote hosts
+            host, _, rest = pin_source[len("file://"):].partition("/")
+            if host not in ("", "localhost"):
+                raise ValueError("pin-source must be a local file")
+            pin_source = "/" + rest
+        pin_source = pin_source.removeprefix("file:")
+        if not pin_source.startswith("/"):
+            # Relative to what? Not the working directory of a service.
+            raise ValueError("pin-source must be an absolute path (file:/run/credentials/…)")
+    uri = TokenUri(token=_text(seen.get("token")), manufacturer=_text(seen.get("manufacturer")),
+                   model=_text(seen.get("model")), serial=_text(seen.get("serial")),
+                   object=_text(seen.get("object")), id=key_id,
+                   module_path=_text(seen.get("module-path")), pin_source=pin_source)
     if uri.object is None and uri.id is None:
         raise ValueError("pkcs11 URI names no key: give object= (its label) or id=")
     return uri
@@ -109,7 +138,8 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         self._session = session
         self._private = private
         self._public = public
-        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False
         self.label = label
 
     # What sign_jws and the facts use.
@@ -121,10 +151,19 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         if not isinstance(algorithm, hashes.SHA256):
             raise ValueError("a token key signs ES256 only (ECDSA with SHA-256)")
         digest = hashlib.sha256(bytes(data)).digest()
-        with self._lock:
-            raw = self._private.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
+        if self._closed:
+            raise PKIError(f"{self.label}: the token session is closed")
+        if os.getpid() != self._pid:
+            raise PKIError(f"{self.label}: loaded in another process; a forked process "
+                           "must load the token key itself")
+        try:
+            with _P11_LOCK:
+                raw = self._private.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
+        except pkcs11.PKCS11Error as exc:  # a token pulled, a session gone: a finding
+            raise PKIError(f"{self.label}: the token did not sign: {type(exc).__name__}") \
+                from None
         if len(raw) != 2 * _P256:
-            raise ValueError("the token returned a signature of unexpected length")
+            raise PKIError(f"{self.label}: the token returned a signature of unexpected length")
         return encode_dss_signature(int.from_bytes(raw[:_P256]), int.from_bytes(raw[_P256:]))
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
@@ -139,8 +178,11 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         return self._public.key_size
 
     def close(self) -> None:
-        with self._lock:
-            self._session.close()
+        """End the session (and the process's login on the token)."""
+        with _P11_LOCK:
+            if not self._closed and os.getpid() == self._pid:
+                self._session.close()
+            self._closed = True
 
     # What a key on a token cannot do.
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
@@ -181,34 +223,74 @@ def load_token_key(uri_text: str, *, module_path: str | None = None,
     if module is None:
         return _fail(source, "no PKCS#11 module: give module-path in the URI or "
                      "tls.pkcs11_module")
-    pin_path = uri.pin_source or (str(pin_file) if pin_file is not None else None)
     pin: str | None = None
-    if pin_path is not None:
+    pin_findings: list[Finding] = []
+    if uri.pin_source is not None or pin_file is not None:
+        # A pin-source from the URI is not named back (a PIN typed where its file
+        # belongs would be shown); a configured pin_file is a path.
+        named = "the URI's pin-source" if uri.pin_source is not None else str(pin_file)
+        path = Path(uri.pin_source) if uri.pin_source is not None else Path(str(pin_file))
         try:
-            pin = Path(pin_path.removeprefix("file:")).read_text().strip()
+            pin = read_regular(path, MAX_PIN_BYTES).decode("utf-8").strip()
+            mode = path.stat().st_mode
         except OSError as exc:
-            return _fail(source, f"cannot read the PIN file {pin_path}: {exc.strerror or exc}")
+            return _fail(source, f"cannot read the PIN file ({named}): {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            return _fail(source, f"the PIN file ({named}) is not UTF-8 text")
+        if mode & 0o077:
+            pin_findings.append(Finding(
+                FindingCode.KEY_PERMISSIONS, Severity.WARNING,
+                f"{source}: the PIN file ({named}) is readable by others than its owner "
+                f"(mode {mode & 0o777:o}); chmod 600 it or use a systemd credential",
+                source=source))
     try:
         import pkcs11
         from pkcs11.util.ec import encode_ec_public_key
     except ImportError:
         return _fail(source, "python-pkcs11 is not installed (pip install 'certmon[pkcs11]')")
+    with _P11_LOCK:
+        return _load(pkcs11, encode_ec_public_key, uri, source, module, pin, pin_findings)
+
+
+def _load(pkcs11: Any, encode_ec_public_key: Any, uri: TokenUri, source: str, module: str,
+          pin: str | None, pin_findings: list[Finding]
+          ) -> tuple[KeyFacts | None, list[Finding], TokenKey | None]:
     try:
         lib = pkcs11.lib(module)
+        if _LIB_PID.setdefault(module, os.getpid()) != os.getpid():
+            # Loaded before a fork: the child must initialise the module itself (its
+            # handles and connections are the parent's).
+            lib.reinitialize()
+            _LIB_PID[module] = os.getpid()
     except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:  # what the loader raises
         return _fail(source, f"cannot load PKCS#11 module {Path(module).name}: "
                      f"{type(exc).__name__}")
     try:
-        token = lib.get_token(token_label=uri.token) if uri.token else _only_token(lib)
-        session = _open(pkcs11, token, pin)
+        token = _find_token(pkcs11, lib, uri)
+        flags = token.flags
+        if pin is None and flags & pkcs11.TokenFlag.LOGIN_REQUIRED:
+            return _fail(source, "the token needs a PIN: give pin-source or tls.pkcs11_pin_file")
+        if flags & pkcs11.TokenFlag.USER_PIN_LOCKED:
+            return _fail(source, "the token's user PIN is locked (reset it with the SO PIN)")
+        if pin is not None and flags & pkcs11.TokenFlag.USER_PIN_FINAL_TRY:
+            # A wrong PIN now locks the token (a TPM: its dictionary-attack lockout,
+            # which guards its other secrets too): not tried every report.
+            return _fail(source, "one more wrong PIN locks the token: not trying; check the "
+                         "PIN file, then log in once by hand (pkcs11-tool --login)")
+        session = token.open(user_pin=pin) if pin is not None else token.open()
     except pkcs11.NoSuchToken:
-        return _fail(source, f"no token {uri.token!r} in {Path(module).name}")
+        return _fail(source, f"no such token in {Path(module).name}")
     except pkcs11.MultipleTokensReturned:
-        return _fail(source, "several tokens: name one with token=")
+        return _fail(source, "several tokens match: name one with token= or serial=")
     except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
         return _fail(source, "token login failed: the PIN is incorrect")
     except pkcs11.PinLocked:
         return _fail(source, "token login failed: the PIN is locked")
+    except pkcs11.UserAlreadyLoggedIn:
+        # PKCS#11 logs in per process: another key of this token is loaded here. Its
+        # PIN would not be checked, and closing either would log the other out.
+        return _fail(source, "the token is already logged in by this process (a key of it "
+                     "is loaded): close that key first")
     except pkcs11.PKCS11Error as exc:
         return _fail(source, f"cannot open the token: {type(exc).__name__}")
     del pin
@@ -238,28 +320,28 @@ def load_token_key(uri_text: str, *, module_path: str | None = None,
                                serialization.PublicFormat.SubjectPublicKeyInfo)
     facts = KeyFacts(source, "EC", public.key_size, hashlib.sha256(spki).hexdigest(),
                      TOKEN_KEY_MODE)
-    return facts, [], key
+    return facts, pin_findings, key
 
 
-def _open(pkcs11: Any, token: Any, pin: str | None) -> Any:
-    if pin is None:
-        return token.open()
-    try:
-        return token.open(user_pin=pin)
-    except pkcs11.UserAlreadyLoggedIn:
-        # PKCS#11 logs in per application and token: a session this process already
-        # holds (the key loaded at an earlier report) makes every new one a user session.
-        return token.open()
-
-
-def _only_token(lib: Any) -> Any:
-    import pkcs11
-
+def _find_token(pkcs11: Any, lib: Any, uri: TokenUri) -> Any:
+    """The one initialised token matching every token attribute the URI gives."""
     # SoftHSM2 and others always show one more, uninitialised slot: not a choice.
     tokens = [t for t in lib.get_tokens() if t.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED]
+    wanted = {"label": uri.token, "manufacturer_id": uri.manufacturer, "model": uri.model,
+              "serial": uri.serial}
+    for attr, value in wanted.items():
+        if value is not None:
+            tokens = [t for t in tokens if _info(getattr(t, attr, None)) == value]
     if len(tokens) != 1:
         raise pkcs11.MultipleTokensReturned if tokens else pkcs11.NoSuchToken
     return tokens[0]
+
+
+def _info(value: object) -> str | None:
+    # Token info fields are blank-padded fixed-size strings (bytes in some bindings).
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value.strip() if isinstance(value, str) else None
 
 
 def _fail(source: str, message: str) -> tuple[None, list[Finding], None]:
