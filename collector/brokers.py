@@ -111,14 +111,23 @@ def metric_families(views: Iterable[BrokerHostView]) -> Iterator[Metric]:
         "certmon_broker_served_not_after_seconds",
         "notAfter (Unix time) of the certificate a broker host's TLS listener serves",
         labels=["device", "listener"])
+    # A bridge's remote is another broker (the central one a gateway bridges to): its
+    # own family, so a rule on the host's served certificate does not fire once per
+    # gateway for a certificate none of them can renew.
+    remote = GaugeMetricFamily(
+        "certmon_broker_bridge_remote_not_after_seconds",
+        "notAfter (Unix time) of the certificate a broker host's bridge remote presents "
+        "to its agent's probe", labels=["device", "bridge"])
     for v in views:
         for e in v.state.endpoints:
             if e.is_reloaded is not None:
                 not_reloaded.add_metric([v.device_id, e.name], 0.0 if e.is_reloaded else 1.0)
             if e.served is not None:
-                served.add_metric([v.device_id, e.name], e.served.not_after.timestamp())
+                (remote if e.kind == "bridge" else served).add_metric(
+                    [v.device_id, e.name], e.served.not_after.timestamp())
     yield not_reloaded
     yield served
+    yield remote
 
 
 def report_rows(views: Iterable[BrokerHostView], now: datetime) -> list[dict[str, object]]:

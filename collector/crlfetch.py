@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import certmon
 
 log = logging.getLogger("certmon.collector")
+# Why a fetch gave no body (the label of certmon_crl_fetch_failures_total).
+FETCH_REASONS = ("timeout", "http_status", "redirect", "too_large", "unreachable")
 
 # A CRL of a large CA is a few MB (Let's Encrypt's shards are < 1 MB); more is a
 # misconfigured URL (a web page, a file server index), not a CRL.
@@ -45,7 +47,7 @@ class Fetched:
     url: str
     body: bytes | None = None
     error: str | None = None
-    reason: str | None = None  # timeout | http_status | redirect | too_large | unreachable
+    reason: str | None = None  # one of FETCH_REASONS
 
 
 Fetcher = Callable[[str, float], Fetched]

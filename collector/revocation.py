@@ -28,9 +28,11 @@ from cryptography import x509
 from certmon import pki
 from certmon.pki.crl import CrlFacts, CrlFile, parse_crls, read_crls
 
-from .crlfetch import CrlSource, url_label
+from .crlfetch import FETCH_REASONS, CrlSource, url_label
 
 log = logging.getLogger("certmon.collector")
+# Why a CRL read was not believed (the label of certmon_crl_refused_total).
+REFUSAL_REASONS = ("unreadable", "unverified", "older")
 
 ChainCerts = Callable[[], Iterable[x509.Certificate]]
 
@@ -47,7 +49,7 @@ class FleetCrls:
         self.fleet_cas = tuple(fleet_cas)
         self.urls = urls
         self.chain_certs = chain_certs
-        self.refused: Counter[str] = Counter()  # unreadable | unverified | older
+        self.refused: Counter[str] = Counter()  # one of REFUSAL_REASONS
         self._good: dict[tuple[str, str], CrlFacts] = {}  # (source, issuer) → believed
         self._logged: dict[str, tuple[tuple[str, str], ...]] = {}
 
@@ -68,9 +70,12 @@ class FleetCrls:
         return (*self._good.values(), *unverified)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """For /metrics: CRLs refused by reason, and failed fetches by reason."""
-        fetch = dict(self.urls.failures) if self.urls is not None else {}
-        return {"refused": dict(self.refused), "fetch_failed": fetch}
+        """For /metrics: CRLs refused by reason, and failed fetches by reason — every
+        reason from 0, so the first refusal is a rise `increase()` can see."""
+        refused = {reason: 0 for reason in REFUSAL_REASONS} | dict(self.refused)
+        fetch = ({reason: 0 for reason in FETCH_REASONS} | dict(self.urls.failures)
+                 if self.urls is not None else {})
+        return {"refused": refused, "fetch_failed": fetch}
 
     def known_cas(self) -> tuple[pki.LoadedCert, ...]:
         """The fleet CAs, then each CA certificate of a held device chain that one of

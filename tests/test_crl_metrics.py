@@ -38,7 +38,23 @@ def test_unfetchable_and_unreadable_fleet_crls_are_counted_on_metrics(
         assert service.web_url
         assert wait_until(lambda: (service.tick(), bool(
             counters(service.web_url, "certmon_crl_fetch_failures")))[1], 10)
-        assert set(counters(service.web_url, "certmon_crl_fetch_failures")) == {"unreachable"}
-        assert counters(service.web_url, "certmon_crl_refused") == {"unreadable": 1.0}
+        # Every reason is there from 0: the first refusal is a rise increase() sees.
+        failures = counters(service.web_url, "certmon_crl_fetch_failures")
+        assert failures["unreachable"] >= 1 and failures["timeout"] == 0
+        assert set(failures) == {"timeout", "http_status", "redirect", "too_large",
+                                 "unreachable"}
+        assert counters(service.web_url, "certmon_crl_refused") == {
+            "unreadable": 1.0, "unverified": 0.0, "older": 0.0}
+    finally:
+        service.close()
+
+
+def test_no_crl_families_without_fleet_crls(fleet_broker: Fleet, tmp_path: Path) -> None:
+    service: Any = build_collector(collector_config(fleet_broker, tmp_path, **{
+        "web.listen": "127.0.0.1:0"}))
+    try:
+        with urllib.request.urlopen(f"{service.web_url}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert "certmon_crl_" not in body and "certmon_collector_up" in body
     finally:
         service.close()

@@ -26,6 +26,8 @@ from certmon import pki
 from certmon import wire as p
 from certmon.config import loads
 from collector.service import CollectorService, Periodic
+from collector.web.api import FleetApi
+from collector.web.metrics import FleetCollector
 from collector.wiring import build_collector
 
 DEVICE = "gw-br-01"
@@ -96,6 +98,7 @@ def test_a_gateway_behind_a_local_bridge_is_verified_and_reports_the_remote_chai
                                                  "bridge_keyfile"}
     served = pki.parse_bundle(fleet_broker.files.certfile.read_bytes(), "central").certs[0]
     assert link.served is not None and link.served.ref == p.cert_ref(served.facts.sha256)
+    assert link.is_reloaded is None  # a remote's leaf is not the bridge's certfile
 
     # Through the bridge, the collector verified the agent's own signature and stored it.
     store = collector.store
@@ -104,3 +107,9 @@ def test_a_gateway_behind_a_local_bridge_is_verified_and_reports_the_remote_chai
     assert collector.ingestor.rejected_counts() == {}
     row = store.device(DEVICE)
     assert row is not None and row.status_json is not None and '"broker_host"' in row.status_json
+    # On /metrics the remote's certificate has its own family, not the served one's.
+    text = FleetCollector(store).exposition(
+        FleetApi(store, now=lambda: row.last_received_at, snapshot_ttl_s=0).snapshot()).decode()
+    assert (f'certmon_broker_bridge_remote_not_after_seconds{{bridge="bridge central",'
+            f'device="{DEVICE}"}}') in text
+    assert f'certmon_broker_served_not_after_seconds{{device="{DEVICE}"' not in text

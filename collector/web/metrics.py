@@ -261,12 +261,15 @@ class FleetCollector:
 def _crls(counts: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
     # A CRL the collector refuses or cannot fetch keeps the last good one in force
     # (collector.revocation): these say that the fleet's revocation list is going stale.
+    # Only where fleet CRLs (or their URLs) are configured.
     for key, name, text in (
             ("refused", "certmon_crl_refused", "Fleet CRLs not believed, by reason"),
             ("fetch_failed", "certmon_crl_fetch_failures",
              "Fleet CRL fetches (tls.fleet_crl_urls) that failed, by reason")):
+        if key not in counts or not counts[key]:
+            continue
         family = CounterMetricFamily(name, text, labels=["reason"])
-        for reason, n in sorted(counts.get(key, {}).items()):
+        for reason, n in sorted(counts[key].items()):
             family.add_metric([reason], float(n))
         yield family
 

@@ -276,7 +276,7 @@ function renderBrokers(b) {
           h("td", { class: "subject" }, e.served ? `${e.kind === "bridge" ? "remote presents" : "served"}: ${e.served.subject} (${e.served.ref})` : `${e.kind === "bridge" ? "remote" : "served"}: nothing (${e.served_error})`),
           h("td", {}, e.served ? when(e.served.not_after) : "—"),
           h("td", {}, drift ? h("span", { class: "badge s-critical" }, "renewed on disk, not reloaded")
-            : e.is_reloaded ? "serves its certfile" : "not compared")));
+            : e.is_reloaded ? "serves its certfile" : e.kind === "bridge" ? "the bridge's remote" : "not compared")));
       }
       for (const f of e.files) {
         const dates = f.crls.length ? f.crls.map((c) => `nextUpdate ${c.next_update ? when(c.next_update) : "never"}`).join(", ")
