@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +28,6 @@ from certmon.cli import (
     add_threshold_flags,
     add_verbose,
     new_parser,
-    on_stop_signals,
     with_thresholds,
     write_json,
 )
@@ -221,15 +220,18 @@ def _leave(service: AgentService) -> None:
 
 
 def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
-    from .service import AgentService
-
+    """The config is valid: this process becomes the resident half of the agent, a
+    fresh interpreter that never imports cryptography (this one has, to check the
+    config); each report is checked in a child it forks (docs/agent-footprint.md)."""
     if os.geteuid() == 0:
         logging.getLogger("certmon.agent").warning(
             "running as root: the agent needs no privileges; use the packaged unit's user")
-    service = AgentService(config, reloader=lambda: load_config(args))
-    on_stop_signals(service.request_stop)
-    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
-    return service.run()
+    flags = json.dumps({key: value for key, value in vars(args).items()
+                        if isinstance(value, str | int | float | bool | list | None)})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # -P: the working directory does not go on sys.path (the console script's rule).
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "agent.resident", flags])  # noqa: S606
 
 
 def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:

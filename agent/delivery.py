@@ -2,7 +2,9 @@
 side topics.
 
 Owns the hand-off of a signed status to the spool (one the state directory cannot
-hold is published live instead, and that is logged), the in-flight map from MQTT
+hold is published live instead, and that is logged), what one cycle hands over
+(`Outbox`: a spooled status or a heartbeat, and the side messages it brings; it may
+come from another process, `agent.checker`), the in-flight map from MQTT
 message ids to spooled files, PUBACK bookkeeping (a status is removed when the broker
 accepts it; one its ACL refuses is dropped, counted and logged, since resending it
 would block the spool forever), and the retained side messages (certificate chain,
@@ -20,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from certmon.clock import Clock
 from certmon.errors import TransportError
@@ -29,7 +34,34 @@ from certmon.mqtt import MqttLink
 
 from .spool import Spool
 
+if TYPE_CHECKING:
+    from .uplink import Uplink
+
 log = logging.getLogger("certmon.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class SideMessage:
+    """A retained side message (cert chain, inventory) for its topic."""
+
+    topic: str
+    payload: bytes
+    digest: str | None = None  # names the content when a fresh signature cannot
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """What one cycle hands to delivery: its signed status (already in the spool, or
+    to be published live when the spool could not take it) or its heartbeat, and the
+    side messages to retain."""
+
+    seq: int
+    topic: str
+    token: bytes
+    is_heartbeat: bool = False
+    is_spooled: bool = False
+    expiry_s: int = 0  # a heartbeat's message expiry
+    side: tuple[SideMessage, ...] = ()
 
 
 def publish_retained(link: MqttLink | None, topic: str, payload: bytes) -> int | None:
@@ -80,15 +112,36 @@ class Delivery:
         self.drain_acks(None)
         self._inflight.clear()
 
-    def spool_status(self, seq: int, topic: str, token: bytes, link: MqttLink | None) -> None:
+    def spool_status(self, seq: int, topic: str, token: bytes) -> bool:
+        """Put the status in the spool; False (logged) when the spool cannot take it."""
         try:
             self.spool.append(seq, topic, token)
         except OSError as exc:
-            # Read-only or full state directory: keep reporting live, lose only the
-            # store-and-forward guarantee, and say so.
+            # Read-only or full state directory: keep reporting live (`hand_over`),
+            # lose only the store-and-forward guarantee, and say so.
             log.error("cannot spool status seq=%s in %s: %s", seq, self.spool.dir,
                       exc.strerror or exc)
-            publish_retained(link, topic, token)
+            return False
+        return True
+
+    def hand_over(self, outbox: Outbox, link: MqttLink | None) -> None:
+        """Take one cycle's messages. A heartbeat is published at once, not retained
+        and not spooled: one lost to a dropped link says nothing the next report will
+        not. A status the spool could not take is published live."""
+        if outbox.is_heartbeat:
+            try:
+                if link is None:
+                    raise TransportError("no link")
+                link.publish(outbox.topic, outbox.token, qos=1, retain=False,
+                             expiry_s=outbox.expiry_s)
+            except TransportError as exc:
+                log.warning("heartbeat seq=%s not sent (%s): the next report goes out as "
+                            "usual", outbox.seq, exc)
+            return
+        if not outbox.is_spooled:
+            publish_retained(link, outbox.topic, outbox.token)
+        for side in outbox.side:
+            self.retain(side.topic, side.payload, digest=side.digest)
 
     def retain(self, topic: str, payload: bytes, *, digest: str | None = None) -> None:
         """Keep `payload` as the side message for `topic`; `digest` names its content
@@ -120,6 +173,24 @@ class Delivery:
                 break
             self._inflight[mid] = msg.path
         self.drain_acks(link)  # PUBACKs that arrived before their mid was recorded
+
+    def flush(self, uplink: Uplink[Any], *, online: tuple[str, bytes] | None, expiry_s: int,
+              rebuild: Callable[[], None]) -> None:
+        """Hand spooled messages to the link in order; forget those PUBACKed. After a
+        refused v5 CONNECT `rebuild` builds the link again (the uplink falls back to
+        MQTT 3.1.1); a new session re-asserts the retained side topics and `online`
+        (topic, payload)."""
+        self.drain_acks(uplink.link)
+        if uplink.is_protocol_refused:
+            rebuild()
+        link = uplink.link
+        if link is None or not link.is_connected:
+            return
+        if uplink.take_new_session():
+            self.new_session()
+            if online is not None:
+                publish_retained(link, *online)
+        self.send(link, expiry_s=expiry_s)
 
     def drain_acks(self, link: MqttLink | None) -> int:
         """Apply the PUBACKs received so far; `link` only names the error in the log."""

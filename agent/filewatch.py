@@ -1,7 +1,7 @@
 """Has the device's certificate material changed on disk since the last look?
 
 Owns the stat signature (inode, size, mtime in ns, or the errno when a file cannot
-be stat()ed) of the configured TLS files, so a renewed certificate is reported (and
+be stat()ed) of the configured TLS files (`Plan.watched`), so a renewed certificate is reported (and
 used for the connection) within seconds, not at the next interval. Stat only: the
 files are read and parsed by `agent.certstore`. Must not read the files' contents.
 """
@@ -9,12 +9,8 @@ files are read and parsed by `agent.certstore`. Must not read the files' content
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-
-from .config import TlsConfig
-
-# Files are stat()ed this often between reports.
-WATCH_EVERY_S = 15.0
 
 
 def stamp(path: Path) -> object:
@@ -29,10 +25,9 @@ class FileWatch:
     def __init__(self) -> None:
         self._stamp: tuple[object, ...] | None = None
 
-    def is_changed(self, tls: TlsConfig) -> bool:
+    def is_changed(self, paths: Iterable[Path]) -> bool:
         """True when a file changed since the previous call (never on the first)."""
-        now = tuple(stamp(path) for path in (tls.ca_bundle, tls.cert, tls.key,
-                                             tls.signing_cert, tls.signing_key) if path)
+        now = tuple(stamp(path) for path in paths)
         changed = self._stamp is not None and now != self._stamp
         self._stamp = now
         return changed

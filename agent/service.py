@@ -1,14 +1,17 @@
 """The agent's service loop: collect → judge → sign → spool → deliver, forever.
 
-Owns timing (interval with jitter, an early report when something changed), one
-cycle (read the files, ask the clock sources, judge, build and sign the status with
-the signing key), the device identity, what is enqueued after a cycle (status or
-heartbeat, cert message, inventory), when renewal is checked (before each report),
-signals (SIGTERM: say offline and leave cleanly; SIGHUP: reload the config) and
-sd_notify. It composes the schedules that live in their own modules: the broker
+Owns the interval with jitter and what makes a report early (the files or the broker
+chain changed; the loop itself, with sd_notify, is `agent.loop`'s), one cycle (read
+the files, ask the clock sources, judge, build and sign the status with the signing
+key), the device identity, what is enqueued after a cycle (status or heartbeat, cert
+message, inventory), when renewal is checked (before each report), and stop and
+reload requests (SIGTERM: say offline and leave cleanly; SIGHUP: reload the config).
+It composes the schedules that live in their own modules: the broker
 chain judged once per connection (`agent.brokerchain`), heartbeats
 (`agent.heartbeat`), `x5c` (`agent.x5c`), broker-host mode (`agent.hostmode`) and
-renewal (`agent.renewal.schedule`).
+renewal (`agent.renewal.schedule`). `run()` is the one-process loop; `certmon-agent
+run` splits the same steps over a resident process (`agent.resident`: link, spool,
+timing) and a checker forked per report (`agent.checker`: `cycle` and `prepare`).
 Must not: hold the link's life cycle (`agent.uplink`) or the spool and PUBACK
 bookkeeping (`agent.delivery`); judge (`agent.report` / `agent.status`); spell the
 wire format (`certmon.wire`) or import paho (`certmon.mqtt`). Never logs key
@@ -40,10 +43,12 @@ from .brokerchain import BrokerChainWatch
 from .certstore import DeviceMaterial, read_material
 from .clocksync import ClockVerdict, Runner, collect_clock_state, evaluate_clock, run_command
 from .config import AgentConfig
-from .delivery import Delivery, publish_retained
-from .filewatch import WATCH_EVERY_S, FileWatch
+from .delivery import Delivery, Outbox
+from .filewatch import FileWatch
 from .heartbeat import HeartbeatSchedule, LastFull
 from .hostmode import BrokerHostMode
+from .linkplan import heartbeat_expiry_s, link_settings, read_beacon, status_expiry_s
+from .loop import run_loop
 from .renewal import schedule as renewal
 from .renewal.policy import CLOCK_WRONG
 from .report import check_device, newest_not_before
@@ -100,9 +105,11 @@ class AgentService:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self.uplink = Uplink(monotonic=self.clock.monotonic, wake=self._wake.set,
-                             on_published=self.delivery.on_published,
-                             on_replaced=self.delivery.forget_inflight)
+        self.uplink: Uplink[p.BeaconEcho] = Uplink(
+            monotonic=self.clock.monotonic, wake=self._wake.set,
+            on_published=self.delivery.on_published, on_replaced=self.delivery.forget_inflight,
+            read_beacon=read_beacon)
+        self.rss_pid: int | None = None  # whose RSS the status reports (None: this process)
         self.broker_chain = BrokerChainWatch()
         self.heartbeats = HeartbeatSchedule()
         self.x5c = X5cSchedule()
@@ -153,7 +160,10 @@ class AgentService:
         return self.device_id
 
     def _ensure_link(self, material: DeviceMaterial) -> None:
-        if self.uplink.ensure(self.config, material, self._resolve_device_id):
+        client = material.client
+        if self.uplink.ensure(client.certs[0].facts.sha256 if client and client.certs else None,
+                              lambda: link_settings(self.config, self._resolve_device_id(material)),
+                              p.beacon_topic(self.prefix)):
             self.broker_chain.forget_session()
 
     # ------------------------------------------------------------ one cycle
@@ -184,9 +194,9 @@ class AgentService:
         if beat is not None:
             token = identity.sign(material, p.encode_message(beat), p.HEARTBEAT_TYP)
             return CycleResult(status, token, material, heartbeat=beat)
-        payload = p.encode_status(status)
         if not sign:
             return CycleResult(status, b"", material)
+        payload = p.encode_status(status)
         signer = material.signer()
         x5c = self.x5c.is_due(self.config.mqtt.status_x5c,
                               signer[1].certs[0].facts.sha256 if signer else None,
@@ -215,7 +225,7 @@ class AgentService:
 
     def _counters(self) -> AgentCounters:
         try:
-            rss: int | None = psutil.Process().memory_info().rss
+            rss: int | None = psutil.Process(self.rss_pid).memory_info().rss
         except psutil.Error:
             rss = None
         return AgentCounters(self.started_mono_s, rss, self.last_publish_ok_at,
@@ -224,48 +234,28 @@ class AgentService:
     # ------------------------------------------------------------ delivery
 
     def enqueue(self, result: CycleResult) -> None:
-        """Spool the signed status; queue the cert and inventory messages on change.
-        A heartbeat is published at once, not retained and not spooled: one lost to a
-        dropped link says nothing the next report will not (the cert and inventory
-        are unchanged: a heartbeat stands only for an unchanged status)."""
-        device_id = result.status.device_id
-        if result.heartbeat is not None:
-            self._publish_heartbeat(device_id, result)
-            return
-        self.delivery.spool_status(result.status.seq, p.status_topic(self.prefix, device_id),
-                                   result.token, self.link)
-        for side in side_messages(self.prefix, result.status, result.material,
-                                  self.delivery.retained_digest):
-            self.delivery.retain(side.topic, side.payload, digest=side.digest)
+        self.delivery.hand_over(self.prepare(result), self.link)
 
-    def _publish_heartbeat(self, device_id: str, result: CycleResult) -> None:
-        link = self.link
-        try:
-            if link is None:
-                raise TransportError("no link")
-            link.publish(p.heartbeat_topic(self.prefix, device_id), result.token, qos=1,
-                         retain=False, expiry_s=3 * self.config.agent.interval_s)
-        except TransportError as exc:
-            log.warning("heartbeat seq=%s not sent (%s): the next report goes out as usual",
-                        result.status.seq, exc)
+    def prepare(self, result: CycleResult) -> Outbox:
+        """Spool the signed status, and name the cert and inventory messages to retain
+        on change; a heartbeat is not spooled (`Delivery.hand_over`): it stands only
+        for an unchanged status, so the cert and inventory are unchanged too. Touches
+        no link: `agent.checker` runs it in a process of its own."""
+        device_id, seq = result.status.device_id, result.status.seq
+        if result.heartbeat is not None:
+            return Outbox(seq, p.heartbeat_topic(self.prefix, device_id), result.token,
+                          is_heartbeat=True, expiry_s=heartbeat_expiry_s(self.config))
+        topic = p.status_topic(self.prefix, device_id)
+        is_spooled = self.delivery.spool_status(seq, topic, result.token)
+        side = side_messages(self.prefix, result.status, result.material,
+                             self.delivery.retained_digest)
+        return Outbox(seq, topic, result.token, is_spooled=is_spooled, side=tuple(side))
 
     def flush(self) -> None:
         """Hand spooled messages to the link in order; forget those PUBACKed."""
-        self.delivery.drain_acks(self.link)
-        if self.uplink.is_protocol_refused:
-            self._ensure_link(self._read_material())
-        link = self.link
-        if link is None or not link.is_connected:
-            return
-        if self.uplink.take_new_session():
-            self.delivery.new_session()  # a new session: re-assert the retained side topics
-            publish_retained(link, p.online_topic(self.prefix, self.device_id or ""),
-                             p.online_payload(True))
-        agent = self.config.agent
-        # With heartbeats the retained full status must outlive the heartbeats that
-        # refer to it: a new collector learns the device's state from that copy.
-        self.delivery.send(link, expiry_s=3 * agent.interval_s
-                           + (agent.full_every_s if agent.heartbeat else 0))
+        online = (p.online_topic(self.prefix, self.device_id or ""), p.online_payload(True))
+        self.delivery.flush(self.uplink, online=online, expiry_s=status_expiry_s(self.config),
+                            rebuild=lambda: self._ensure_link(self._read_material()))
 
     def wait_delivered(self, timeout_s: float) -> bool:
         """Block until every spooled status is PUBACKed, or the timeout (`once`)."""
@@ -294,30 +284,12 @@ class AgentService:
 
     def run(self) -> int:
         """The service loop; returns after request_stop() (SIGTERM) with exit code 0."""
-        watchdog_s = systemd.watchdog_interval_s()
-        next_report = self.clock.monotonic()
-        ready_sent = False
-        while not self._stop.is_set():
-            if self._reload.is_set():
-                self._reload.clear()
-                self._do_reload()
-                next_report = self.clock.monotonic()
-            due = self.clock.monotonic() >= next_report
-            if due or self._files_changed() or self.broker_chain.is_changed(self.link):
-                self._report_logged()
-                next_report = self.clock.monotonic() + self._next_interval_s()
-            self.flush()
-            if not ready_sent:
-                systemd.ready()
-                ready_sent = True
-            systemd.watchdog()
-            # Sleep until the next report, a file check or a wake-up (connect, signal):
-            # no busy loop, a handful of wake-ups per interval.
-            timeout = min(next_report - self.clock.monotonic(), WATCH_EVERY_S)
-            if watchdog_s:
-                timeout = min(timeout, watchdog_s / 2)
-            self._wake.wait(max(timeout, 0.05))
-            self._wake.clear()
+        run_loop(monotonic=self.clock.monotonic, stop=self._stop, wake=self._wake,
+                 reload=self._reload, on_reload=self._do_reload,
+                 is_changed=lambda: self._files_changed()
+                 or self.broker_chain.is_changed(self.link),
+                 report=self._report_logged, next_interval_s=self._next_interval_s,
+                 flush=self.flush)
         self.shutdown()
         return 0
 
@@ -334,7 +306,7 @@ class AgentService:
                                     client.certs[0].facts, self.clock.now(),
                                     is_clock_ok=self._is_clock_ok, force=force)
 
-    def _renew_logged(self) -> None:
+    def renew_logged(self) -> None:
         # Checked before each report, so the report right after it carries the
         # outcome and, when renewed, goes out over a link built with the new pair.
         if not self.config.renewal.enabled:
@@ -345,12 +317,15 @@ class AgentService:
             log.error("renewal check failed: %s", exc)
 
     def _report_logged(self) -> None:
-        self._renew_logged()
+        self.renew_logged()
         try:
             result = self.report_once()
         except (ConfigError, TransportError, OSError) as exc:
             log.error("report failed: %s", exc)
             return
+        self.log_report(result)
+
+    def log_report(self, result: CycleResult) -> None:
         worst = max((f.severity for f in result.status.findings), default=pki.Severity.OK)
         log.info("%s seq=%s %s findings=%s spool=%s",
                  "status" if result.heartbeat is None else "heartbeat", result.status.seq,
@@ -362,7 +337,9 @@ class AgentService:
         return self.config.agent.interval_s * (1 + self._random.uniform(-spread, spread))
 
     def _files_changed(self) -> bool:
-        changed = self.files.is_changed(self.config.tls)
+        tls = self.config.tls
+        changed = self.files.is_changed(path for path in (
+            tls.ca_bundle, tls.cert, tls.key, tls.signing_cert, tls.signing_key) if path)
         if changed:
             log.info("certificate material changed on disk: reporting now")
         return changed

@@ -11,20 +11,13 @@ judge.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from certmon import wire as p
 
 from .certstore import DeviceMaterial
+from .delivery import SideMessage
 from .identity import sign
 from .status import inventory
-
-
-@dataclass(frozen=True, slots=True)
-class SideMessage:
-    topic: str
-    payload: bytes
-    digest: str | None = None  # names the content when a fresh signature cannot
 
 
 def side_messages(prefix: str, status: p.Status, material: DeviceMaterial,

@@ -1,39 +1,44 @@
 """The agent's MQTT link across its life, and what the collector says on it.
 
-Owns building the link from the config and the device's files (`LinkSettings` with the
-retained offline will), rebuilding it when the client certificate is renewed (a clean
-DISCONNECT, so the will does not fire for a planned switch), the one-way fallback to
-MQTT 3.1.1 when a broker refuses v5, the link's callbacks (connect, disconnect, the
-collector's time beacon) and "a new session started", which the service answers by
-re-asserting its retained topics.
+Owns building the link from its `LinkSettings` (`agent.linkplan` derives them from the
+config: the retained offline will), rebuilding it when the client certificate is
+renewed (a clean DISCONNECT, so the will does not fire for a planned switch), the
+one-way fallback to MQTT 3.1.1 when a broker refuses v5, the link's callbacks
+(connect, disconnect, the collector's time beacon, kept as `read_beacon` makes it)
+and "a new session started", which the service answers by re-asserting its retained
+topics.
 Must not: publish statuses or side topics (`agent.delivery`), judge the broker chain
-(`agent.status`), or log key material: only paths and fingerprints.
+(`agent.status`), or log key material: only paths and fingerprints. It imports
+neither cryptography nor the wire format: the resident half of `run`
+(`agent.resident`) holds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
-from certmon import wire as p
-from certmon.errors import ProtocolError, TransportError
-from certmon.mqtt import Incoming, LinkSettings, MqttLink, Will
-
-from .certstore import DeviceMaterial
-from .config import AgentConfig
+from certmon.errors import TransportError
+from certmon.mqtt import Incoming, LinkSettings, MqttLink
 
 log = logging.getLogger("certmon.agent")
 
+B = TypeVar("B")
 
-class Uplink:
+
+class Uplink(Generic[B]):
     """The current link (None until built, or while the files do not allow one)."""
 
     def __init__(self, *, monotonic: Callable[[], float], wake: Callable[[], None],
                  on_published: Callable[[int, bool], None],
-                 on_replaced: Callable[[], None]) -> None:
+                 on_replaced: Callable[[], None],
+                 read_beacon: Callable[[bytes, float], B | None]) -> None:
         self.link: MqttLink | None = None
-        self.beacon: p.BeaconEcho | None = None  # the last live beacon heard
+        self.beacon: B | None = None  # the last live beacon heard (None: not one valid)
+        self._read_beacon = read_beacon
         self._monotonic = monotonic
         self._wake = wake
         self._on_published = on_published
@@ -47,13 +52,12 @@ class Uplink:
     def is_protocol_refused(self) -> bool:
         return self.link is not None and self.link.state.protocol_refused
 
-    def ensure(self, config: AgentConfig, material: DeviceMaterial,
-               identify: Callable[[DeviceMaterial], str]) -> bool:
-        """Keep the link, or (re)build it for this material; True when it was rebuilt
-        (or its rebuild failed: then `link` is None and the error is logged).
-        `identify` gives the device id, asked only when a link is built."""
-        client = material.client
-        client_sha = client.certs[0].facts.sha256 if client and client.certs else None
+    def ensure(self, client_sha: str | None, settings_for: Callable[[], LinkSettings],
+               beacon_topic: str) -> bool:
+        """Keep the link, or (re)build it for this client certificate (`client_sha`,
+        its SHA-256); True when it was rebuilt (or its rebuild failed: then `link` is
+        None and the error is logged). `settings_for` is asked only when a link is
+        built."""
         refused = self.is_protocol_refused
         if self.link is not None and client_sha == self._cert_sha and not refused:
             return False
@@ -68,17 +72,9 @@ class Uplink:
                          client_sha)
             self.link.stop()
             self._on_replaced()
-        device_id = identify(material)
-        mqtt, prefix = config.mqtt, config.agent.topic_prefix
-        settings = LinkSettings(
-            host=mqtt.host, port=mqtt.port, client_id=mqtt.client_id or f"certmon-{device_id}",
-            is_tls=mqtt.is_tls, ca_bundle=str(config.tls.ca_bundle),
-            cert=str(config.tls.cert), key=str(config.tls.key), alpn=mqtt.alpn,
-            servername=mqtt.servername,
-            keepalive_s=mqtt.keepalive_s, protocol=self._protocol or mqtt.protocol,
-            will=Will(p.online_topic(prefix, device_id), p.online_payload(False), 1, True),
-            retain=mqtt.retain,
-        )
+        settings = settings_for()
+        if self._protocol is not None:
+            settings = dataclasses.replace(settings, protocol=self._protocol)
         try:
             link = MqttLink(settings, on_message=self._on_message, on_connect=self._on_connect,
                             on_disconnect=lambda _reason: self._wake(),
@@ -89,7 +85,7 @@ class Uplink:
             log.error("cannot set up the MQTT link: %s", exc)
             self.link, self._cert_sha = None, None
             return True
-        self._beacon_topic = p.beacon_topic(prefix)
+        self._beacon_topic = beacon_topic
         link.subscribe(self._beacon_topic, qos=0)
         link.start()
         self.link, self._cert_sha = link, client_sha
@@ -115,8 +111,6 @@ class Uplink:
     def _on_message(self, msg: Incoming) -> None:
         if msg.topic != self._beacon_topic or msg.retained:
             return
-        try:
-            beacon = p.decode_message(p.Beacon, msg.payload, max_bytes=1024)
-        except ProtocolError:
-            return
-        self.beacon = p.BeaconEcho(beacon_ts=beacon.ts, received_mono_s=msg.received_mono_s)
+        beacon = self._read_beacon(msg.payload, msg.received_mono_s)
+        if beacon is not None:
+            self.beacon = beacon

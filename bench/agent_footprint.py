@@ -10,14 +10,21 @@ imports paho and cryptography.x509 and opens one mTLS MQTT session (the floor of
 chosen parts). Each is watched from outside with psutil while a subscriber counts
 statuses:
 
-- a `certmon-agent check --json` on the same bundle (what a short-lived checker process
-  beside a long-lived MQTT publisher would cost per cycle: peak RSS and CPU);
+- a `certmon-agent check --json` and a `certmon-agent show` on the same bundle, each a
+  fresh interpreter (what a short-lived checker started with exec instead of fork
+  would cost per cycle: peak RSS and CPU);
 - steady RSS and USS (the pages only this process holds) after N reports (default 20),
-  and peak RSS (the kernel's VmHWM);
-- CPU time per report cycle (user + system, from the 2nd to the Nth report, so start-up
-  is excluded; includes everything the process does between reports);
+  and peak RSS: the kernel's VmHWM of the process and of every child it forks (the
+  two-process agent checks each report in a forked child: a thread polls the
+  children's VmHWM every 2 ms, so the peak of a ~0.1 s child is caught);
+- CPU time per report cycle (user + system of the process and of its waited-for
+  children — the forked checker, `timedatectl` — from the 2nd to the Nth report, so
+  start-up is excluded; includes everything between reports);
 - idle wake-ups per second (voluntary context switches between reports): no busy loop;
-- the signed status size in bytes as it crossed the broker.
+- the signed status size in bytes as it crossed the broker;
+- a signer forked per report from the resident's imports (the variant that checks only
+  when inputs change still signs each report): through `certmon.wire`, and with
+  `cryptography` alone (the floor of any signer), CPU and peak RSS of each child.
 
 Run: `.venv/bin/python bench/agent_footprint.py [--cycles 20] [--baseline HEAD]`
 (about 10 s per cycle; all agents run at once).
@@ -30,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,10 +74,45 @@ time.sleep(3600)
 
 CHECK = """
 import resource, subprocess, sys
-done = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--ca-bundle", sys.argv[1],
-                       "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+done = subprocess.run([sys.executable, "-m", "agent.cli", *sys.argv[1:]],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+"""
+
+
+# What a per-report signer forked from the resident process would cost (the variant
+# that runs the full checker only when inputs change still signs every report): from
+# a process holding the resident's imports, N forked children each sign one
+# heartbeat-sized payload with the device key, through certmon.wire (as the agent
+# must: the JWS is spelled there) or with cryptography alone (the floor).
+SIGNERS = """
+import os, resource, statistics, sys
+import agent.resident  # noqa: F401 - the resident's imports, inherited by each fork
+cert, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def wire():
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from certmon import wire as p
+    k = serialization.load_pem_private_key(open(key, "rb").read(), None)
+    p.sign_jws(b"{}" * 200, k, x509.load_pem_x509_certificate(open(cert, "rb").read()),
+               typ=p.HEARTBEAT_TYP)
+def floor():
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    k = serialization.load_pem_private_key(open(key, "rb").read(), None)
+    k.sign(b"{}" * 200, ec.ECDSA(hashes.SHA256()))
+for name, sign in (("wire", wire), ("floor", floor)):
+    cpu, peak = [], []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            sign()
+            os._exit(0)
+        _, _, usage = os.wait4(pid, 0)
+        cpu.append((usage.ru_utime + usage.ru_stime) * 1000)
+        peak.append(usage.ru_maxrss / 1024)
+    print(name, statistics.median(cpu), max(peak))
 """
 
 
@@ -81,6 +124,23 @@ class Run:
     samples: list[tuple[int, float, int, float]] = field(default_factory=list)
     mem: Any = None
     peak_rss: int = 0
+    child_peak_rss: int = 0  # the largest VmHWM any forked child reached
+    children_seen: set[int] = field(default_factory=set)
+
+
+def watch_children(runs: list[Run], stop: threading.Event) -> None:
+    """Poll each agent's children's VmHWM (a high-water mark: a late sample is the
+    peak so far) until `stop`."""
+    while not stop.is_set():
+        for run in runs:
+            try:
+                children = psutil.Process(run.proc.pid).children()
+            except psutil.Error:
+                continue
+            for child in children:
+                run.children_seen.add(child.pid)
+                run.child_peak_rss = max(run.child_peak_rss, peak_rss(child.pid))
+        stop.wait(0.002)
 
 
 def baseline_tree(revision: str, into: Path) -> Path:
@@ -93,10 +153,27 @@ def baseline_tree(revision: str, into: Path) -> Path:
 
 
 def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # exited meanwhile
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def fresh_run(argv: list[str]) -> tuple[float, float]:
+    """(peak RSS KiB, CPU ms) of one `certmon-agent ARGV` in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", CHECK, *argv], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rss_kib, cpu_s = out.stdout.split()
+    return float(rss_kib), float(cpu_s) * 1000
 
 
 def main() -> int:
@@ -168,6 +245,10 @@ def main() -> int:
             def count(topic: str) -> int:
                 return sum(1 for t, _, _ in list(watcher.messages) if t == topic)
 
+            stop_watch = threading.Event()
+            watcher_thread = threading.Thread(target=watch_children, args=(runs, stop_watch),
+                                              daemon=True)
+            watcher_thread.start()
             try:
                 # The first report, then one per interval (plus one right after connect,
                 # when the broker chain is first judged).
@@ -182,8 +263,7 @@ def main() -> int:
                                   file=sys.stderr)
                             return 1
                         proc = psutil.Process(run.proc.pid)
-                        cpu = proc.cpu_times()
-                        run.samples.append((count(topic), cpu.user + cpu.system,
+                        run.samples.append((count(topic), cpu_s(proc),
                                             proc.num_ctx_switches().voluntary,
                                             time.monotonic()))
                 for run in runs:
@@ -192,19 +272,31 @@ def main() -> int:
                 sizes = {run.label: [len(payload) for t, payload, _ in watcher.messages
                                      if t == run.topic] for run in runs}
             finally:
+                stop_watch.set()
+                watcher_thread.join()
                 for run in runs:
                     run.proc.terminate()
                     run.proc.wait(10)
                 watcher.client.disconnect()
                 watcher.client.loop_stop()
-    check = subprocess.run(
-        [sys.executable, "-c", CHECK, str(bundle)], capture_output=True, text=True, check=True)
-    check_rss, check_cpu = check.stdout.split()
+        # Fresh interpreters on the same files (the broker is gone: `show` does not
+        # connect): a checker started with exec instead of fork would cost this.
+        show_cert, show_key = pki.leaf(devices, "gw-footprint-show", name="fp-show").write(
+            work, chain=True)
+        signers = subprocess.run(
+            [sys.executable, "-c", SIGNERS, str(show_cert), str(show_key), "9"],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split("\n")
+        fresh = {label: fresh_run(argv) for label, argv in (
+            ("check --json (fresh)", ["check", "--ca-bundle", str(bundle), "--json"]),
+            ("show (fresh)", ["show", "--broker", "mqtts://127.0.0.1:1", "--ca-bundle",
+                              str(bundle), "--cert", str(show_cert), "--key", str(show_key),
+                              "--state-dir", str(work / "state-show")]))}
     mib = 2 ** 20
     print(f"trust store: {n_system} system CAs + 2 fleet roots; interval {args.interval_s} s; "
           f"{args.cycles} reports; all processes side by side")
     print(f"{'process':22} {'RSS MiB':>8} {'peak':>6} {'USS':>6} {'CPU ms/cycle':>13} "
-          f"{'wake-ups/s':>11} {'status bytes':>13}")
+          f"{'wake-ups/s':>11} {'status bytes':>13} {'children (peak MiB)':>20}")
     for run in runs:
         if run.samples:
             (n0, cpu0, ctx0, t0), (n1, cpu1, ctx1, t1) = run.samples[1], run.samples[-1]
@@ -213,10 +305,19 @@ def main() -> int:
             size = f"{min(sizes[run.label])}-{max(sizes[run.label])}"
         else:
             cpu, wake, size = f"{'-':>13}", f"{'-':>11}", "-"
-        print(f"{run.label:22} {run.mem.rss / mib:8.1f} {run.peak_rss / mib:6.1f} "
-              f"{run.mem.uss / mib:6.1f} {cpu} {wake} {size:>13}")
-    print(f"{'check --json (process)':22} {'-':>8} {float(check_rss) / 1024:6.1f} {'-':>6} "
-          f"{float(check_cpu) * 1000:13.1f}   (one short-lived run: peak RSS, CPU)")
+        peak = max(run.peak_rss, run.child_peak_rss)
+        kids = (f"{len(run.children_seen)} ({run.child_peak_rss / mib:.1f})"
+                if run.children_seen else "-")
+        print(f"{run.label:22} {run.mem.rss / mib:8.1f} {peak / mib:6.1f} "
+              f"{run.mem.uss / mib:6.1f} {cpu} {wake} {size:>13} {kids:>20}")
+    for label, (rss_kib, cpu_ms) in fresh.items():
+        print(f"{label:22} {'-':>8} {rss_kib / 1024:6.1f} {'-':>6} {cpu_ms:13.1f}   "
+              "(one short-lived run: peak RSS, CPU)")
+    for line in filter(None, signers):
+        name, cpu_ms, peak_mib = line.split()
+        label = "signer via certmon.wire" if name == "wire" else "signer, cryptography only"
+        print(f"{label:26} {'-':>4} {float(peak_mib):6.1f} {'-':>6} {float(cpu_ms):13.1f}   "
+              "(forked from the resident's imports: median of 9)")
     print("targets: steady RSS <= 30 MiB, peak <= 40 MiB, CPU <= 30 ms per cycle")
     return 0
 
