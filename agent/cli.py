@@ -28,6 +28,7 @@ from certmon.cli import (
     add_threshold_flags,
     add_verbose,
     new_parser,
+    on_stop_signals,
     with_thresholds,
     write_json,
 )
@@ -226,6 +227,15 @@ def cmd_run(config: AgentConfig, args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
         logging.getLogger("certmon.agent").warning(
             "running as root: the agent needs no privileges; use the packaged unit's user")
+    if not config.agent.fork_checks:  # one process: more memory, less CPU per report
+        import signal
+
+        from .service import AgentService
+
+        service = AgentService(config, reloader=lambda: load_config(args))
+        on_stop_signals(service.request_stop)
+        signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+        return service.run()
     flags = json.dumps({key: value for key, value in vars(args).items()
                         if isinstance(value, str | int | float | bool | list | None)})
     sys.stdout.flush()

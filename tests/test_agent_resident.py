@@ -99,6 +99,34 @@ def test_run_keeps_cryptography_out_of_the_resident_process(
         stop(probe)
 
 
+def test_fork_checks_false_runs_one_process(fleet_broker: Fleet, tmp_path: Path) -> None:
+    """`agent.fork_checks = false`, by its effect: `run` stays the one process that
+    reports (cryptography mapped in it, no resident exec, no checker children)."""
+    device = "gw-one-process"
+    creds = fleet_broker.device_credentials(device, tmp_path)
+    probe = watcher(fleet_broker, tmp_path)
+    config = tmp_path / "agent.toml"
+    config.write_text(toml(creds, fleet_broker.mtls_port, tmp_path / "state",
+                           extra="fork_checks = false\n"))
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: len(statuses(probe, device)) >= 2, 30)
+        process = psutil.Process(agent.pid)
+        assert "agent.resident" not in process.cmdline()
+        assert "cryptography" in Path(f"/proc/{agent.pid}/maps").read_text()
+        assert not [c for c in process.children(recursive=True) if c.is_running()
+                    and "timedatectl" not in " ".join(c.cmdline())]
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=20)
+        assert agent.returncode == 0, out
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+        stop(probe)
+
+
 def test_the_checker_state_carries_from_one_forked_check_to_the_next(
     fleet_broker: Fleet, tmp_path: Path
 ) -> None:
