@@ -10,8 +10,10 @@ judge anything (that is `agent.report`) and never logs or serialises a private k
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from certmon import pki
 from certmon.files import read_regular
@@ -60,6 +62,37 @@ class DeviceMaterial:
 _PARSED: dict[tuple[str, str], pki.Bundle] = {}
 
 
+# The token key this process loaded, by what loaded it: PKCS#11 logs in once per process
+# and token, so a long-lived process (`run` with agent.fork_checks = false, the tests)
+# reuses its session instead of loading it again each report; a new PIN file (by its
+# mtime and size) loads it afresh.
+_TOKEN_KEYS: dict[tuple[str, str, str, int, tuple[int, int] | None], tuple[Any, ...]] = {}
+
+
+def token_key_cached(uri: str, module: str | Path | None, pin_file: str | Path | None
+                     ) -> tuple[pki.KeyFacts | None, list[pki.Finding], object | None]:
+    from certmon.pki.token import load_token_key
+
+    try:
+        pin_stat = os.stat(pin_file) if pin_file is not None else None
+        pin_id = (pin_stat.st_mtime_ns, pin_stat.st_size) if pin_stat else None
+    except OSError:
+        pin_id = None  # load_token_key says why
+    cache_key = (uri, str(module), str(pin_file), os.getpid(), pin_id)
+    held = _TOKEN_KEYS.get(cache_key)
+    if held is not None and held[2] is not None and not held[2].is_closed:
+        return held[0], list(held[1]), held[2]
+    for stale in [k for k in _TOKEN_KEYS if k[:3] == cache_key[:3]]:
+        old = _TOKEN_KEYS.pop(stale)[2]
+        if old is not None and stale[3] == os.getpid():
+            old.close()  # its login would refuse the new one
+    facts, findings, key = load_token_key(
+        uri, module_path=str(module) if module is not None else None, pin_file=pin_file)
+    if key is not None:
+        _TOKEN_KEYS[cache_key] = (facts, tuple(findings), key)
+    return facts, findings, key
+
+
 def read_bundle_cached(path: str | Path) -> pki.Bundle:
     source = str(path)
     try:
@@ -78,6 +111,8 @@ def read_bundle_cached(path: str | Path) -> pki.Bundle:
 def read_material(
     ca_bundle: str | Path, cert: str | Path | None = None, key: str | Path | None = None,
     *, signing_cert: str | Path | None = None, signing_key: str | Path | None = None,
+    signing_key_uri: str | None = None, pkcs11_module: str | Path | None = None,
+    pkcs11_pin_file: str | Path | None = None,
 ) -> DeviceMaterial:
     trust_store = read_bundle_cached(ca_bundle)
     client = read_bundle_cached(cert) if cert is not None else None
@@ -87,8 +122,13 @@ def read_material(
     if key is not None:
         key_facts, key_findings, private_key = pki.read_private_key(key)
     signing = None
-    if signing_cert is not None and signing_key is not None:
-        s_facts, s_findings, s_key = pki.read_private_key(signing_key)
+    if signing_cert is not None and (signing_key is not None or signing_key_uri is not None):
+        if signing_key_uri is not None:
+            s_facts, s_findings, s_key = token_key_cached(signing_key_uri, pkcs11_module,
+                                                          pkcs11_pin_file)
+        else:
+            assert signing_key is not None
+            s_facts, s_findings, s_key = pki.read_private_key(signing_key)
         signing = SigningMaterial(read_bundle_cached(signing_cert), s_facts, tuple(s_findings),
                                   s_key)
     return DeviceMaterial(trust_store, client, key_facts, tuple(key_findings), private_key,

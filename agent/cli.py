@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from certmon import pki
 from certmon.cli import (
@@ -278,7 +278,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         return _check_broker_host(args, out)
     policy = pki.Policy()
     ca_bundle, cert, key = args.ca_bundle, args.cert, args.key
-    signing: dict[str, Path | None] = {}
+    signing: dict[str, Any] = {}
     if args.config:
         from .config import load_agent_config
 
@@ -287,7 +287,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         cert = cert or (str(config.tls.cert) if config.tls.cert else None)
         key = key or (str(config.tls.key) if config.tls.key else None)
         policy = pki.Policy(**dataclasses.asdict(config.policy))
-        signing = {"signing_cert": config.tls.signing_cert, "signing_key": config.tls.signing_key}
+        signing = config.tls.signing_args()
     if ca_bundle is None:
         raise ConfigError("check: --ca-bundle (or --config with tls.ca_bundle) is required")
     policy = with_thresholds(policy, args)

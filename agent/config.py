@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from certmon.config import (
     BrokerEndpoint,
@@ -54,6 +54,16 @@ class MqttConfig(BrokerEndpoint):
 
 
 
+def _token_uri_problem(value: str) -> str | None:
+    from certmon.pki.token import parse_token_uri
+
+    try:
+        parse_token_uri(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 @schema
 class TlsConfig:
     ca_bundle: Path = setting(readable=True, doc="CA bundle (PEM) the device trusts; it is "
@@ -64,11 +74,42 @@ class TlsConfig:
                                         "signing certificate; unset means sign with `cert`.")
     signing_key: Path | None = setting(default=None, readable=True,
                                        doc="Private key of `signing_cert`.")
+    signing_key_uri: str | None = setting(
+        default=None, check=_token_uri_problem, doc="Instead of `signing_key`: the key of "
+        "`signing_cert` on a PKCS#11 token (TPM2, secure element, HSM), as an RFC 7512 URI, "
+        "`pkcs11:token=…;object=…`; it signs on the token and never leaves it "
+        "(docs/hardware-keys.md; the certmon[pkcs11] extra).")
+    pkcs11_module: Path | None = setting(default=None, readable=True, doc="The PKCS#11 "
+                                         "module for `signing_key_uri` when the URI names "
+                                         "none (module-path).")
+    pkcs11_pin_file: Path | None = setting(default=None, readable=True, doc="File holding "
+                                           "the token's user PIN (e.g. a systemd "
+                                           "credential) when the URI names none "
+                                           "(pin-source); never logged.")
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
-        if (self.signing_cert is None) != (self.signing_key is None):
-            missing = "signing_key" if self.signing_key is None else "signing_cert"
-            yield missing, "signing_cert and signing_key must be set together"
+        keys = [k for k in ("signing_key", "signing_key_uri") if getattr(self, k) is not None]
+        if len(keys) > 1:
+            yield "signing_key_uri", "give signing_key or signing_key_uri, not both"
+        elif (self.signing_cert is None) != (not keys):
+            missing = "signing_key" if not keys else "signing_cert"
+            yield missing, "signing_cert and signing_key (or signing_key_uri) go together"
+        if self.signing_key_uri is not None and self.pkcs11_module is None \
+                and "module-path=" not in self.signing_key_uri:
+            yield "pkcs11_module", "signing_key_uri needs a module: module-path in the URI " \
+                "or tls.pkcs11_module"
+
+    def signing_args(self) -> dict[str, Any]:
+        """The signing material's part of `agent.certstore.read_material`."""
+        return {"signing_cert": self.signing_cert, "signing_key": self.signing_key,
+                "signing_key_uri": self.signing_key_uri, "pkcs11_module": self.pkcs11_module,
+                "pkcs11_pin_file": self.pkcs11_pin_file}
+
+    def watched(self) -> tuple[Path, ...]:
+        """The files whose change means new material (a token key is no file)."""
+        return tuple(p for p in (self.ca_bundle, self.cert, self.key, self.signing_cert,
+                                 self.signing_key, self.pkcs11_pin_file) if p)
+
 
 
 @schema

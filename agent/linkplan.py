@@ -43,8 +43,7 @@ def heartbeat_expiry_s(config: AgentConfig) -> int:
 
 def plan_for(config: AgentConfig, device_id: str | None, client_sha256: str | None) -> Plan:
     agent, tls, prefix = config.agent, config.tls, config.agent.topic_prefix
-    watched = tuple(path for path in (tls.ca_bundle, tls.cert, tls.key, tls.signing_cert,
-                                      tls.signing_key) if path)
+    watched = tls.watched()
     plan = Plan(state_dir=agent.state_dir, spool_max_messages=agent.spool_max_messages,
                 spool_max_bytes=agent.spool_max_bytes, interval_s=agent.interval_s,
                 jitter_fraction=agent.jitter_fraction, watched=watched,

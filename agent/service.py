@@ -220,8 +220,7 @@ class AgentService:
 
     def _read_material(self) -> DeviceMaterial:
         tls = self.config.tls
-        return read_material(tls.ca_bundle, tls.cert, tls.key, signing_cert=tls.signing_cert,
-                             signing_key=tls.signing_key)
+        return read_material(tls.ca_bundle, tls.cert, tls.key, **tls.signing_args())
 
     def _counters(self) -> AgentCounters:
         try:
@@ -338,8 +337,7 @@ class AgentService:
 
     def _files_changed(self) -> bool:
         tls = self.config.tls
-        changed = self.files.is_changed(path for path in (
-            tls.ca_bundle, tls.cert, tls.key, tls.signing_cert, tls.signing_key) if path)
+        changed = self.files.is_changed(tls.watched())
         if changed:
             log.info("certificate material changed on disk: reporting now")
         return changed

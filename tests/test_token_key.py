@@ -10,6 +10,7 @@ import logging
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import missing
@@ -229,3 +230,95 @@ def test_pin_files_no_pin_and_pin_sources_said_without_the_pin(
         parse_token_uri("pkcs11:object=k?pin-source=pin.txt")
     assert parse_token_uri("pkcs11:object=k?pin-source=file:///run/p").pin_source == "/run/p"
     assert parse_token_uri("PKCS11:object=k").object == "k"
+
+
+def test_an_agent_signs_its_status_on_the_token_and_the_collector_verifies_it(
+        hsm: SoftHsm, token: Token, fleet_broker: Any, collector: Any, tmp_path: Path) -> None:
+    """The must-show: `tls.signing_key_uri` names the token key; `certmon-agent once`
+    signs the status on SoftHSM2, the collector verifies it through the real broker
+    against the signing certificate the fleet CA issued for the token's public key."""
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from kit.broker import wait_until
+
+    from collector.store import CertRole
+
+    device = "gw-hsm-e2e"
+    creds = fleet_broker.device_credentials(device, tmp_path / "tls", days=300)
+    _, _, on_token = load_token_key(token.uri(), module_path=token.module,
+                                    pin_file=token.pin_file)
+    assert on_token is not None
+    signing = fleet_broker.pki.leaf(fleet_broker.devices_ca, device, key=on_token, days=120,
+                                    name=f"{device}-signing")
+    on_token.close()  # this test process logs out: the agent logs in itself
+    signing_cert = tmp_path / "signing.crt"
+    signing_cert.write_bytes(signing.cert_pem() + fleet_broker.devices_ca.cert_pem())
+
+    def agent(command: str, pin_file: Path) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / f"agent-{command}.toml"
+        config.write_text(f"""
+[mqtt]
+broker = "mqtts://127.0.0.1:{fleet_broker.mtls_port}"
+[tls]
+ca_bundle = "{creds.ca_bundle_path}"
+cert = "{creds.cert_path}"
+key = "{creds.key_path}"
+signing_cert = "{signing_cert}"
+signing_key_uri = "{token.uri()}"
+pkcs11_module = "{token.module}"
+pkcs11_pin_file = "{pin_file}"
+[agent]
+state_dir = "{tmp_path / 'state'}"
+""")
+        extra = ["--timeout-s", "20"] if command == "once" else ["--json"]
+        return subprocess.run([sys.executable, "-m", "agent.cli", command, "--config",
+                               str(config), *extra], capture_output=True, text=True,
+                              timeout=60)
+
+    done = agent("once", token.pin_file)
+    assert done.returncode in (0, 1), done.stderr  # 1: a warning (no clock sync here)
+    assert PIN not in done.stdout + done.stderr
+    store = collector.store
+    assert wait_until(lambda: (row := store.device(device)) is not None
+                      and row.status_json is not None, 15), dict(collector.ingestor.rejected)
+    signer_sha = x509.load_pem_x509_certificate(signing.cert_pem()).fingerprint(
+        hashes.SHA256()).hex()
+    assert (CertRole.SIGNING, signer_sha) in {
+        (link.role, link.cert.sha256) for link in store.device_certs(device)}
+
+    # A wrong PIN: a clear finding from `check`, never the PIN, never a traceback.
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("0000-not-it\n")
+    wrong.chmod(0o600)
+    checked = agent("check", wrong)
+    assert "token login failed: the PIN is incorrect" in checked.stdout, checked.stderr
+    assert "0000-not-it" not in checked.stdout + checked.stderr
+    # UNKNOWN, as for any input the check could not look at (docs/check.md).
+    assert "Traceback" not in checked.stderr and checked.returncode == 3
+
+
+def test_the_token_settings_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from certmon.config import loads
+    from certmon.errors import ConfigError
+
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    base = {"mqtt.broker": "mqtts://127.0.0.1:8883", "tls.ca_bundle": str(pem),
+            "tls.cert": str(pem), "tls.key": str(pem), "tls.signing_cert": str(pem)}
+    cases = {
+        "needs a module": {"tls.signing_key_uri": "pkcs11:object=k"},
+        "not both": {"tls.signing_key_uri": "pkcs11:object=k", "tls.signing_key": str(pem),
+                     "tls.pkcs11_module": str(pem)},
+        "names no key": {"tls.signing_key_uri": "pkcs11:token=t",
+                         "tls.pkcs11_module": str(pem)},
+    }
+    for why, extra in cases.items():
+        with pytest.raises(ConfigError, match=why):
+            loads(AgentConfig, "", overrides={**base, **extra})
+    ok = loads(AgentConfig, "", overrides={**base, "tls.signing_key_uri":
+                                           f"pkcs11:object=k?module-path={pem}"})
+    assert ok.tls.signing_key_uri is not None and ok.tls.watched()[-1] == pem

@@ -177,6 +177,10 @@ class TokenKey(ec.EllipticCurvePrivateKey):
     def key_size(self) -> int:
         return self._public.key_size
 
+    @property
+    def is_closed(self) -> bool:
+        return self._closed or os.getpid() != self._pid
+
     def close(self) -> None:
         """End the session (and the process's login on the token)."""
         with _P11_LOCK:
