@@ -9,6 +9,7 @@ judge anything (that is `agent.report`) and never logs or serialises a private k
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from certmon import pki
+from certmon.errors import PKIError
 from certmon.files import read_regular
 
 
@@ -93,6 +95,29 @@ def token_key_cached(uri: str, module: str | Path | None, pin_file: str | Path |
     return facts, findings, key
 
 
+def token_bundle(uri: str, key: object | None) -> pki.Bundle:
+    """The signing certificate and its chain as stored on the token (no signing_cert
+    file); a finding when the key could not be loaded or the token holds none."""
+    from certmon.pki.token import TokenKey, parse_token_uri
+
+    source = parse_token_uri(uri).label()
+    if not isinstance(key, TokenKey):
+        return pki.Bundle(source)  # the key's own finding says why
+    try:
+        ders = key.certificates()
+    except PKIError as exc:
+        ders, why = [], str(exc)
+    else:
+        why = (f"{source}: no certificate stored on the token; store it there "
+               "(p11tool --write) or give tls.signing_cert")
+    if not ders:
+        return pki.Bundle(source, findings=(pki.Finding(
+            pki.FindingCode.FILE_UNREADABLE, pki.Severity.CRITICAL, why, source=source),))
+    pem = b"".join(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(d)
+                   + b"-----END CERTIFICATE-----\n" for d in ders)
+    return pki.parse_bundle(pem, source)
+
+
 def read_bundle_cached(path: str | Path) -> pki.Bundle:
     source = str(path)
     try:
@@ -122,13 +147,14 @@ def read_material(
     if key is not None:
         key_facts, key_findings, private_key = pki.read_private_key(key)
     signing = None
-    if signing_cert is not None and (signing_key is not None or signing_key_uri is not None):
-        if signing_key_uri is not None:
-            s_facts, s_findings, s_key = token_key_cached(signing_key_uri, pkcs11_module,
-                                                          pkcs11_pin_file)
-        else:
-            assert signing_key is not None
-            s_facts, s_findings, s_key = pki.read_private_key(signing_key)
+    if signing_key_uri is not None:
+        s_facts, s_findings, s_key = token_key_cached(signing_key_uri, pkcs11_module,
+                                                      pkcs11_pin_file)
+        bundle = (read_bundle_cached(signing_cert) if signing_cert is not None
+                  else token_bundle(signing_key_uri, s_key))
+        signing = SigningMaterial(bundle, s_facts, tuple(s_findings), s_key)
+    elif signing_cert is not None and signing_key is not None:
+        s_facts, s_findings, s_key = pki.read_private_key(signing_key)
         signing = SigningMaterial(read_bundle_cached(signing_cert), s_facts, tuple(s_findings),
                                   s_key)
     return DeviceMaterial(trust_store, client, key_facts, tuple(key_findings), private_key,

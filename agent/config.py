@@ -71,7 +71,10 @@ class TlsConfig:
     cert: Path = setting(readable=True, doc="Client certificate (PEM), with intermediates.")
     key: Path = setting(readable=True, doc="Private key of the client certificate.")
     signing_cert: Path | None = setting(default=None, readable=True, doc="Dedicated status-"
-                                        "signing certificate; unset means sign with `cert`.")
+                                        "signing certificate (with its intermediates); "
+                                        "unset means sign with `cert`, or with "
+                                        "`signing_key_uri`, the certificates stored on the "
+                                        "token.")
     signing_key: Path | None = setting(default=None, readable=True,
                                        doc="Private key of `signing_cert`.")
     signing_key_uri: str | None = setting(
@@ -91,9 +94,11 @@ class TlsConfig:
         keys = [k for k in ("signing_key", "signing_key_uri") if getattr(self, k) is not None]
         if len(keys) > 1:
             yield "signing_key_uri", "give signing_key or signing_key_uri, not both"
-        elif (self.signing_cert is None) != (not keys):
-            missing = "signing_key" if not keys else "signing_cert"
-            yield missing, "signing_cert and signing_key (or signing_key_uri) go together"
+        elif self.signing_cert is not None and not keys:
+            yield "signing_key", "signing_cert needs signing_key (or signing_key_uri)"
+        elif self.signing_key is not None and self.signing_cert is None:
+            # A token key may bring its certificate; a key file never does.
+            yield "signing_cert", "signing_key needs signing_cert"
         if self.signing_key_uri is not None and self.pkcs11_module is None \
                 and "module-path=" not in self.signing_key_uri:
             yield "pkcs11_module", "signing_key_uri needs a module: module-path in the URI " \

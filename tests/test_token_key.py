@@ -322,3 +322,63 @@ def test_the_token_settings_are_checked_when_the_config_loads(tmp_path: Path) ->
     ok = loads(AgentConfig, "", overrides={**base, "tls.signing_key_uri":
                                            f"pkcs11:object=k?module-path={pem}"})
     assert ok.tls.signing_key_uri is not None and ok.tls.watched()[-1] == pem
+
+
+def test_the_signing_certificate_may_live_on_the_token(
+        hsm: SoftHsm, token: Token, fleet_broker: Any, collector: Any, tmp_path: Path) -> None:
+    """No `tls.signing_cert`: the agent reads the key's certificate (same CKA_ID) and
+    the CA certificates stored beside it on the token, and signs with that chain."""
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+    from kit.broker import wait_until
+    from kit.softhsm import store_certificates
+
+    device = "gw-hsm-cert"
+    creds = fleet_broker.device_credentials(device, tmp_path / "tls", days=300)
+    _, _, on_token = load_token_key(token.uri(), module_path=token.module,
+                                    pin_file=token.pin_file)
+    assert on_token is not None
+    signing = fleet_broker.pki.leaf(fleet_broker.devices_ca, device, key=on_token, days=120,
+                                    name=f"{device}-signing")
+    on_token.close()
+    der = serialization.Encoding.DER
+    store_certificates(token, signing.cert.public_bytes(der),
+                       [fleet_broker.devices_ca.cert.public_bytes(der)])
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[mqtt]
+broker = "mqtts://127.0.0.1:{fleet_broker.mtls_port}"
+[tls]
+ca_bundle = "{creds.ca_bundle_path}"
+cert = "{creds.cert_path}"
+key = "{creds.key_path}"
+signing_key_uri = "{token.uri()}"
+pkcs11_module = "{token.module}"
+pkcs11_pin_file = "{token.pin_file}"
+[agent]
+state_dir = "{tmp_path / 'state'}"
+""")
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "once", "--config", str(config),
+                           "--timeout-s", "20"], capture_output=True, text=True, timeout=60)
+    assert done.returncode in (0, 1), done.stderr
+    store = collector.store
+    assert wait_until(lambda: (row := store.device(device)) is not None
+                      and row.status_json is not None, 15), dict(collector.ingestor.rejected)
+    from collector.store import CertRole
+
+    roles = {link.role for link in store.device_certs(device)}
+    assert CertRole.SIGNING in roles
+
+
+def test_no_certificate_anywhere_is_a_finding(token: Token, tmp_path: Path) -> None:
+    from agent.certstore import read_material
+
+    pem = tmp_path / "ca.pem"
+    pem.write_text("")
+    material = read_material(pem, signing_key_uri=token.uri(), pkcs11_module=token.module,
+                             pkcs11_pin_file=token.pin_file)
+    assert material.signing is not None and material.signer() is None  # nothing to sign with
+    (finding,) = material.signing.bundle.findings
+    assert "no certificate stored on the token" in finding.message

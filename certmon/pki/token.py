@@ -177,6 +177,34 @@ class TokenKey(ec.EllipticCurvePrivateKey):
     def key_size(self) -> int:
         return self._public.key_size
 
+    def certificates(self) -> list[bytes]:
+        """DER of the certificates stored on the token: the key's own (same CKA_ID, or
+        CKA_LABEL when it has no id) first, then every other certificate object (the
+        chain, as `p11tool --write --mark-ca` stores it); [] when there are none."""
+        import pkcs11
+        from pkcs11 import Attribute, ObjectClass
+
+        if self.is_closed:
+            raise PKIError(f"{self.label}: the token session is closed")
+        with _P11_LOCK:
+            try:
+                key_id = self._private[Attribute.ID]
+            except pkcs11.PKCS11Error:
+                key_id = None
+            key_label = getattr(self._private, "label", None)
+            own: list[bytes] = []
+            others: list[bytes] = []
+            for obj in self._session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE}):
+                der = bytes(obj[Attribute.VALUE])
+                try:
+                    cert_id = obj[Attribute.ID]
+                except pkcs11.PKCS11Error:
+                    cert_id = None
+                mine = (cert_id == key_id) if key_id else (
+                    getattr(obj, "label", None) == key_label)
+                (own if mine else others).append(der)
+        return own[:1] + own[1:] + others
+
     @property
     def is_closed(self) -> bool:
         return self._closed or os.getpid() != self._pid

@@ -71,3 +71,28 @@ class SoftHsm:
         pin_file.write_text(PIN + "\n")
         pin_file.chmod(0o600)
         return Token(label, self.module, pin_file, key_label, key_id)
+
+
+def store_certificates(token: Token, leaf_der: bytes, chain_der: list[bytes]) -> None:
+    """Put the key's certificate (same CKA_ID and label) and its chain on the token,
+    as `p11tool --write` would."""
+    import pkcs11
+    from cryptography import x509
+    from pkcs11 import Attribute, CertificateType, ObjectClass
+
+    def subject(der: bytes) -> bytes:  # CKA_SUBJECT is required of a certificate object
+        return x509.load_der_x509_certificate(der).subject.public_bytes()
+
+    lib = pkcs11.lib(token.module)
+    with lib.get_token(token_label=token.label).open(user_pin=PIN, rw=True) as session:
+        session.create_object({
+            Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.TOKEN: True,
+            Attribute.CERTIFICATE_TYPE: CertificateType.X_509, Attribute.VALUE: leaf_der,
+            Attribute.SUBJECT: subject(leaf_der), Attribute.ID: token.key_id,
+            Attribute.LABEL: token.key_label})
+        for i, der in enumerate(chain_der):
+            session.create_object({
+                Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.TOKEN: True,
+                Attribute.CERTIFICATE_TYPE: CertificateType.X_509, Attribute.VALUE: der,
+                Attribute.SUBJECT: subject(der), Attribute.ID: b"ca-%d" % i,
+                Attribute.LABEL: f"ca-{i}"})
