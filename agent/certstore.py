@@ -51,11 +51,19 @@ class DeviceMaterial:
 
     def signer(self) -> tuple[object, pki.Bundle] | None:
         """(private key, certificate bundle) that sign statuses and inventories: the
-        dedicated signing pair when configured, else the client pair; None when the
-        configured pair cannot be read (never a silent fall-back to the other pair)."""
-        key, bundle = ((self.signing.private_key, self.signing.bundle)
-                       if self.signing is not None else (self.private_key, self.client))
-        return None if key is None or bundle is None or not bundle.certs else (key, bundle)
+        dedicated signing pair when configured and usable, else the client pair; None
+        when neither can be read. Falling back is never silent: the status it signs
+        carries the signing pair's findings (a token that refuses its PIN, a module
+        gone), so the fleet sees why instead of a device that went quiet."""
+        if self.signing is not None and _usable(self.signing.private_key, self.signing.bundle):
+            return self.signing.private_key, self.signing.bundle
+        if self.client is not None and _usable(self.private_key, self.client):
+            return self.private_key, self.client
+        return None
+
+
+def _usable(key: object | None, bundle: pki.Bundle | None) -> bool:
+    return key is not None and bundle is not None and bool(bundle.certs)
 
 
 # Parsed bundles by (path, SHA-256 of the bytes). Files are re-read every cycle (a

@@ -39,7 +39,7 @@ def sign(material: DeviceMaterial, payload: bytes, typ: str, *,
     """The compact JWS of `payload`; TransportError when the signer is unreadable."""
     signer = material.signer()
     if signer is None:
-        which = "signing" if material.signing is not None else "client"
+        which = ("signing nor the client" if material.signing is not None else "client")
         raise TransportError(f"cannot sign: the {which} certificate or key is unreadable")
     key, bundle = signer
     leaf, *chain = (c.cert for c in bundle.certs)

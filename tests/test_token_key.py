@@ -298,6 +298,18 @@ state_dir = "{tmp_path / 'state'}"
     assert "0000-not-it" not in checked.stdout + checked.stderr
     # UNKNOWN, as for any input the check could not look at (docs/check.md).
     assert "Traceback" not in checked.stderr and checked.returncode == 3
+    # ... and the agent keeps reporting: signed with its TLS key, the status says why
+    # the signing key is missing, and the collector stores it (an alert, not silence).
+    seq_before = store.device(device).seq  # type: ignore[union-attr]
+    again = agent("once", wrong)
+    assert again.returncode == 0, again.stderr  # `once`: delivered
+    assert wait_until(lambda: (row := store.device(device)) is not None
+                      and row.seq is not None and row.seq > seq_before, 15), \
+        dict(collector.ingestor.rejected)
+    row = store.device(device)
+    assert row is not None and any(
+        f.code == "KEY_UNREADABLE" and "token login failed" in f.message for f in row.findings)
+    assert "0000-not-it" not in (row.status_json or "")
 
 
 def test_the_token_settings_are_checked_when_the_config_loads(tmp_path: Path) -> None:
