@@ -232,6 +232,20 @@ def test_pin_files_no_pin_and_pin_sources_said_without_the_pin(
     assert parse_token_uri("PKCS11:object=k").object == "k"
 
 
+def device_with_token_signing_cert(fleet: Any, token: Token, device: str,
+                                   tmp_path: Path) -> tuple[Any, Any]:
+    """A device's TLS credentials, and a signing certificate the fleet CA issued for the
+    token's public key (loaded, used and closed here: the agent logs in itself)."""
+    creds = fleet.device_credentials(device, tmp_path / "tls", days=300)
+    _, _, on_token = load_token_key(token.uri(), module_path=token.module,
+                                    pin_file=token.pin_file)
+    assert on_token is not None
+    signing = fleet.pki.leaf(fleet.devices_ca, device, key=on_token, days=120,
+                             name=f"{device}-signing")
+    on_token.close()
+    return creds, signing
+
+
 def test_an_agent_signs_its_status_on_the_token_and_the_collector_verifies_it(
         hsm: SoftHsm, token: Token, fleet_broker: Any, collector: Any, tmp_path: Path) -> None:
     """The must-show: `tls.signing_key_uri` names the token key; `certmon-agent once`
@@ -247,13 +261,7 @@ def test_an_agent_signs_its_status_on_the_token_and_the_collector_verifies_it(
     from collector.store import CertRole
 
     device = "gw-hsm-e2e"
-    creds = fleet_broker.device_credentials(device, tmp_path / "tls", days=300)
-    _, _, on_token = load_token_key(token.uri(), module_path=token.module,
-                                    pin_file=token.pin_file)
-    assert on_token is not None
-    signing = fleet_broker.pki.leaf(fleet_broker.devices_ca, device, key=on_token, days=120,
-                                    name=f"{device}-signing")
-    on_token.close()  # this test process logs out: the agent logs in itself
+    creds, signing = device_with_token_signing_cert(fleet_broker, token, device, tmp_path)
     signing_cert = tmp_path / "signing.crt"
     signing_cert.write_bytes(signing.cert_pem() + fleet_broker.devices_ca.cert_pem())
 
@@ -348,13 +356,7 @@ def test_the_signing_certificate_may_live_on_the_token(
     from kit.softhsm import store_certificates
 
     device = "gw-hsm-cert"
-    creds = fleet_broker.device_credentials(device, tmp_path / "tls", days=300)
-    _, _, on_token = load_token_key(token.uri(), module_path=token.module,
-                                    pin_file=token.pin_file)
-    assert on_token is not None
-    signing = fleet_broker.pki.leaf(fleet_broker.devices_ca, device, key=on_token, days=120,
-                                    name=f"{device}-signing")
-    on_token.close()
+    creds, signing = device_with_token_signing_cert(fleet_broker, token, device, tmp_path)
     der = serialization.Encoding.DER
     store_certificates(token, signing.cert.public_bytes(der),
                        [fleet_broker.devices_ca.cert.public_bytes(der)])
