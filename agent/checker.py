@@ -54,6 +54,7 @@ class CheckerState:
     broker_host: BrokerHostMode
     beacon: p.BeaconEcho | None
     link_generation: int
+    last_seq: int = 0  # the last sequence number used, whatever the counter file says
 
 
 def check(resident: ResidentAgent, *, reload: bool) -> Reply:
@@ -89,6 +90,7 @@ def check(resident: ResidentAgent, *, reload: bool) -> Reply:
         if not is_reloaded:  # after a reload, judged afresh with the new [broker] and policy
             service.broker_host = state.broker_host
         beacon = beacon or state.beacon
+        service.seq.at_least(state.last_seq)
     service.uplink.beacon = beacon
     result = _report(service)
     client_sha = None
@@ -103,7 +105,7 @@ def check(resident: ResidentAgent, *, reload: bool) -> Reply:
         service.log_report(result)
     new_state = CheckerState(config, service.device_id, service.heartbeats.last_full,
                              service.x5c, service.broker_chain, service.broker_host,
-                             service.uplink.beacon, resident.link_generation)
+                             service.uplink.beacon, resident.link_generation, service.seq.last)
     return Reply(plan_for(config, service.device_id, client_sha), outbox,
                  pickle.dumps(new_state))
 

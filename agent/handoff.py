@@ -35,6 +35,9 @@ class Plan:
     online_topic: str = ""
     online_payload: bytes = b""  # retained on each new session
     offline_payload: bytes = b""  # retained on a clean stop
+    # How long a check may take before the resident kills it: a renewal hook runs
+    # inside the check (renewal.timeout_s), everything else takes seconds.
+    check_deadline_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

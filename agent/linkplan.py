@@ -44,10 +44,12 @@ def heartbeat_expiry_s(config: AgentConfig) -> int:
 def plan_for(config: AgentConfig, device_id: str | None, client_sha256: str | None) -> Plan:
     agent, tls, prefix = config.agent, config.tls, config.agent.topic_prefix
     watched = tls.watched()
+    deadline_s = max(600.0, config.renewal.timeout_s + 300.0)
     plan = Plan(state_dir=agent.state_dir, spool_max_messages=agent.spool_max_messages,
                 spool_max_bytes=agent.spool_max_bytes, interval_s=agent.interval_s,
                 jitter_fraction=agent.jitter_fraction, watched=watched,
-                status_expiry_s=status_expiry_s(config), beacon_topic=p.beacon_topic(prefix))
+                status_expiry_s=status_expiry_s(config), beacon_topic=p.beacon_topic(prefix),
+                check_deadline_s=deadline_s)
     if device_id is None:
         return plan
     return dataclasses.replace(plan, settings=link_settings(config, device_id),

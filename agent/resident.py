@@ -14,14 +14,17 @@ the process's memory map); the checker's state stays opaque bytes here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import random
+import select
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from certmon import systemd
@@ -41,6 +44,9 @@ log = logging.getLogger("certmon.agent")
 # Until the first check has read the config (the interval is in it): how soon to try
 # again when it failed. The config's smallest interval.
 RETRY_S = 10.0
+# The first check has no plan yet: long enough for the longest renewal hook.
+FIRST_CHECK_DEADLINE_S = 3600.0 + 300.0
+STOP_GRACE_S = 10.0  # a check still running this long after a stop request is killed
 
 
 class ResidentAgent:
@@ -131,16 +137,57 @@ class ResidentAgent:
                 sys.stderr.flush()
                 os._exit(code)
         os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            data = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) == EX_CONFIG and self.state is None:
+        data, code = self._await(pid, read_fd)
+        if code == EX_CONFIG and self.state is None:
             self.config_failed = True
             self.request_stop()
-        if not data:
+        if code != 0 or not data:
+            if code not in (0, EX_CONFIG):
+                log.error("report failed: the checker exited with %s", _exit_text(code))
             return None
-        reply = pickle.loads(data)  # noqa: S301 - our own child's, on a pipe only it holds
+        try:
+            reply = pickle.loads(data)  # noqa: S301 - our own child's, on a pipe only it holds
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError,
+                TypeError) as exc:  # a reply cut short: that report failed, not the agent
+            log.error("report failed: the checker's reply is unreadable (%s)",
+                      type(exc).__name__)
+            return None
         return reply if isinstance(reply, Reply) else None
+
+    def _await(self, pid: int, read_fd: int) -> tuple[bytes, int]:
+        """The checker's reply and exit code. While it runs (a renewal hook may take
+        minutes) the resident keeps pinging the systemd watchdog — only the main
+        process's pings count — and a checker past its deadline, or still running
+        when a stop was asked for, is killed (a child stuck on a lock it inherited
+        across the fork must not freeze the agent)."""
+        plan = self.plan
+        deadline = time.monotonic() + (plan.check_deadline_s if plan else FIRST_CHECK_DEADLINE_S)
+        watchdog_s = systemd.watchdog_interval_s()
+        slice_s = min(watchdog_s / 2, 5.0) if watchdog_s else 5.0
+        chunks: list[bytes] = []
+        stop_seen_at: float | None = None
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while True:
+                ready, _, _ = select.select([pipe], [], [], slice_s)
+                if ready:
+                    chunk = pipe.read(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    continue
+                systemd.watchdog()
+                now = time.monotonic()
+                if self._stop.is_set() and stop_seen_at is None:
+                    stop_seen_at = now
+                if now >= deadline or (stop_seen_at is not None
+                                       and now - stop_seen_at >= STOP_GRACE_S):
+                    log.error("report failed: the checker ran past %s; killed",
+                              "its deadline" if now >= deadline else "the stop")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    break
+        _, status = os.waitpid(pid, 0)
+        return b"".join(chunks), os.waitstatus_to_exitcode(status)
 
     def _take_plan(self, plan: Plan) -> None:
         if self.delivery is None:
@@ -238,3 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"code {code}"

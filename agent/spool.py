@@ -54,6 +54,11 @@ class SequenceCounter:
     def last(self) -> int:
         return self._last
 
+    def at_least(self, last: int) -> None:
+        """Never below `last`, a number this agent already used (a forked checker
+        carries it: when the counter file cannot be written, the disk is stale)."""
+        self._last = max(self._last, last)
+
     def next(self) -> int:
         value = self._last + 1
         try:

@@ -13,10 +13,12 @@ config that cannot be loaded at the first check exits 78.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -180,6 +182,68 @@ def test_x5c_rides_once_per_session_across_forked_checks(
         jws = [p.parse_jws(t, p.MAX_STATUS_JWS_BYTES) for t in payloads(probe, topic)]
         # Signed offline, the first on the session, then none: `mqtt.status_x5c` on_change.
         assert [bool(j.x5c) for j in jws] == [True, True, False]
+    finally:
+        resident.shutdown()
+        stop(probe)
+
+
+def test_sequence_numbers_move_on_when_the_counter_file_cannot_be_written(
+    fleet_broker: Fleet, tmp_path: Path
+) -> None:
+    """A full or read-only state directory: each forked checker would read the same
+    stale counter and sign the same number (the collector refusing all but the first
+    as replays). The resident carries the last number from check to check."""
+    device = "gw-resident-seq"
+    creds = fleet_broker.device_credentials(device, tmp_path)
+    config = tmp_path / "agent.toml"
+    state = tmp_path / "state"
+    config.write_text(toml(creds, fleet_broker.mtls_port, state))
+    probe = watcher(fleet_broker, tmp_path)
+    resident = ResidentAgent({"config": str(config)})
+    try:
+        report_delivered(resident)
+        (state / ".seq.tmp").mkdir()  # the counter can no longer be written
+        report_delivered(resident)
+        report_delivered(resident)
+        topic = p.status_topic(PREFIX, device)
+        assert wait_until(lambda: len(payloads(probe, topic)) == 3, 15)
+        seqs = [p.decode_status(p.parse_jws(t, p.MAX_STATUS_JWS_BYTES).payload).seq
+                for t in payloads(probe, topic)]
+        assert seqs == sorted(set(seqs)) and len(set(seqs)) == 3, seqs
+    finally:
+        resident.shutdown()
+        stop(probe)
+
+
+def test_a_checker_past_its_deadline_is_killed_and_the_agent_goes_on(
+    fleet_broker: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check stuck for good (a lock inherited across the fork, a hung mount) must not
+    freeze the resident: past its deadline it is killed, the report counts as failed,
+    and the next one goes out."""
+    import agent.resident as resident_mod
+
+    device = "gw-resident-stuck"
+    creds = fleet_broker.device_credentials(device, tmp_path)
+    config = tmp_path / "agent.toml"
+    config.write_text(toml(creds, fleet_broker.mtls_port, tmp_path / "state"))
+    probe = watcher(fleet_broker, tmp_path)
+    resident = ResidentAgent({"config": str(config)})
+    try:
+        report_delivered(resident)
+        assert resident.plan is not None
+        resident.plan = dataclasses.replace(resident.plan, check_deadline_s=0.5)
+        import agent.checker as checker_mod
+
+        real_check = checker_mod.check
+        monkeypatch.setattr(checker_mod, "check", lambda *a, **k: time.sleep(3600))
+        started = time.monotonic()
+        assert resident._fork_check(reload=False) is None  # killed, not waited for
+        assert time.monotonic() - started < 15
+        monkeypatch.setattr(checker_mod, "check", real_check)
+        report_delivered(resident)  # and the agent goes on
+        assert wait_until(lambda: len(statuses(probe, device)) >= 2, 15)
+        assert resident_mod.STOP_GRACE_S > 0
     finally:
         resident.shutdown()
         stop(probe)
