@@ -128,8 +128,14 @@ class Spool:
             return 0
 
     def _enforce_cap(self) -> None:
-        files = self._files()
-        sizes = [p.stat().st_size for p in files]
+        sized: list[tuple[Path, int]] = []
+        for p in self._files():
+            try:
+                sized.append((p, p.stat().st_size))
+            except FileNotFoundError:  # its PUBACK came meanwhile: already gone
+                continue
+        files = [p for p, _ in sized]
+        sizes = [size for _, size in sized]
         total = sum(sizes)
         drop = 0
         # Oldest first: the newest status is the one that matters most to the fleet.
