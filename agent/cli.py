@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "certmon-agent check --broker-config /etc/mosquitto/mosquitto.conf --json")
     run = sub.add_parser("run", help="the service: report every interval, forever")
     add_service_flags(run)
+    run.add_argument("--fork-checks", choices=["true", "false"],
+                     help="agent.fork_checks: a resident MQTT process and a checker forked "
+                     "per report (less memory, more CPU)")
     add_examples(run, f"certmon-agent run --config {CONFIG}",
                  f"certmon-agent run --broker mqtts://broker.example:8883 {DEVICE_FLAGS} "
                  "--state-dir /var/lib/certmon-agent")
@@ -117,7 +120,7 @@ FLAG_KEYS = {
     "key": "tls.key", "device_id": "device_id", "state_dir": "agent.state_dir",
     "interval_s": "agent.interval_s", "topic_prefix": "agent.topic_prefix",
     "client_id": "mqtt.client_id", "alpn": "mqtt.alpn", "mqtt_protocol": "mqtt.protocol",
-    "sntp_server": "clock.sntp_servers",
+    "sntp_server": "clock.sntp_servers", "fork_checks": "agent.fork_checks",
 }
 
 

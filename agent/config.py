@@ -136,11 +136,11 @@ class LoopConfig:
     full_every_s: int = setting(default=86400, ge=60, doc="With `heartbeat`, a full status "
                                 "at least this often even when nothing changed; the retained "
                                 "status is kept this long (plus three intervals).")
-    fork_checks: bool = setting(default=True, doc="`run` keeps only the MQTT session "
-                                "resident and forks a checker for each report (~26 MiB "
-                                "steady, ~0.2 s CPU per report); false: one process (~47 MiB, "
-                                "~15 ms per report). Read when `run` starts "
-                                "(docs/agent-footprint.md).")
+    fork_checks: bool = setting(default=False, doc="True: `run` keeps only the MQTT "
+                                "session resident and forks a checker for each report (~26 "
+                                "MiB steady instead of ~47, ~0.2 s CPU per report instead of "
+                                "~15 ms; experimental, docs/agent-footprint.md); false: one "
+                                "process. Read when `run` starts.")
 
 
 @schema

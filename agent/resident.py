@@ -118,10 +118,11 @@ class ResidentAgent:
             os.close(read_fd)
             os.close(write_fd)
             return None
-        if pid == 0:  # the checker
-            os.close(read_fd)
+        if pid == 0:  # the checker: whatever happens, it ends here, never in the loop
             code = 70
             try:
+                _fresh_stdio()
+                os.close(read_fd)
                 from .checker import CheckerConfigError, check
 
                 data = pickle.dumps(check(self, reload=reload))
@@ -283,9 +284,31 @@ def main(argv: list[str] | None = None) -> int:
     return agent.run()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def _exit_text(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"code {code}"
+
+
+def _fresh_stdio() -> None:
+    """The checker's own stdout/stderr objects. Another thread of the resident (paho's
+    network thread, logging) may have held the old ones' buffer lock at the fork: the
+    child's first log line would then wait for ever. Handlers are re-pointed without
+    `setStream`, which would flush — and lock — the old stream."""
+    old_err, old_out = sys.stderr, sys.stdout
+    sys.stderr = open(2, "w", buffering=1, closefd=False,  # noqa: SIM115 - for the process
+                      encoding=getattr(old_err, "encoding", None) or "utf-8",
+                      errors="backslashreplace")
+    sys.stdout = open(1, "w", buffering=1, closefd=False,  # noqa: SIM115 - for the process
+                      encoding=getattr(old_out, "encoding", None) or "utf-8")
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler):
+                if handler.stream is old_err:
+                    handler.stream = sys.stderr
+                elif handler.stream is old_out:
+                    handler.stream = sys.stdout
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -228,7 +228,9 @@ def main() -> int:
                     [sys.executable, "-m", "agent.cli", "run", "--broker",
                      f"mqtts://127.0.0.1:{port}", "--ca-bundle", str(bundle), "--cert",
                      str(cert), "--key", str(key), "--state-dir", str(work / f"state{i}"),
-                     "--interval-s", str(args.interval_s)],
+                     "--interval-s", str(args.interval_s),
+                     # The two-process design is opt-in (agent.fork_checks); measured here.
+                     *(["--fork-checks", "true"] if label == "this tree" else [])],
                     cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), topic))
             # Floors: an MQTT session alone (what a long-lived publisher beside a

@@ -70,7 +70,8 @@ def test_run_keeps_cryptography_out_of_the_resident_process(
     probe = watcher(fleet_broker, tmp_path)
     config = tmp_path / "agent.toml"
     config.write_text(toml(creds, fleet_broker.mtls_port, tmp_path / "state"))
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config),
+                              "--fork-checks", "true"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # The first report goes out before the session is up; the second, at once
@@ -102,8 +103,9 @@ def test_run_keeps_cryptography_out_of_the_resident_process(
 
 
 def test_fork_checks_false_runs_one_process(fleet_broker: Fleet, tmp_path: Path) -> None:
-    """`agent.fork_checks = false`, by its effect: `run` stays the one process that
-    reports (cryptography mapped in it, no resident exec, no checker children)."""
+    """`agent.fork_checks = false` (the default), by its effect: `run` stays the one
+    process that reports (cryptography mapped in it, no resident exec, no checker
+    children)."""
     device = "gw-one-process"
     creds = fleet_broker.device_credentials(device, tmp_path)
     probe = watcher(fleet_broker, tmp_path)
