@@ -16,6 +16,7 @@ import base64
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from conftest import DeviceCreds, Fleet
@@ -48,6 +49,31 @@ def run(argv: list[str], timeout: float = 60) -> str:
     done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
                           timeout=timeout)
     return f"$ {' '.join(argv)} (exit {done.returncode})\n{done.stdout}{done.stderr}"
+
+
+class Drained:
+    """A long-running program's output, read as it comes. At DEBUG the collector (and
+    its link process, on the same pipe) writes more than a pipe holds: unread, the
+    writer blocks in its log call, the link's network thread with it, and nothing is
+    stored any more — the test would be measuring its own harness."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self, timeout: float = 30) -> str:
+        self.proc.wait(timeout)
+        self.thread.join(timeout)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return "".join(self.lines)
 
 
 def stored_seq(db: Path, device_id: str) -> int:
@@ -99,6 +125,7 @@ basic_auth_password_file = "password"
         [sys.executable, "-m", "collector.cli", "run", "-v", "--config",
          str(tmp_path / "collector.toml")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
+    collector_out = Drained(collector)
     agent = None
     try:
         logs.append(run(["collector.cli", "check-config", "-v", "--config",
@@ -123,16 +150,18 @@ basic_auth_password_file = "password"
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", *agent_flags, "--interval-s", "10"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert wait_until(lambda: stored_seq(db, "gw-secret") >= 2, 30)
+        agent_out = Drained(agent)
+        assert wait_until(lambda: stored_seq(db, "gw-secret") >= 2, 30), \
+            "".join(agent_out.lines[-40:]) + "".join(collector_out.lines[-40:])
         agent.send_signal(signal.SIGTERM)
-        logs.append("$ agent run\n" + agent.communicate(timeout=20)[0])
+        logs.append("$ agent run\n" + agent_out.text(20))
         assert agent.returncode == 0, logs[-1]
     finally:
         if agent is not None and agent.poll() is None:
             agent.kill()
-            agent.communicate()
+            Drained.text(agent_out, 20)
         collector.send_signal(signal.SIGTERM)
-        logs.append("$ collector run\n" + collector.communicate(timeout=30)[0])
+        logs.append("$ collector run\n" + collector_out.text(30))
     text = "\n".join(logs)
     assert "DEBUG" in text  # the programs did log at DEBUG
     assert "PRIVATE KEY" not in text
