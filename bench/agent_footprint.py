@@ -44,6 +44,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from baseline import baseline_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test kit (bench/README.md)
 
@@ -143,15 +145,6 @@ def watch_children(runs: list[Run], stop: threading.Event) -> None:
         stop.wait(0.002)
 
 
-def baseline_tree(revision: str, into: Path) -> Path:
-    """certmon/ and agent/ as of `revision`, without touching the repository's state."""
-    into.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "certmon", "agent"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def peak_rss(pid: int) -> int:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -188,7 +181,8 @@ def main() -> int:
         work = Path(tmp)
         trees = [("this tree", ROOT)]
         if args.baseline:
-            trees.append((args.baseline, baseline_tree(args.baseline, work / "baseline")))
+            trees.append((args.baseline, baseline_tree(args.baseline, work / "baseline",
+                                                       ["certmon", "agent"])))
         for spec in args.tree:
             label, _, where = spec.partition("=")
             trees.append((label, Path(where)))

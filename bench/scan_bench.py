@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from baseline import baseline_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test kit's PKI and broker (bench/README.md)
 
@@ -105,15 +107,6 @@ def bench_openssl(ports: list[int]) -> tuple[float, int]:
     return time.perf_counter() - started, out.stdout.count("notAfter=")
 
 
-def baseline_tree(revision: str, into: Path) -> Path:
-    """certmon/ and scanner/ as of `revision`, without touching the repository's state."""
-    into.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "certmon", "scanner"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def bench_blackbox(ports: list[int], workdir: Path, binary: str) -> tuple[float, int]:
     config = workdir / "blackbox.yml"
     config.write_text(
@@ -172,8 +165,8 @@ def main() -> None:
                   f"{time.perf_counter() - started:.1f} s")
             ports = broker.ports
             bench_certmon(ports[:8], trust, args.concurrency)  # warm-up: page cache
-            baseline = baseline_tree(args.baseline, workdir / "baseline") if args.baseline \
-                else None
+            baseline = (baseline_tree(args.baseline, workdir / "baseline", ["certmon", "scanner"])
+                        if args.baseline else None)
             binary = shutil.which("prometheus-blackbox-exporter")
             contenders: dict[str, Callable[[], tuple[float, int]]] = {
                 "certmon": lambda: bench_certmon(ports, trust, args.concurrency)}
