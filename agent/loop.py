@@ -21,6 +21,24 @@ from certmon import systemd
 WATCH_EVERY_S = 15.0
 
 
+class LoopControl:
+    """The three events `run_loop` is driven by, and the two requests signal handlers
+    make of them (the in-process service and the resident share them)."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+        self._wake.set()
+
+
 def run_loop(*, monotonic: Callable[[], float], stop: threading.Event, wake: threading.Event,
              reload: threading.Event, on_reload: Callable[[], None],
              is_changed: Callable[[], bool], report: Callable[[], None],

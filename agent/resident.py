@@ -23,7 +23,6 @@ import random
 import select
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from certmon.mqtt import MqttLink
 from .delivery import Delivery
 from .filewatch import FileWatch
 from .handoff import Plan, Reply
-from .loop import run_loop
+from .loop import LoopControl, run_loop
 from .spool import Spool
 from .uplink import Uplink
 
@@ -49,7 +48,7 @@ FIRST_CHECK_DEADLINE_S = 3600.0 + 300.0
 STOP_GRACE_S = 10.0  # a check still running this long after a stop request is killed
 
 
-class ResidentAgent:
+class ResidentAgent(LoopControl):
     def __init__(self, flags: dict[str, object], *, proc_root: Path = Path("/proc")) -> None:
         self.flags = flags  # the command line, for the checker's config load
         self.clock = SystemClock()
@@ -62,9 +61,7 @@ class ResidentAgent:
         self.config_failed = False  # the first check could not load the config
         self._judged_broker: tuple[int, bytes] | None = None
         self._is_reload_due = True  # the first check loads the config
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        LoopControl.__init__(self)
         self._files = FileWatch()
         self._random = random.Random()  # noqa: S311 - jitter only
         # The beacon stays raw here (decoding it is the wire format's): the checker
@@ -246,14 +243,6 @@ class ResidentAgent:
 
     def _on_reload(self) -> None:
         self._is_reload_due = True
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
-    def request_reload(self) -> None:
-        self._reload.set()
-        self._wake.set()
 
     def shutdown(self) -> None:
         """Say offline (retained) and DISCONNECT cleanly: the will does not fire."""

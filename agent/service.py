@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,7 +47,7 @@ from .filewatch import FileWatch
 from .heartbeat import HeartbeatSchedule, LastFull
 from .hostmode import BrokerHostMode
 from .linkplan import heartbeat_expiry_s, link_settings, read_beacon, status_expiry_s
-from .loop import run_loop
+from .loop import LoopControl, run_loop
 from .renewal import schedule as renewal
 from .renewal.policy import CLOCK_WRONG
 from .report import check_device, newest_not_before
@@ -81,7 +80,7 @@ class CycleResult:
     heartbeat: p.Heartbeat | None = None
 
 
-class AgentService:
+class AgentService(LoopControl):
     """One device's agent. `run()` is the service; `report_once()` + `wait_delivered()`
     is `certmon-agent once`; `cycle(sign=False)` is `show`."""
 
@@ -102,9 +101,7 @@ class AgentService:
         self.started_mono_s = self.clock.monotonic()
         self.policy = _policy(config)
         self.device_id: str | None = config.device_id
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        LoopControl.__init__(self)
         self.uplink: Uplink[p.BeaconEcho] = Uplink(
             monotonic=self.clock.monotonic, wake=self._wake.set,
             on_published=self.delivery.on_published, on_replaced=self.delivery.forget_inflight,
@@ -353,14 +350,6 @@ class AgentService:
         self.policy = _policy(self.config)
         self.broker_host.reset()  # judged afresh with the new [broker] and policy
         log.info("configuration reloaded")
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
-    def request_reload(self) -> None:
-        self._reload.set()
-        self._wake.set()
 
     def shutdown(self) -> None:
         """Say offline (retained) and DISCONNECT cleanly: the will does not fire."""
