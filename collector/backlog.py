@@ -74,25 +74,13 @@ class Backlog:
         return self._queued + len(self._held)
 
     def put(self, msg: Incoming) -> None:
-        """Append (paho's thread). Waits while full; after `close` the message is left
-        unacknowledged for the broker to deliver again."""
-        if msg.received_at is None:
-            msg = _stamped(msg, self._now())
-        key = self._key(msg)
-        with self._cond:
-            while self._size() >= self._max and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return
-            self._queues.setdefault(key, collections.deque()).append(msg)
-            self._queued += 1
-            if self._wake_at and self._queued >= self._wake_at:
-                self._wake_at = 0
-                self._cond.notify()  # the one worker: waking every waiter per message costs
+        """Append one message (see `put_many`)."""
+        self.put_many((msg,))
 
     def put_many(self, msgs: Sequence[Incoming]) -> None:
-        """`put` each, in order, under one lock and at most one wake-up (the link hands
-        over a batch at a time)."""
+        """Append each, in order, under one lock and at most one wake-up (the link hands
+        over a batch at a time). Waits while full; after `close` the rest is left
+        unacknowledged for the broker to deliver again."""
         if not msgs:
             return
         at = self._now()
